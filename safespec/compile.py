@@ -1,0 +1,204 @@
+"""The compiler: a validated :class:`~safespec.spec.Spec` becomes an immutable, typed :class:`Plan`.
+
+Later stages (train, certify, report) consume only the plan, never the raw spec, so every shorthand
+(``classes: others``, ``each: true``, per-capability confidence defaults) is expanded here, once, and
+every invalid combination fails here, before a single image is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .spec import Spec
+
+
+class PlanError(ValueError):
+    """A combination the spec language accepts but that cannot be planned; ``field`` names the spec field."""
+
+    def __init__(self, field_path: str, message: str):
+        super().__init__(f"{field_path}: {message}")
+        self.field = field_path
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One protected capability, as training and certification see it."""
+
+    name: str
+    classes: tuple[str, ...]
+    class_indices: tuple[int, ...]
+    metric: str  # "loss" | "smooth-accuracy"
+    slack: float  # training right-hand side eps_k, in the metric's units
+    tolerance: float  # certificate non-inferiority margin, in held-out accuracy
+    confidence: float
+
+    def __post_init__(self):
+        if len(self.classes) != len(self.class_indices) or not self.classes:
+            raise PlanError("protect", f"capability {self.name!r} has no classes")
+        if not 0.0 <= self.tolerance <= 1.0:
+            raise PlanError("protect", f"capability {self.name!r}: tolerance {self.tolerance} out of [0, 1]")
+        if not 0.5 < self.confidence < 1.0:
+            raise PlanError("protect", f"capability {self.name!r}: confidence {self.confidence} out of (0.5, 1)")
+
+
+@dataclass(frozen=True)
+class Objective:
+    target_class: str
+    target_index: int
+    kind: str  # "contrastive" | "ce"
+    min_accuracy: float | None
+    min_improvement: float | None
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    arch: str
+    pretrained: str | None
+    checkpoint: str | None
+    heads: bool
+    rank: int
+    device: str
+    precision: str
+    freeze: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    protected: str
+    target: str
+    validation: str
+    heldout: str
+    base: str | None
+
+
+@dataclass(frozen=True)
+class OptimizerPlan:
+    method: str
+    baselines: tuple[str, ...]
+    steps: int
+    seed: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    target_batch: int
+    positive_fraction: float
+    protected_classes_per_step: int
+    per_class: int
+    gamma: float
+    constraint_tau: float
+    temperature: float
+    beta: float
+    beta_schedule: str
+    penalty_form: str
+    multiplier_lr: float
+    rho: float
+    max_multiplier: float
+    wise_ft_grid: int
+    eval_every: int
+    checkpoint_every: int
+
+
+@dataclass(frozen=True)
+class CertifyPlan:
+    confidence: float
+    require: str  # "certified" | "preserved"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything later stages need, and nothing they could misread."""
+
+    name: str
+    description: str | None
+    classes: tuple[str, ...]
+    templates: tuple[str, ...]
+    model: ModelPlan
+    data: DataPlan
+    constraints: tuple[Constraint, ...]
+    objective: Objective
+    optimizer: OptimizerPlan
+    certify: CertifyPlan
+    report_dir: str
+    title: str
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def protected_indices(self) -> tuple[int, ...]:
+        """Class indices of every protected class, in constraint order."""
+        return tuple(i for c in self.constraints for i in c.class_indices)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **{"indent": 2, **kw})
+
+
+def compile_spec(spec: Spec) -> Plan:
+    """Expand and check a validated spec. Paths are used as they are: resolve them first
+    (:meth:`Spec.resolve`) when the spec came from a file."""
+    names = tuple(spec.classes.names)
+    index = {n: i for i, n in enumerate(names)}
+    target = spec.target.class_
+
+    constraints: list[Constraint] = []
+    for i, p in enumerate(spec.protect):
+        classes = [c for c in names if c != target] if p.classes == "others" else list(p.classes)
+        conf = p.confidence if p.confidence is not None else spec.certify.confidence
+        groups = [[c] for c in classes] if p.each else [classes]
+        for g in groups:
+            if p.each:
+                name = f"{p.name}/{g[0]}" if p.name else g[0]
+            else:
+                name = p.name or "+".join(g)
+            constraints.append(Constraint(
+                name=name, classes=tuple(g), class_indices=tuple(index[c] for c in g),
+                metric=p.constraint.metric, slack=p.constraint.slack,
+                tolerance=p.tolerance, confidence=conf,
+            ))
+    seen: dict[str, int] = {}
+    for k, c in enumerate(constraints):
+        if c.name in seen:
+            raise PlanError("protect", f"two capabilities are named {c.name!r}; give each a distinct name")
+        seen[c.name] = k
+
+    o = spec.optimize
+    n_protected = sum(len(c.classes) for c in constraints)
+    if o.batch.protected_classes > n_protected:
+        raise PlanError("optimize.batch.protected_classes",
+                        f"draws {o.batch.protected_classes} protected classes per step but only {n_protected} are protected")
+
+    def s(p: Path | None) -> str | None:
+        return None if p is None else str(p)
+
+    m = spec.model
+    return Plan(
+        name=spec.name,
+        description=spec.description,
+        classes=names,
+        templates=tuple(spec.classes.templates),
+        model=ModelPlan(arch=m.arch, pretrained=m.pretrained, checkpoint=s(m.checkpoint), heads=m.heads.enabled,
+                        rank=m.heads.rank, device=m.device, precision=m.precision, freeze=tuple(m.freeze)),
+        data=DataPlan(protected=str(spec.data.protected), target=str(spec.data.target),
+                      validation=str(spec.data.validation), heldout=str(spec.data.heldout), base=s(spec.data.base)),
+        constraints=tuple(constraints),
+        objective=Objective(target_class=target, target_index=index[target], kind=o.objective,
+                            min_accuracy=spec.target.goal.min_accuracy, min_improvement=spec.target.goal.min_improvement),
+        optimizer=OptimizerPlan(
+            method=o.method, baselines=tuple(o.baselines), steps=o.steps, seed=o.seed, lr=o.lr,
+            weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, target_batch=o.batch.target,
+            positive_fraction=o.batch.positive_fraction, protected_classes_per_step=o.batch.protected_classes,
+            per_class=o.batch.per_class, gamma=o.gamma, constraint_tau=o.constraint_tau, temperature=o.temperature,
+            beta=o.penalty.beta, beta_schedule=o.penalty.schedule, penalty_form=o.penalty.form,
+            multiplier_lr=o.lagrangian.multiplier_lr, rho=o.lagrangian.rho, max_multiplier=o.lagrangian.max_multiplier,
+            wise_ft_grid=o.wise_ft.grid, eval_every=o.eval_every, checkpoint_every=o.checkpoint_every,
+        ),
+        certify=CertifyPlan(confidence=spec.certify.confidence, require=spec.certify.require),
+        report_dir=str(spec.report.dir),
+        title=spec.report.title or spec.name,
+    )

@@ -1,0 +1,261 @@
+"""The spec language, version 1: pydantic models that are at once schema, validation and Python API.
+
+A spec is what a safety engineer signs off: which old model, which capabilities must be kept (and by
+how much), which task must improve, on which data, and how confident the certificate must be.
+Everything here is plain data; nothing imports torch, so a spec can be validated anywhere (an editor,
+a CI lint step) without the training stack.
+
+Cross-field rules report the path of the offending field (``SpecRuleError.loc``) so that the YAML
+loader in :mod:`safespec.specfile` can point at the file and line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+SPEC_VERSION = 1
+
+
+class _Strict(BaseModel):
+    """Base for every spec section: unknown keys are errors, and models are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _rule(loc: tuple, message: str) -> PydanticCustomError:
+    """A cross-field error that carries the location of the field it is about.
+
+    Pydantic places model-validator errors at the model's own path; the location of the real culprit is
+    carried in the context so that the file loader can point at the right line.
+    """
+    return PydanticCustomError("spec_rule", "{message}", {"message": message, "rule_loc": list(loc)})
+
+
+# ---------------------------------------------------------------------------------------------- model
+class HeadsSpec(_Strict):
+    """Task-dependent heads: one low-rank adapter per class on the text projection (method.md section 3)."""
+
+    enabled: bool = Field(True, description="Add one low-rank head per class plus one for negatives.")
+    rank: int = Field(32, ge=1, le=1024, description="Rank of each head's adapter A_k B_k (the paper uses 32).")
+
+
+class ModelSpec(_Strict):
+    """The old model: an open_clip architecture plus exactly one source of weights."""
+
+    arch: str = Field(..., min_length=1, description="open_clip architecture name, e.g. 'ViT-B-16' or a shipped config such as 'safespec-tiny-vit'.")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag (e.g. 'openai', 'laion2b_s34b_b88k') or an 'hf-hub:org/name' model.")
+    checkpoint: Path | None = Field(None, description="Local checkpoint of the old model (.safetensors, or a torch file loadable with weights_only=True). Relative to the spec file.")
+    heads: HeadsSpec = Field(default_factory=HeadsSpec, description="Task-dependent heads.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision for training and evaluation on accelerators; CPU runs use fp32.")
+    freeze: list[Literal["image", "text"]] = Field(default_factory=list, description="Towers kept frozen; their features are computed once and cached.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.pretrained is None) == (self.checkpoint is None):
+            raise _rule(("pretrained",), "exactly one of 'pretrained' or 'checkpoint' is required")
+        return self
+
+
+# -------------------------------------------------------------------------------------------- classes
+class ClassesSpec(_Strict):
+    """The task: its class names and the prompt templates that turn a class name into text."""
+
+    names: list[str] = Field(..., min_length=2, description="Class names, in label order. Labels in manifests use these names.")
+    templates: list[str] = Field(["a photo of a {}."], min_length=1, description="Prompt templates; '{}' is replaced by the class name. Embeddings are averaged over templates.")
+
+    @field_validator("names")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for name in v:
+            if not name.strip():
+                raise ValueError("class names must not be empty")
+            if name in seen:
+                raise ValueError(f"class {name!r} is listed twice")
+            seen.add(name)
+        return v
+
+    @field_validator("templates")
+    @classmethod
+    def _placeholder(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if t.count("{}") != 1:
+                raise ValueError(f"each template needs exactly one '{{}}' placeholder (got {t!r})")
+        return v
+
+
+# ----------------------------------------------------------------------------------------------- data
+class DataSpec(_Strict):
+    """Where the images are. Each split is a CSV manifest (``path,label[,caption]``, paths relative to
+    the manifest) or a folder with one sub-folder per class. Paths are relative to the spec file."""
+
+    protected: Path = Field(..., description="Protected store S_k: stored examples of the protected classes (the constraints' data).")
+    target: Path = Field(..., description="Target training set: rows of the target class are positives, other rows negatives; an optional caption column.")
+    validation: Path = Field(..., description="Validation split for checkpoint selection (all classes).")
+    heldout: Path = Field(..., description="Held-out certification split; never seen by training or selection.")
+    base: Path | None = Field(None, description="Optional: the old model's own training set (used only by the oracle baseline).")
+
+
+# -------------------------------------------------------------------------------------------- protect
+class ConstraintSpec(_Strict):
+    """The training constraint that enforces a capability: L_k(new) - L_k(old) <= slack."""
+
+    metric: Literal["loss", "smooth-accuracy"] = Field("loss", description="'loss': mean cross-entropy on the store (the paper); 'smooth-accuracy': a sigmoid-margin accuracy proxy.")
+    slack: float = Field(0.0, ge=0.0, le=10.0, description="Allowed increase of the metric over the old model's value, in the metric's units (0 = strict).")
+
+
+class ProtectSpec(_Strict):
+    """One protected capability: the classes it covers and how much held-out accuracy it may lose."""
+
+    name: str | None = Field(None, description="Name shown in the report; defaults to the class name (or the classes joined by '+').")
+    classes: list[str] | Literal["others"] = Field(..., description="Classes of this capability, or 'others' for every class except the target.")
+    each: bool = Field(False, description="Expand into one capability per class (e.g. 364 classes of Places365, one entry).")
+    tolerance: float = Field(..., ge=0.0, le=1.0, description="Largest accepted drop of held-out accuracy (non-inferiority margin), e.g. 0.03.")
+    confidence: float | None = Field(None, gt=0.5, lt=1.0, description="Confidence of this capability's certificate; defaults to certify.confidence.")
+    constraint: ConstraintSpec = Field(default_factory=ConstraintSpec, description="The training constraint that enforces it.")
+
+    @field_validator("classes")
+    @classmethod
+    def _nonempty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("list at least one class (or 'others')")
+        return v
+
+
+# --------------------------------------------------------------------------------------------- target
+class GoalSpec(_Strict):
+    """What counts as success on the target; both may be given, then both must hold."""
+
+    min_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="Held-out accuracy the new model must reach on the target class.")
+    min_improvement: float | None = Field(None, ge=-1.0, le=1.0, description="Held-out accuracy gain over the old model the target must reach.")
+
+    @model_validator(mode="after")
+    def _some(self) -> "GoalSpec":
+        if self.min_accuracy is None and self.min_improvement is None:
+            raise _rule(("min_improvement",), "give 'min_accuracy', 'min_improvement' or both")
+        return self
+
+
+class TargetSpec(_Strict):
+    """The task to improve (or add)."""
+
+    class_: str = Field(..., alias="class", description="The class to improve; must be in classes.names.")
+    goal: GoalSpec = Field(default_factory=lambda: GoalSpec(min_improvement=0.0), description="The target's success criterion.")
+
+
+# ------------------------------------------------------------------------------------------- optimize
+class BatchSpec(_Strict):
+    target: int = Field(64, ge=2, description="Target batch size (half positives, half negatives).")
+    positive_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="Share of target positives in a target batch.")
+    protected_classes: int = Field(5, ge=1, description="Protected classes drawn at random per step.")
+    per_class: int = Field(10, ge=1, description="Stored images per drawn protected class per step.")
+
+
+class PenaltySpec(_Strict):
+    beta: float = Field(100.0, gt=0.0, description="Penalty weight beta (100 for BDD100K, 1000 for Places365 in the paper).")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="Constant beta, or a cosine increase from 0 to beta over training.")
+    form: Literal["squared-hinge", "hinge"] = Field("squared-hinge", description="(beta/2)[u]_+^2 as in the paper, or the hinge beta*[u]_+.")
+
+
+class LagrangianSpec(_Strict):
+    multiplier_lr: float = Field(10.0, gt=0.0, description="Step size of the multipliers' ascent.")
+    rho: float = Field(0.0, ge=0.0, description="Augmented-Lagrangian quadratic term (0 = plain gradient descent-ascent).")
+    max_multiplier: float = Field(1e4, gt=0.0, description="Cap on each multiplier, a guard against runaway ascent.")
+
+
+class WiseFTSpec(_Strict):
+    grid: int = Field(11, ge=2, le=101, description="Mixing weights tried between the old model (0) and the fine-tune (1).")
+
+
+class OptimizeSpec(_Strict):
+    """The optimizer: the paper's penalty method, exact multipliers, or a baseline, with the paper's defaults."""
+
+    method: Literal["penalty", "lagrangian", "unconstrained", "replay", "wise-ft"] = Field("penalty", description="'penalty' (the paper), 'lagrangian' (exact multipliers), or the baselines 'unconstrained', 'replay', 'wise-ft'.")
+    objective: Literal["contrastive", "ce"] = Field("contrastive", description="Target objective: the one-way contrastive loss (method.md section 4) or cross-entropy.")
+    baselines: list[Literal["unconstrained", "replay", "wise-ft"]] = Field(default_factory=list, description="Baselines also run, certified and shown side by side in the report.")
+    steps: int = Field(600, ge=1, description="Training steps.")
+    seed: int = Field(0, ge=0, description="Seed for sampling, initialisation of heads and everything random.")
+    lr: float = Field(1e-6, gt=0.0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay.")
+    warmup_steps: int = Field(500, ge=0, description="Linear warm-up steps before cosine decay.")
+    batch: BatchSpec = Field(default_factory=BatchSpec)
+    gamma: float = Field(0.8, gt=0.0, le=1.0, description="Moving-average weight of the constraint estimates u_k (and the contrastive inner means).")
+    constraint_tau: float = Field(0.05, gt=0.0, description="Temperature of the zero-shot logits in the constraints.")
+    temperature: float = Field(0.05, gt=0.0, description="Temperature of the contrastive target objective.")
+    penalty: PenaltySpec = Field(default_factory=PenaltySpec)
+    lagrangian: LagrangianSpec = Field(default_factory=LagrangianSpec)
+    wise_ft: WiseFTSpec = Field(default_factory=WiseFTSpec, alias="wise-ft")
+    eval_every: int = Field(100, ge=1, description="Evaluate on the validation split every N steps (checkpoint selection).")
+    checkpoint_every: int = Field(100, ge=1, description="Save the resumable training state every N steps.")
+
+    @model_validator(mode="after")
+    def _warmup(self) -> "OptimizeSpec":
+        if self.warmup_steps >= self.steps:
+            raise _rule(("warmup_steps",), f"must be smaller than steps ({self.steps}) (got {self.warmup_steps})")
+        if self.method in self.baselines:
+            raise _rule(("baselines",), f"'{self.method}' is already the method; list only other baselines")
+        return self
+
+
+# -------------------------------------------------------------------------------------------- certify
+class CertifySpec(_Strict):
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Default confidence of each capability's certificate (one-sided).")
+    require: Literal["certified", "preserved"] = Field("certified", description="What the release gate requires of every capability: a confidence bound within tolerance ('certified') or only the point estimate ('preserved').")
+
+
+class ReportSpec(_Strict):
+    dir: Path = Field(Path("out/run"), description="Run directory (result.json, report.html, junit.xml, trajectory). Relative to the working directory.")
+    title: str | None = Field(None, description="Report title; defaults to the spec name.")
+
+
+# ----------------------------------------------------------------------------------------------- spec
+class Spec(_Strict):
+    """A safespec release spec, version 1."""
+
+    safespec: Literal[1] = Field(..., description="Spec language version; this release reads version 1.")
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Short identifier of this development cycle (letters, digits, '.', '_', '-').")
+    description: str | None = Field(None, description="What this cycle is for, for the reviewers.")
+    model: ModelSpec
+    classes: ClassesSpec
+    data: DataSpec
+    protect: list[ProtectSpec] = Field(..., min_length=1, description="Protected capabilities.")
+    target: TargetSpec
+    optimize: OptimizeSpec = Field(default_factory=OptimizeSpec)
+    certify: CertifySpec = Field(default_factory=CertifySpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Spec":
+        names = set(self.classes.names)
+        target = self.target.class_
+        if target not in names:
+            raise _rule(("target", "class"), f"unknown class {target!r}; expected one of classes.names")
+        seen: dict[str, int] = {}
+        for i, p in enumerate(self.protect):
+            if p.classes == "others":
+                continue
+            for j, c in enumerate(p.classes):
+                if c not in names:
+                    raise _rule(("protect", i, "classes", j), f"unknown class {c!r}; expected one of classes.names")
+                if c == target:
+                    raise _rule(("protect", i, "classes", j), f"class {c!r} is the target; a class cannot be both improved and protected")
+                if c in seen:
+                    raise _rule(("protect", i, "classes", j), f"class {c!r} is already protected by protect[{seen[c]}]")
+                seen[c] = i
+        if any(p.classes == "others" for p in self.protect) and len(self.protect) > 1:
+            i = next(i for i, p in enumerate(self.protect) if p.classes == "others")
+            raise _rule(("protect", i, "classes"), "'others' covers every non-target class; it must be the only protect entry")
+        return self
+
+    def resolve(self, base: Path) -> "Spec":
+        """Return a copy whose relative paths (checkpoint, data) are anchored at ``base`` (the spec's folder)."""
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None or p.is_absolute() else base / p
+        data = self.data.model_copy(update={k: fix(getattr(self.data, k)) for k in DataSpec.model_fields})
+        model = self.model.model_copy(update={"checkpoint": fix(self.model.checkpoint)})
+        return self.model_copy(update={"data": data, "model": model})
