@@ -1,0 +1,1 @@
+"""Model configs shipped with safespec and registered with open_clip."""
