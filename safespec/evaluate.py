@@ -1,0 +1,153 @@
+"""Run a model over a split: per-sample predictions, losses and margins, cached by content digest.
+
+Evaluation is the cost a release step cannot avoid, so it is done once per (model, data, prompts, tau):
+the old model's outputs on the protected store (the constraints' reference), on validation and on the
+held-out split are computed once and reused by every later run, candidate and baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Per-sample outputs of one model on one split, in manifest order."""
+
+    labels: np.ndarray  # int64 (N,)
+    preds: np.ndarray  # int64 (N,)
+    losses: np.ndarray  # float32 (N,) cross-entropy of the zero-shot logits (cos / tau)
+    margins: np.ndarray  # float32 (N,) true-class logit minus the best other logit
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.preds == self.labels
+
+    def per_class_accuracy(self, num_classes: int) -> np.ndarray:
+        acc = np.full(num_classes, np.nan)
+        for c in range(num_classes):
+            m = self.labels == c
+            if m.any():
+                acc[c] = float(self.correct[m].mean())
+        return acc
+
+    def to_npz_bytes(self) -> bytes:
+        import io
+        buf = io.BytesIO()
+        np.savez(buf, labels=self.labels, preds=self.preds, losses=self.losses, margins=self.margins)
+        return buf.getvalue()
+
+    @classmethod
+    def from_npz(cls, path: Path) -> "Predictions":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(labels=z["labels"], preds=z["preds"], losses=z["losses"], margins=z["margins"])
+
+
+def metric_values(pred_losses: torch.Tensor | np.ndarray, margins, metric: str):
+    """Per-sample value of a constraint metric: 'loss' is the CE itself, 'smooth-accuracy' a sigmoid of
+    the negative margin (a differentiable error rate)."""
+    if metric == "loss":
+        return pred_losses
+    if isinstance(margins, np.ndarray):
+        return 1.0 / (1.0 + np.exp(margins))
+    return torch.sigmoid(-margins)
+
+
+def logits_losses(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
+                  tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero-shot logits, per-sample CE and true-minus-best-other margins for a batch."""
+    logits = image_features @ text_features.T / tau
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    other = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+    return logits, losses, true - other
+
+
+@torch.no_grad()
+def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: float, *,
+             batch_size: int = 256, device: str | torch.device = "cpu", autocast=None) -> Predictions:
+    """Evaluate ``model`` (a HeadedCLIP) on every image of ``bank``; the text side is computed once."""
+    was_training = model.training
+    model.eval()
+    try:
+        ctx = autocast if autocast is not None else _null
+        with ctx():
+            text = model.class_text_features(class_tokens.to(device))
+        preds, losses, margins = [], [], []
+        for idx, images in bank.iter_batches(batch_size):
+            y = torch.as_tensor(labels[idx], device=device)
+            with ctx():
+                feats = model.encode_image(images.to(device, non_blocking=True))
+            logits, loss, margin = logits_losses(feats.float(), text.float(), y, tau)
+            preds.append(logits.argmax(1).cpu())
+            losses.append(loss.cpu())
+            margins.append(margin.float().cpu())
+    finally:
+        model.train(was_training)
+    cat = lambda xs, dt: torch.cat(xs).numpy().astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    return Predictions(labels=np.asarray(labels, dtype=np.int64), preds=cat(preds, np.int64),
+                       losses=cat(losses, np.float32), margins=cat(margins, np.float32))
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SAFESPEC_CACHE_DIR", Path.home() / ".cache" / "safespec"))
+
+
+class PredictionCache:
+    """Disk cache of :class:`Predictions`, keyed by everything that determines them.
+
+    Keys are digests (model weights, manifest + files, prompts, tau), so a changed input can never be
+    served a stale answer, and files are written atomically so an interrupt cannot leave half a cache.
+    """
+
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(**parts: Any) -> str:
+        blob = json.dumps(parts, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    def path(self, key: str) -> Path:
+        return self.root / "predictions" / f"{key}.npz"
+
+    def get_or_compute(self, key: str, compute) -> Predictions:
+        p = self.path(key)
+        if p.exists():
+            try:
+                out = Predictions.from_npz(p)
+                self.hits += 1
+                return out
+            except Exception:  # a corrupt cache entry is recomputed, never trusted
+                pass
+        self.misses += 1
+        out = compute()
+        atomic_write_bytes(p, out.to_npz_bytes())
+        return out
+
+
+def prediction_key(model_digest: str, data_digest: str, classes: Sequence[str], templates: Sequence[str],
+                   tau: float, heads: bool) -> str:
+    return PredictionCache.key(model=model_digest, data=data_digest, classes=list(classes),
+                               templates=list(templates), tau=tau, heads=heads, v=1)

@@ -1,0 +1,324 @@
+"""The release cycle: compile, train, select, certify, write the run directory, render the report.
+
+The run directory is written fail-closed. ``state.json`` says ``running`` first; stale results of an
+earlier run are removed before any work starts; ``result.json`` and the report appear only after the
+certificate exists; any failure or interrupt leaves ``state.json`` = ``failed`` with the reason and no
+result or report at all. So nothing in a run directory can claim certification unless the whole
+cycle finished.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__
+from .compile import Plan
+from .errors import RunError, SafespecError, atomic_write_json
+
+OUTPUTS = ("result.json", "report.html", "junit.xml")
+MAX_FLIP_THUMBNAILS = 8
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"safespec": __version__, "python": platform.python_version()}
+    for name, dist in (("torch", "torch"), ("open_clip", "open_clip_torch"), ("numpy", "numpy"),
+                       ("pydantic", "pydantic"), ("scipy", "scipy")):
+        try:
+            out[name] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------------------- run directory
+class RunDir:
+    """The run directory and its fail-closed state machine."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def start(self, command: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.clear_outputs()
+        self.started = _now()
+        atomic_write_json(self.path / "state.json", {"state": "running", "started": self.started, "command": command})
+
+    def clear_outputs(self) -> None:
+        for name in OUTPUTS:
+            (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / "flips", ignore_errors=True)
+
+    def fail(self, reason: str) -> None:
+        self.clear_outputs()
+        atomic_write_json(self.path / "state.json", {"state": "failed", "reason": reason,
+                                                     "started": getattr(self, "started", None), "failed": _now()})
+
+    def complete(self, verdict: str) -> None:
+        atomic_write_json(self.path / "state.json", {"state": "complete", "verdict": verdict,
+                                                     "started": self.started, "finished": _now()})
+
+
+def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, SafespecError):
+        return str(exc).splitlines()[0]
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+# ----------------------------------------------------------------------------------- loading
+@dataclass
+class Loaded:
+    """Everything a run reads, loaded once."""
+
+    spec: Any
+    plan: Plan
+    spec_path: Path
+    spec_text: str
+    spec_digest: str
+    manifests: dict[str, Any]
+    digests: dict[str, str]
+
+
+def load_inputs(spec_path: Path, *, log: Callable[[str], None]) -> Loaded:
+    from .data import check_disjoint, read_manifest
+    from .specfile import load_plan, spec_digest
+
+    spec, plan = load_plan(spec_path)
+    manifests = {split: read_manifest(Path(getattr(plan.data, split)), plan.classes)
+                 for split in ("protected", "target", "validation", "heldout")}
+    check_disjoint({"heldout": manifests["heldout"], "validation": manifests["validation"],
+                    "protected": manifests["protected"], "target": manifests["target"]})
+    digests = {k: m.digest() for k, m in manifests.items()}
+    return Loaded(spec=spec, plan=plan, spec_path=spec_path, spec_text=Path(spec_path).read_text(encoding="utf-8"),
+                  spec_digest=spec_digest(spec_path), manifests=manifests, digests=digests)
+
+
+def _split(manifest, preprocess, digest: str):
+    from .data import ImageBank
+    from .train import Split
+
+    captions = [r.caption for r in manifest.records]
+    return Split(bank=ImageBank(manifest, preprocess), labels=manifest.labels, digest=digest,
+                 captions=captions if any(c for c in captions) else None)
+
+
+# ----------------------------------------------------------------------------------- certification
+def certify_candidate(inp: Loaded, old, new_model, new_digest: str, *, cache, run_dir: Path,
+                      device, log, thumbnails: bool = True) -> dict[str, Any]:
+    """Evaluate old and new on the held-out split (old cached by digest) and certify; returns the
+    result fragment (certificate + per-class numbers + confusion + flips)."""
+    from .certify import certify, confusion_matrix
+    from .evaluate import evaluate, prediction_key
+    from .train import class_token_tensor
+
+    plan = inp.plan
+    held = _split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
+    tokens = class_token_tensor(old.tokenizer, plan.classes, plan.templates).to(device)
+    tau = plan.optimizer.constraint_tau
+
+    def preds(model, digest):
+        key = prediction_key(digest, held.digest, plan.classes, plan.templates, tau,
+                             heads=getattr(model, "heads", None) is not None)
+        return cache.get_or_compute(key, lambda: evaluate(model, tokens, held.bank, held.labels, tau, device=device))
+
+    log("evaluating the old model on the held-out split")
+    p_old = preds(old.model, old.digest)
+    log("evaluating the new model on the held-out split")
+    p_new = preds(new_model, new_digest)
+    cert = certify(plan, held.labels, p_old.preds, p_new.preds)
+    out = cert.to_dict()
+    C = len(plan.classes)
+    per_class = []
+    for c, name in enumerate(plan.classes):
+        m = held.labels == c
+        o, n = p_old.correct[m], p_new.correct[m]
+        per_class.append({"class": name, "n": int(m.sum()),
+                          "old_accuracy": float(o.mean()) if m.any() else None,
+                          "new_accuracy": float(n.mean()) if m.any() else None,
+                          "old_loss": float(p_old.losses[m].mean()) if m.any() else None,
+                          "new_loss": float(p_new.losses[m].mean()) if m.any() else None,
+                          "negative_flips": int((o & ~n).sum()), "positive_flips": int((~o & n).sum())})
+    out["per_class"] = per_class
+    out["confusion"] = {"old": confusion_matrix(held.labels, p_old.preds, C).tolist(),
+                        "new": confusion_matrix(held.labels, p_new.preds, C).tolist()}
+    out["flips"] = _flip_thumbnails(inp, p_old, p_new, run_dir) if thumbnails else []
+    return out
+
+
+def _flip_thumbnails(inp: Loaded, p_old, p_new, run_dir: Path) -> list[dict]:
+    """Copy a few negatively flipped held-out images of protected classes into flips/ (small PNGs),
+    so the report can show them without reaching outside the run directory."""
+    from PIL import Image
+
+    plan = inp.plan
+    protected = set(plan.protected_indices)
+    records = inp.manifests["heldout"].records
+    flipped = np.flatnonzero(p_old.correct & ~p_new.correct)
+    out, per_class = [], {}
+    folder = run_dir / "flips"
+    for i in flipped:
+        y = int(p_old.labels[i])
+        if y not in protected or per_class.get(y, 0) >= MAX_FLIP_THUMBNAILS:
+            continue
+        per_class[y] = per_class.get(y, 0) + 1
+        rec = records[i]
+        name = f"{y:03d}-{per_class[y]:02d}.png"
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            with Image.open(rec.path) as im:
+                im = im.convert("RGB")
+                im.thumbnail((96, 96))
+                im.save(folder / name, format="PNG")
+        except OSError:
+            continue  # the image was readable at evaluation; a vanished file only loses its thumbnail
+        out.append({"class": plan.classes[y], "path": f"flips/{name}", "source": str(rec.path),
+                    "old_pred": plan.classes[int(p_old.preds[i])], "new_pred": plan.classes[int(p_new.preds[i])]})
+    return out
+
+
+def _baseline_summary(method: str, frag: dict) -> dict:
+    return {"method": method, "verdict": frag["verdict"],
+            "capabilities": [{"name": c["name"], "status": c["status"], "accuracy_change": c["accuracy_change"],
+                              "drop_upper_bound": c["drop_upper_bound"]} for c in frag["capabilities"]],
+            "target": {"old_accuracy": frag["target"]["old_accuracy"], "new_accuracy": frag["target"]["new_accuracy"],
+                       "goal_met": frag["target"]["goal_met"]}}
+
+
+def _provenance(inp: Loaded, old, new_info: dict, command: str, started: str, seed: int | None) -> dict:
+    return {"spec_digest": inp.spec_digest, "old_model": {"source": old.source, "digest": old.digest},
+            "new_model": new_info, "data": dict(inp.digests), "seed": seed, "versions": versions(),
+            "command": command, "started": started, "finished": _now(), "host": platform.node()}
+
+
+def _spec_block(inp: Loaded) -> dict:
+    return {"name": inp.plan.name, "title": inp.plan.title, "description": inp.plan.description,
+            "path": str(inp.spec_path), "digest": inp.spec_digest, "text": inp.spec_text}
+
+
+def _finish(rd: RunDir, result: dict, *, log) -> dict:
+    from .report import render_report
+
+    result["schema_version"] = 1
+    atomic_write_json(rd.path / "result.json", result)
+    render_report(rd.path)
+    rd.complete(result["verdict"])
+    log(f"wrote {rd.path / 'result.json'}, {rd.path / 'report.html'}, {rd.path / 'junit.xml'}")
+    return result
+
+
+# ----------------------------------------------------------------------------------- commands
+def run_cycle(spec_path: Path | str, *, resume: bool = False, quiet: bool = False, out: Path | None = None,
+              cache_dir: Path | None = None, command: str | None = None,
+              log: Callable[[str], None] = print, method: str | None = None) -> dict:
+    """``safespec run``: the whole cycle. Returns the result dict (its ``verdict`` decides the exit code)."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from .evaluate import PredictionCache
+    from .model import load_model, save_checkpoint
+    from .train import TrainData, Trainer
+
+    spec_path = Path(spec_path)
+    inp = load_inputs(spec_path, log=log)
+    plan = inp.plan
+    rd = RunDir(out or plan.report_dir)
+    command = command or " ".join(["safespec", *sys.argv[1:]])
+    rd.start(command)
+    try:
+        cache = PredictionCache(cache_dir)
+        torch.manual_seed(plan.optimizer.seed)
+        old = load_model(plan.model, plan.classes)
+        device = next(old.model.parameters()).device
+        data = TrainData(store=_split(inp.manifests["protected"], old.preprocess, inp.digests["protected"]),
+                         target=_split(inp.manifests["target"], old.preprocess, inp.digests["target"]),
+                         validation=_split(inp.manifests["validation"], old.preprocess, inp.digests["validation"]))
+        main_method = method or plan.optimizer.method
+        results: dict[str, dict] = {}
+        outcomes = {}
+        for m in (main_method, *[b for b in plan.optimizer.baselines if b != main_method]):
+            log(f"training: method {m}")
+            torch.manual_seed(plan.optimizer.seed)
+            trainee = dataclasses.replace(old, model=copy.deepcopy(old.model))  # the old model stays untouched
+            trainer = Trainer(plan, trainee, data, method=m, run_dir=rd.path, cache=cache, quiet=quiet, log=log)
+            outcome = trainer.run(resume=resume)
+            trainee.model.load_state_dict(outcome.state_dict)
+            path = rd.path / "models" / f"{m}.safetensors"
+            digest = save_checkpoint(trainee.model, path, {"method": m, "spec": plan.name,
+                                                           "selected_step": str(outcome.selected_step)})
+            log(f"{m}: {outcome.reason}")
+            results[m] = certify_candidate(inp, old, trainee.model, digest, cache=cache, run_dir=rd.path,
+                                           device=device, log=log, thumbnails=m == main_method)
+            outcomes[m] = (outcome, path, digest)
+            del trainer, trainee
+        outcome, path, digest = outcomes[main_method]
+        result = dict(results[main_method])
+        result.update({
+            "spec": _spec_block(inp), "method": main_method, "classes": list(plan.classes),
+            "selection": {"step": outcome.selected_step, "reason": outcome.reason,
+                          "fell_back_to_old": outcome.fell_back_to_old},
+            "training": {"steps": outcome.steps, "seconds": round(outcome.seconds, 2),
+                         "trajectory": "trajectory.jsonl"},
+            "baselines": [_baseline_summary(m, results[m]) for m in results if m != main_method],
+            "provenance": _provenance(inp, old, {"path": str(path.relative_to(rd.path)), "digest": digest},
+                                      command, rd.started, plan.optimizer.seed),
+        })
+        traj = rd.path / f"trajectory-{main_method}.jsonl"
+        if traj.exists():
+            shutil.copyfile(traj, rd.path / "trajectory.jsonl")
+        return _finish(rd, result, log=log)
+    except BaseException as exc:
+        rd.fail(failure_reason(exc))
+        raise
+
+
+def verify_candidate(spec_path: Path | str, candidate: Path | str, *, out: Path | None = None,
+                     cache_dir: Path | None = None, command: str | None = None,
+                     log: Callable[[str], None] = print) -> dict:
+    """``safespec verify``: certify a model trained elsewhere against the spec's old model."""
+    import dataclasses
+
+    from .evaluate import PredictionCache
+    from .model import load_model
+
+    spec_path = Path(spec_path)
+    inp = load_inputs(spec_path, log=log)
+    plan = inp.plan
+    candidate = Path(candidate)
+    if not candidate.is_file():
+        raise RunError(f"--candidate: no such checkpoint file: {candidate}")
+    rd = RunDir(out or Path(plan.report_dir))
+    command = command or " ".join(["safespec", *sys.argv[1:]])
+    rd.start(command)
+    try:
+        cache = PredictionCache(cache_dir)
+        old = load_model(plan.model, plan.classes)
+        new = load_model(dataclasses.replace(plan.model, pretrained=None, checkpoint=str(candidate)), plan.classes)
+        device = next(old.model.parameters()).device
+        result = certify_candidate(inp, old, new.model, new.digest, cache=cache, run_dir=rd.path, device=device, log=log)
+        result.update({
+            "spec": _spec_block(inp), "method": "verify", "classes": list(plan.classes),
+            "selection": None, "training": None, "baselines": [],
+            "provenance": _provenance(inp, old, {"path": str(candidate), "digest": new.digest}, command,
+                                      rd.started, None),
+        })
+        return _finish(rd, result, log=log)
+    except BaseException as exc:
+        rd.fail(failure_reason(exc))
+        raise

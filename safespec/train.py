@@ -1,0 +1,544 @@
+"""The constrained optimizer: fine-tune so the target improves while every protected constraint holds.
+
+Methods (``optimize.method``), all from the same plan and the same batches:
+
+* ``penalty``: the paper's quadratic penalty with moving-average constraint estimates (method.md section 2);
+* ``lagrangian``: exact per-constraint multipliers (gradient descent-ascent, optionally augmented), so that
+  users need not tune beta;
+* baselines ``unconstrained`` (target objective only), ``replay`` (plus cross-entropy on the store, no
+  old-model reference) and ``wise-ft`` (interpolate old and unconstrained weights, the largest mixing
+  weight that keeps every constraint on validation).
+
+The old model's per-sample losses on the store are computed once and cached by digest. Checkpoint
+selection uses the validation split only (the held-out split belongs to the certificate). The whole
+training state is saved atomically every ``checkpoint_every`` steps, and a resumed run ends bit-identical
+to an uninterrupted one on CPU. The hot loop never synchronises with the device except when it logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .compile import Plan
+from .errors import RunError, atomic_write_bytes, atomic_write_text
+from .evaluate import PredictionCache, Predictions, evaluate, logits_losses, metric_values, prediction_key
+from .progress import Progress
+
+METHODS = ("penalty", "lagrangian", "unconstrained", "replay", "wise-ft")
+STATE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------ inputs
+@dataclass
+class Split:
+    """One split as training sees it: an image bank, its labels, its digest and (target only) captions."""
+
+    bank: Any  # safespec.data.ImageBank: bank[idx] -> (B,C,H,W); iter_batches(bs)
+    labels: np.ndarray
+    digest: str
+    captions: list[str] | None = None
+
+
+@dataclass
+class TrainData:
+    store: Split
+    target: Split
+    validation: Split
+
+
+@dataclass
+class TrainOutcome:
+    method: str
+    state_dict: dict[str, torch.Tensor]  # the selected model (CPU tensors)
+    selected_step: int
+    fell_back_to_old: bool
+    reason: str
+    trajectory: list[dict]
+    steps: int
+    seconds: float
+    validation: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to zero (the paper's schedule)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def beta_at(step: int, total: int, beta: float, schedule: str) -> float:
+    if schedule == "cosine":
+        return beta * 0.5 * (1.0 - math.cos(math.pi * step / max(1, total)))
+    return beta
+
+
+def class_token_tensor(tokenizer, classes, templates) -> torch.Tensor:
+    """(C, T, L) tokens: every template for every class, so each class goes through its own head."""
+    flat = [t.format(c) for c in classes for t in templates]
+    tok = tokenizer(flat)
+    return tok.view(len(classes), len(templates), -1)
+
+
+def _cpu_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        dt = torch.bfloat16 if precision == "bf16" else torch.float16
+        return lambda: torch.autocast("cuda", dtype=dt)
+    return None
+
+
+
+# ------------------------------------------------------------------------------------------ constraints
+@dataclass
+class ConstraintWeights:
+    """Per-constraint state of a constrained method and the rule that turns it into penalty weights.
+
+    ``update(c, present, step)`` takes this step's constraint estimates c_k (only those ``present`` in the
+    batch count), folds them into the moving averages u_k (first visit sets u_k), updates the multipliers,
+    and returns each constraint's weight w_k. The training loss adds ``w_k * L_k(new)`` so that its gradient
+    is the penalty (or Lagrangian) gradient: beta [u_k]_+ grad L_k for the squared hinge, beta 1[u_k > 0]
+    grad L_k for the hinge, (lambda_k + rho u_k)_+ grad L_k for the Lagrangian, a constant beta for replay.
+    Invalid settings fail here, at construction, not mid-training.
+    """
+
+    method: str
+    u: torch.Tensor
+    seen: torch.Tensor
+    lam: torch.Tensor
+    gamma: float = 0.8
+    beta: float = 100.0
+    beta_schedule: str = "constant"
+    form: str = "squared-hinge"
+    multiplier_lr: float = 10.0
+    rho: float = 0.0
+    max_multiplier: float = 1e4
+    total_steps: int = 1
+
+    def __post_init__(self):
+        if self.method not in ("penalty", "lagrangian", "replay", "unconstrained"):
+            raise ValueError(f"no constraint weights for method {self.method!r}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1] (got {self.gamma})")
+        if self.form not in ("squared-hinge", "hinge") or self.beta_schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown penalty form/schedule {self.form!r}/{self.beta_schedule!r}")
+        if self.beta <= 0 or self.multiplier_lr <= 0 or self.rho < 0:
+            raise ValueError("beta and multiplier_lr must be positive, rho non-negative")
+
+    @classmethod
+    def zeros(cls, method: str, k: int, device="cpu", **kw) -> "ConstraintWeights":
+        z = lambda dt=torch.float32: torch.zeros(k, dtype=dt, device=device)  # noqa: E731
+        return cls(method=method, u=z(), seen=z(torch.bool), lam=z(), **kw)
+
+    @classmethod
+    def from_plan(cls, method: str, k: int, o, device="cpu") -> "ConstraintWeights":
+        return cls.zeros(method, k, device, gamma=o.gamma, beta=o.beta, beta_schedule=o.beta_schedule,
+                         form=o.penalty_form, multiplier_lr=o.multiplier_lr, rho=o.rho,
+                         max_multiplier=o.max_multiplier, total_steps=o.steps)
+
+    @torch.no_grad()
+    def update(self, c: torch.Tensor, present: torch.Tensor, step: int) -> torch.Tensor:
+        if self.method == "replay":
+            return torch.full_like(c, self.beta)
+        g = self.gamma
+        self.u = torch.where(present, torch.where(self.seen, (1 - g) * self.u + g * c, c), self.u)
+        self.seen = self.seen | present
+        if self.method == "penalty":
+            beta = beta_at(step, self.total_steps, self.beta, self.beta_schedule)
+            return beta * (self.u.clamp(min=0) if self.form == "squared-hinge" else (self.u > 0).float())
+        # lagrangian: weight from the current multipliers, then one ascent step on the constraints seen
+        w = (self.lam + self.rho * self.u).clamp(min=0)
+        self.lam = torch.where(present, (self.lam + self.multiplier_lr * self.u).clamp(0, self.max_multiplier), self.lam)
+        return w
+
+    def state_dict(self) -> dict:
+        return {"u": self.u, "seen": self.seen, "lam": self.lam}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.u, self.seen, self.lam = st["u"], st["seen"], st["lam"]
+
+# ------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    """One training run of one method. Build it, then :meth:`run`; state lives in plain attributes so
+    that :meth:`state_dict` captures all of it for resume."""
+
+    def __init__(self, plan: Plan, loaded, data: TrainData, *, method: str | None = None,
+                 run_dir: Path | None = None, cache: PredictionCache | None = None, quiet: bool = False,
+                 log: Callable[[str], None] | None = None, tag: str | None = None):
+        from .data import ProtectedSampler, TargetSampler  # noqa: PLC0415 (keeps import order light)
+
+        self.plan, self.o = plan, plan.optimizer
+        self.method = method or self.o.method
+        if self.method not in METHODS:
+            raise RunError(f"optimize.method: unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        self.loaded, self.model, self.data = loaded, loaded.model, data
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.cache = cache or PredictionCache()
+        self.quiet = quiet
+        self.log = log or (lambda s: None)
+        self.tag = tag or self.method
+        self.device = next(self.model.parameters()).device
+        self.autocast = _autocast(self.device, plan.model.precision)
+        self.tau = self.o.constraint_tau
+
+        C = len(plan.classes)
+        self.constraints = plan.constraints
+        K = len(self.constraints)
+        cap = np.full(C, -1, dtype=np.int64)
+        for k, c in enumerate(self.constraints):
+            cap[list(c.class_indices)] = k
+        self.cap_of_class = torch.as_tensor(cap, device=self.device)
+        self.slack = torch.tensor([c.slack for c in self.constraints], device=self.device)
+        self.metric = self.constraints[0].metric
+        if any(c.metric != self.metric for c in self.constraints):
+            raise RunError("protect[*].constraint.metric: all capabilities must use the same metric in one run")
+
+        self.class_tokens = class_token_tensor(loaded.tokenizer, plan.classes, plan.templates).to(self.device)
+        self.old_state = _cpu_state(self.model)
+        self.old_digest = loaded.digest
+
+        # the old model's references: per-sample metric on the store, predictions on validation
+        self.ref_store = self._reference(data.store)
+        self.ref_val = self._reference(data.validation)
+        self.ref_store_metric = torch.as_tensor(
+            metric_values(self.ref_store.losses, self.ref_store.margins, self.metric), device=self.device)
+
+        # samplers: store rows of protected classes only; target rows split into positives/negatives
+        protected = sorted({i for c in self.constraints for i in c.class_indices})
+        self.prot_sampler = ProtectedSampler(data.store.labels, protected, self.o.protected_classes_per_step,
+                                             self.o.per_class, seed=self.o.seed)
+        self.target_sampler = TargetSampler(data.target.labels, plan.objective.target_index, self.o.target_batch,
+                                            self.o.positive_fraction, seed=self.o.seed + 1)
+        self.target_labels = torch.as_tensor(data.target.labels, device=self.device)
+        self.store_labels = torch.as_tensor(data.store.labels, device=self.device)
+        self.caption_tokens = None
+        if plan.objective.kind == "contrastive":
+            caps = data.target.captions or [None] * len(data.target.labels)
+            default = plan.templates[0]
+            texts = [c if c else default.format(plan.classes[y]) for c, y in zip(caps, data.target.labels)]
+            self.caption_tokens = loaded.tokenizer(texts).to(self.device)
+            n = len(texts)
+            self.sog_u1 = torch.zeros(n, device=self.device)
+            self.sog_u2 = torch.zeros(n, device=self.device)
+            self.sog_seen = torch.zeros(n, dtype=torch.bool, device=self.device)
+
+        self.weights = ConstraintWeights.from_plan(self.method, K, self.o, device=self.device)
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_count = 0
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=self.o.lr, weight_decay=self.o.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, self.o.warmup_steps, self.o.steps))
+        self.step = 0
+        self.trajectory: list[dict] = []
+        self.best_step, self.best_score, self.best_state = 0, -math.inf, None
+        self.seconds = 0.0
+
+    # ------------------------------------------------------------------ references and evaluation
+    def _reference(self, split: Split) -> Predictions:
+        key = prediction_key(self.old_digest, split.digest, self.plan.classes, self.plan.templates, self.tau,
+                             heads=getattr(self.model, "heads", None) is not None)
+        return self.cache.get_or_compute(key, lambda: self._evaluate(split))
+
+    def _evaluate(self, split: Split) -> Predictions:
+        return evaluate(self.model, self.class_tokens, split.bank, split.labels, self.tau,
+                        device=self.device, autocast=self.autocast)
+
+    def constraint_values(self, new: Predictions, old: Predictions) -> np.ndarray:
+        """Per capability: mean metric(new) - mean metric(old) - slack over the capability's images."""
+        m_new = metric_values(new.losses, new.margins, self.metric)
+        m_old = metric_values(old.losses, old.margins, self.metric)
+        out = np.zeros(len(self.constraints))
+        for k, c in enumerate(self.constraints):
+            mask = np.isin(new.labels, c.class_indices)
+            out[k] = float((m_new[mask] - m_old[mask]).mean()) - c.slack if mask.any() else 0.0
+        return out
+
+    def validate(self) -> dict:
+        new = self._evaluate(self.data.validation) if self.step > 0 else self.ref_val
+        cons = self.constraint_values(new, self.ref_val)
+        acc = new.per_class_accuracy(len(self.plan.classes))
+        t = self.plan.objective.target_index
+        return {"constraints": cons, "accuracy": acc, "target": float(acc[t]),
+                "feasible": bool(np.all(cons <= 0.0))}
+
+    # ------------------------------------------------------------------ one step
+    def _target_objective(self, feats_t, text, yt, pos_n, pos_idx, neg_idx):
+        if self.plan.objective.kind == "ce":
+            logits = feats_t @ text.T / self.tau
+            return F.cross_entropy(logits.float(), yt)
+        # one-way contrastive loss anchored on target pairs (method.md section 4), SogCLR moving averages
+        t = self.o.temperature
+        rows = torch.cat([pos_idx, neg_idx])
+        heads = torch.full((len(rows),), self.model.negative_head, device=self.device, dtype=torch.long)
+        heads[:pos_n] = self.plan.objective.target_index
+        cap = self.model.encode_text(self.caption_tokens[rows], heads)
+        xi, xn = feats_t[:pos_n], feats_t[pos_n:]
+        ti, tn = cap[:pos_n], cap[pos_n:]
+        sii = (xi * ti).sum(1, keepdim=True)
+        g1 = torch.exp((xi @ tn.T - sii) / t).mean(1)  # image i vs negative captions
+        g2 = torch.exp((xn @ ti.T).T / t - sii / t).mean(1)  # negative images vs caption i
+        with torch.no_grad():
+            gam = self.o.gamma
+            seen = self.sog_seen[pos_idx]
+            self.sog_u1[pos_idx] = torch.where(seen, (1 - gam) * self.sog_u1[pos_idx] + gam * g1.detach(), g1.detach())
+            self.sog_u2[pos_idx] = torch.where(seen, (1 - gam) * self.sog_u2[pos_idx] + gam * g2.detach(), g2.detach())
+            self.sog_seen[pos_idx] = True
+        return (t * (g1 / self.sog_u1[pos_idx] + g2 / self.sog_u2[pos_idx])).mean()
+
+    def train_step(self) -> torch.Tensor:
+        o, dev = self.o, self.device
+        pos, neg = self.target_sampler.sample()
+        pos_idx = torch.as_tensor(pos, device=dev)
+        neg_idx = torch.as_tensor(neg, device=dev)
+        t_rows = np.concatenate([pos, neg])
+        x_parts = [self.data.target.bank[t_rows]]
+        constrained = self.method != "unconstrained"
+        if constrained:
+            p_rows, _ = self.prot_sampler.sample()
+            x_parts.append(self.data.store.bank[p_rows])
+        x = torch.cat(x_parts).to(dev, non_blocking=True)
+        nt = len(t_rows)
+        ctx = self.autocast() if self.autocast else _Null()
+        with ctx:
+            text = self.model.class_text_features(self.class_tokens)
+            feats = self.model.encode_image(x)
+        feats, text = feats.float(), text.float()
+        yt = self.target_labels[torch.as_tensor(t_rows, device=dev)]
+        loss = self._target_objective(feats[:nt], text, yt, len(pos), pos_idx, neg_idx)
+        if constrained:
+            p_idx = torch.as_tensor(p_rows, device=dev)
+            yp = self.store_labels[p_idx]
+            _, ce, margin = logits_losses(feats[nt:], text, yp, self.tau)
+            m_new = metric_values(ce, margin, self.metric)
+            k_of = self.cap_of_class[yp]
+            K = len(self.constraints)
+            counts = torch.bincount(k_of, minlength=K).float()
+            present = counts > 0
+            mean_new = torch.zeros(K, device=dev).index_add_(0, k_of, m_new) / counts.clamp(min=1)
+            with torch.no_grad():
+                diff = m_new.detach() - self.ref_store_metric[p_idx]
+                c = torch.zeros(K, device=dev).index_add_(0, k_of, diff) / counts.clamp(min=1) - self.slack
+            weight = self.weights.update(c, present, self.step)
+            loss = loss + (weight * self.tau * mean_new)[present].sum() / present.sum().clamp(min=1)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss.detach()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, *, resume: bool = False, stop_after: int | None = None) -> TrainOutcome:
+        """Train to ``optimize.steps`` (or stop early after ``stop_after`` steps, for tests of resume)."""
+        if self.method == "wise-ft":
+            return self._run_wise_ft(resume=resume)
+        if resume:
+            self.load_state()
+        if self.step == 0 and not self.trajectory:
+            self._record(self.validate())
+        o = self.o
+        t0 = time.perf_counter()
+        with Progress(o.steps, f"train[{self.tag}]", quiet=self.quiet, initial=self.step, log=self.log) as bar:
+            while self.step < o.steps:
+                if stop_after is not None and self.step >= stop_after:
+                    break
+                loss = self.train_step()
+                self.loss_sum += loss
+                self.loss_count += 1
+                status = None
+                if self.step % max(1, o.steps // 50) == 0 and self.method in ("penalty", "lagrangian"):
+                    status = f"worst u={float(self.weights.u.max()):+.4f}"
+                bar.update(1, status=status)
+                if self.step % o.eval_every == 0 or self.step == o.steps:
+                    self._record(self.validate())
+                if self.step % o.checkpoint_every == 0 or self.step == o.steps:
+                    self.seconds += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self.save_state()
+        self.seconds += time.perf_counter() - t0
+        return self._outcome()
+
+    def _record(self, v: dict) -> None:
+        names = [c.name for c in self.constraints]
+        entry = {
+            "step": self.step,
+            "lr": float(self.sched.get_last_lr()[0]) if self.step > 0 else float(self.o.lr * lr_factor(0, self.o.warmup_steps, self.o.steps)),
+            "beta": beta_at(self.step, self.o.steps, self.o.beta, self.o.beta_schedule) if self.method == "penalty" else None,
+            "train_loss": float(self.loss_sum) / self.loss_count if self.loss_count else None,
+            "target_metric": v["target"],
+            "constraints": dict(zip(names, map(float, v["constraints"]))),
+            "u": dict(zip(names, map(float, self.weights.u.cpu()))),
+            "multipliers": dict(zip(names, map(float, self.weights.lam.cpu()))) if self.method == "lagrangian" else {},
+            "val_accuracy": {c: (None if math.isnan(a) else float(a)) for c, a in zip(self.plan.classes, v["accuracy"])},
+            "feasible": v["feasible"],
+        }
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_count = 0
+        self.trajectory.append(entry)
+        if v["feasible"] and v["target"] > self.best_score:
+            self.best_step, self.best_score = self.step, v["target"]
+            self.best_state = None if self.step == 0 else _cpu_state(self.model)
+        if self.run_dir is not None:
+            atomic_write_text(self.run_dir / f"trajectory-{self.tag}.jsonl",
+                              "".join(json.dumps(e) + "\n" for e in self.trajectory))
+
+    def _outcome(self) -> TrainOutcome:
+        fell_back = self.best_state is None
+        if fell_back:
+            reason = ("no checkpoint satisfied every constraint on the validation split with a better target; "
+                      "the old model is kept as the answer")
+            if any(e["feasible"] and e["step"] > 0 for e in self.trajectory):
+                reason = "no feasible checkpoint improved the target on validation; the old model is kept"
+        else:
+            reason = (f"step {self.best_step}: best validation accuracy on {self.plan.objective.target_class!r} "
+                      f"({self.best_score:.3f}) among checkpoints that satisfy every constraint on validation")
+        state = self.old_state if fell_back else self.best_state
+        return TrainOutcome(method=self.method, state_dict=state, selected_step=self.best_step,
+                            fell_back_to_old=fell_back, reason=reason, trajectory=list(self.trajectory),
+                            steps=self.step, seconds=self.seconds)
+
+    # ------------------------------------------------------------------ wise-ft
+    def _run_wise_ft(self, *, resume: bool) -> TrainOutcome:
+        inner = Trainer(self.plan, self.loaded, self.data, method="unconstrained", run_dir=self.run_dir,
+                        cache=self.cache, quiet=self.quiet, log=self.log, tag=f"{self.tag}-finetune")
+        inner.run(resume=resume)
+        ft = _cpu_state(self.model)
+        old = self.old_state
+        best = None
+        self.trajectory = []
+        for i in range(self.o.wise_ft_grid - 1, -1, -1):
+            a = i / (self.o.wise_ft_grid - 1)
+            mixed = {k: (old[k].float() * (1 - a) + ft[k].float() * a).to(old[k].dtype) if old[k].is_floating_point()
+                     else ft[k] for k in old}
+            self.model.load_state_dict(mixed)
+            self.step = int(round(a * 1000))  # the "step" of a mixing weight, for the trajectory only
+            v = self.validate() if a > 0 else self.validate_old()
+            self.trajectory.append({"alpha": a, "step": self.step, "target_metric": v["target"],
+                                    "constraints": {c.name: float(x) for c, x in zip(self.constraints, v["constraints"])},
+                                    "feasible": v["feasible"]})
+            if v["feasible"]:
+                best = (a, mixed, v)
+                break
+        a, state, v = best
+        self.model.load_state_dict(state)
+        reason = (f"largest mixing weight alpha={a:.2f} between the old model (0) and the unconstrained fine-tune (1) "
+                  f"that keeps every constraint on validation")
+        if self.run_dir is not None:
+            atomic_write_text(self.run_dir / f"trajectory-{self.tag}.jsonl",
+                              "".join(json.dumps(e) + "\n" for e in self.trajectory))
+        return TrainOutcome(method="wise-ft", state_dict=_cpu_state(self.model), selected_step=inner.step,
+                            fell_back_to_old=a == 0, reason=reason, trajectory=self.trajectory,
+                            steps=inner.step, seconds=inner.seconds, validation={"alpha": a})
+
+    def validate_old(self) -> dict:
+        saved, self.step = self.step, 0
+        try:
+            return self.validate()
+        finally:
+            self.step = saved
+
+    # ------------------------------------------------------------------ state
+    def fingerprint(self) -> str:
+        blob = json.dumps({"plan": self.plan.to_dict(), "method": self.method, "old": self.old_digest,
+                           "data": [self.data.store.digest, self.data.target.digest, self.data.validation.digest],
+                           "v": STATE_VERSION}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def state_path(self) -> Path:
+        if self.run_dir is None:
+            raise RunError("training state needs a run directory")
+        return self.run_dir / "checkpoints" / f"state-{self.tag}.pt"
+
+    def state_dict(self) -> dict:
+        st = {
+            "version": STATE_VERSION, "fingerprint": self.fingerprint(), "step": self.step,
+            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+            "weights": self.weights.state_dict(), "loss_sum": self.loss_sum, "loss_count": self.loss_count,
+            "prot_sampler": json.dumps(self.prot_sampler.state_dict(), default=_jsonable),
+            "target_sampler": json.dumps(self.target_sampler.state_dict(), default=_jsonable),
+            "trajectory": json.dumps(self.trajectory), "best_step": self.best_step, "best_score": self.best_score,
+            "seconds": self.seconds, "torch_rng": torch.get_rng_state(),
+        }
+        if self.caption_tokens is not None:
+            st.update(sog_u1=self.sog_u1, sog_u2=self.sog_u2, sog_seen=self.sog_seen)
+        return st
+
+    def save_state(self) -> None:
+        if self.run_dir is None:
+            return
+        st = self.state_dict()
+        if self.best_state is not None:
+            st["best_state"] = self.best_state
+        buf = io.BytesIO()
+        torch.save(st, buf)
+        atomic_write_bytes(self.state_path(), buf.getvalue())
+
+    def load_state(self) -> None:
+        path = self.state_path()
+        if not path.exists():
+            raise RunError(f"{path}: no training state to resume from (run without --resume first)")
+        try:
+            st = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # corrupt or foreign file
+            raise RunError(f"{path}: unreadable training state ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
+            raise RunError(f"{path}: not a safespec training state of version {STATE_VERSION}")
+        if st.get("fingerprint") != self.fingerprint():
+            raise RunError(f"{path}: the training state was made with another spec, model or data; "
+                           "remove it or run without --resume")
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        self.sched.load_state_dict(st["sched"])
+        self.weights.load_state_dict(st["weights"])
+        self.loss_sum, self.loss_count = st["loss_sum"], st["loss_count"]
+        self.prot_sampler.load_state_dict(json.loads(st["prot_sampler"], object_hook=_unjson))
+        self.target_sampler.load_state_dict(json.loads(st["target_sampler"], object_hook=_unjson))
+        self.trajectory = json.loads(st["trajectory"])
+        self.best_step, self.best_score = st["best_step"], st["best_score"]
+        self.best_state = st.get("best_state")
+        self.step, self.seconds = st["step"], st["seconds"]
+        torch.set_rng_state(st["torch_rng"])
+        if self.caption_tokens is not None:
+            self.sog_u1, self.sog_u2, self.sog_seen = st["sog_u1"], st["sog_u2"], st["sog_seen"]
+        self.log(f"resumed {self.tag} at step {self.step}/{self.o.steps}")
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return {"__nd__": x.tolist(), "dtype": str(x.dtype)}
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+def _unjson(d):
+    if "__nd__" in d:
+        return np.asarray(d["__nd__"], dtype=d["dtype"])
+    return d
