@@ -16,9 +16,8 @@ from safespec import stats
 # Tango score intervals for the paired difference (b - c) / n, as published (3 decimals). Tables are
 # (both, b, c, neither) in the order the sources print them; the difference is p1 - p2 = (b - c) / n.
 PUBLISHED = [
-    # Tango (1998), 90% interval, n = 44
+    # the Tango-method examples of the ratesci R package's test suite: n = 44 at 90%, and n = 32
     ((43, 0, 1, 0), 0.90, (-0.096, 0.037)),
-    # Tango (1998) worked example, n = 32
     ((4, 9, 3, 16), 0.95, (-0.027, 0.390)),
     # Agresti & Min (2005), n = 86
     ((53, 16, 8, 9), 0.95, (-0.020, 0.207)),
