@@ -17,7 +17,10 @@ from .spec import Spec
 
 
 class PlanError(ValueError):
-    """A combination the spec language accepts but that cannot be planned; ``field`` names the spec field."""
+    """A combination the spec language accepts but that cannot be planned.
+
+    ``field`` is the spec field's path as written in a spec (``protect[3].name``,
+    ``optimize.batch.protected_classes``), so that :mod:`safespec.specfile` can point at its line."""
 
     def __init__(self, field_path: str, message: str):
         super().__init__(f"{field_path}: {message}")
@@ -147,6 +150,7 @@ def compile_spec(spec: Spec) -> Plan:
     target = spec.target.class_
 
     constraints: list[Constraint] = []
+    source: list[int] = []  # protect[] entry of each constraint, for located errors
     for i, p in enumerate(spec.protect):
         classes = [c for c in names if c != target] if p.classes == "others" else list(p.classes)
         conf = p.confidence if p.confidence is not None else spec.certify.confidence
@@ -161,22 +165,38 @@ def compile_spec(spec: Spec) -> Plan:
                 metric=p.constraint.metric, slack=p.constraint.slack,
                 tolerance=p.tolerance, confidence=conf,
             ))
+            source.append(i)
     seen: dict[str, int] = {}
     for k, c in enumerate(constraints):
         if c.name in seen:
-            raise PlanError("protect", f"two capabilities are named {c.name!r}; give each a distinct name")
+            i, first = source[k], source[seen[c.name]]
+            where = "" if i == first else f" (protect[{first}] has it too)"
+            raise PlanError(f"protect[{i}].name" if spec.protect[i].name else f"protect[{i}].classes",
+                            f"two capabilities are named {c.name!r}{where}; give each a distinct name")
         seen[c.name] = k
 
     o = spec.optimize
     n_protected = sum(len(c.classes) for c in constraints)
     if o.batch.protected_classes > n_protected:
         raise PlanError("optimize.batch.protected_classes",
-                        f"draws {o.batch.protected_classes} protected classes per step but only {n_protected} are protected")
+                        f"draws {o.batch.protected_classes} protected classes per step but only {n_protected} "
+                        f"{'is' if n_protected == 1 else 'are'} protected")
+    positives = round(o.batch.target * o.batch.positive_fraction)
+    if not 1 <= positives <= o.batch.target - 1:
+        raise PlanError("optimize.batch.positive_fraction",
+                        f"a target batch of {o.batch.target} with positive_fraction {o.batch.positive_fraction} "
+                        f"has {positives} positives; it needs at least one positive and one negative")
+    if o.eval_every > o.steps:
+        raise PlanError("optimize.eval_every",
+                        f"must be at most steps ({o.steps}) (got {o.eval_every}); checkpoint selection needs "
+                        f"at least one evaluation during training")
+    m = spec.model
+    if set(m.freeze) == {"image", "text"} and not m.heads.enabled:
+        raise PlanError("model.freeze", "both towers are frozen and the heads are disabled: nothing would be trained")
 
     def s(p: Path | None) -> str | None:
         return None if p is None else str(p)
 
-    m = spec.model
     return Plan(
         name=spec.name,
         description=spec.description,

@@ -11,28 +11,60 @@ loader in :mod:`safespec.specfile` can point at the file and line.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 SPEC_VERSION = 1
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
 class _Strict(BaseModel):
-    """Base for every spec section: unknown keys are errors, and models are immutable once validated."""
+    """Base for every spec section: unknown keys are errors, and models are immutable once validated.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    Strict types: ``steps: true`` or ``lr: "fast"`` must be errors, not silently coerced into 1 or a
+    crash mid-training; NaN and infinity are never meaningful settings.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True, allow_inf_nan=False)
 
 
 def _rule(loc: tuple, message: str) -> PydanticCustomError:
     """A cross-field error that carries the location of the field it is about.
 
-    Pydantic places model-validator errors at the model's own path; the location of the real culprit is
+    Pydantic places a validator's error at the path of what it validates (the model for a model
+    validator, the field for a field validator); ``rule_loc`` is the culprit's path *relative to that*,
     carried in the context so that the file loader can point at the right line.
     """
     return PydanticCustomError("spec_rule", "{message}", {"message": message, "rule_loc": list(loc)})
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    """'; did you mean 'x'?' when a known option is close to ``word``, else ''."""
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _known(word: str, options: list[str]) -> str:
+    """A did-you-mean, or the options themselves when they are few enough to read in one line."""
+    hint = _suggest(word, options)
+    if hint or len(options) > 12:
+        return hint
+    return " (" + ", ".join(options) + ")"
+
+
+def _path(v: Any) -> Any:
+    """Paths are written as non-empty strings; an empty one would silently mean the spec's own folder."""
+    if isinstance(v, str) and not v.strip():
+        raise PydanticCustomError("spec_rule", "{message}", {"message": "must not be empty", "rule_loc": []})
+    return v
+
+
+# A file path as the spec writes it: a string (strict mode would otherwise demand a Path object).
+SpecPath = Annotated[Path, Field(strict=False, json_schema_extra={"minLength": 1}), BeforeValidator(_path)]
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -48,16 +80,26 @@ class ModelSpec(_Strict):
 
     arch: str = Field(..., min_length=1, description="open_clip architecture name, e.g. 'ViT-B-16' or a shipped config such as 'safespec-tiny-vit'.")
     pretrained: str | None = Field(None, description="open_clip pretrained tag (e.g. 'openai', 'laion2b_s34b_b88k') or an 'hf-hub:org/name' model.")
-    checkpoint: Path | None = Field(None, description="Local checkpoint of the old model (.safetensors, or a torch file loadable with weights_only=True). Relative to the spec file.")
+    checkpoint: SpecPath | None = Field(None, description="Local checkpoint of the old model (.safetensors, or a torch file loadable with weights_only=True). Relative to the spec file.")
     heads: HeadsSpec = Field(default_factory=HeadsSpec, description="Task-dependent heads.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision for training and evaluation on accelerators; CPU runs use fp32.")
     freeze: list[Literal["image", "text"]] = Field(default_factory=list, description="Towers kept frozen; their features are computed once and cached.")
 
+    @field_validator("freeze")
+    @classmethod
+    def _freeze_once(cls, v: list[str]) -> list[str]:
+        for j, tower in enumerate(v):
+            if tower in v[:j]:
+                raise _rule((j,), f"tower {tower!r} is listed twice")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
-        if (self.pretrained is None) == (self.checkpoint is None):
-            raise _rule(("pretrained",), "exactly one of 'pretrained' or 'checkpoint' is required")
+        if self.pretrained is not None and self.checkpoint is not None:
+            raise _rule(("checkpoint",), "give either 'pretrained' or 'checkpoint', not both")
+        if self.pretrained is None and self.checkpoint is None:
+            raise _rule((), "needs the old model's weights: 'pretrained' (an open_clip tag) or 'checkpoint' (a local file)")
         return self
 
 
@@ -66,26 +108,28 @@ class ClassesSpec(_Strict):
     """The task: its class names and the prompt templates that turn a class name into text."""
 
     names: list[str] = Field(..., min_length=2, description="Class names, in label order. Labels in manifests use these names.")
-    templates: list[str] = Field(["a photo of a {}."], min_length=1, description="Prompt templates; '{}' is replaced by the class name. Embeddings are averaged over templates.")
+    templates: list[str] = Field(["a photo of a {}."], min_length=1, description="Prompt templates; '{}' (exactly once, no other braces) is replaced by the class name. Embeddings are averaged over templates.")
 
     @field_validator("names")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
-        seen: set[str] = set()
-        for name in v:
+        seen: dict[str, int] = {}
+        for j, name in enumerate(v):
             if not name.strip():
-                raise ValueError("class names must not be empty")
+                raise _rule((j,), "class names must not be empty")
+            if name != name.strip():
+                raise _rule((j,), f"class name {name!r} has leading or trailing spaces")
             if name in seen:
-                raise ValueError(f"class {name!r} is listed twice")
-            seen.add(name)
+                raise _rule((j,), f"class {name!r} is listed twice (first at names[{seen[name]}])")
+            seen[name] = j
         return v
 
     @field_validator("templates")
     @classmethod
     def _placeholder(cls, v: list[str]) -> list[str]:
-        for t in v:
-            if t.count("{}") != 1:
-                raise ValueError(f"each template needs exactly one '{{}}' placeholder (got {t!r})")
+        for j, t in enumerate(v):
+            if t.count("{}") != 1 or t.count("{") != 1 or t.count("}") != 1:
+                raise _rule((j,), f"a template needs exactly one '{{}}' placeholder for the class name and no other braces (got {t!r})")
         return v
 
 
@@ -94,11 +138,11 @@ class DataSpec(_Strict):
     """Where the images are. Each split is a CSV manifest (``path,label[,caption]``, paths relative to
     the manifest) or a folder with one sub-folder per class. Paths are relative to the spec file."""
 
-    protected: Path = Field(..., description="Protected store S_k: stored examples of the protected classes (the constraints' data).")
-    target: Path = Field(..., description="Target training set: rows of the target class are positives, other rows negatives; an optional caption column.")
-    validation: Path = Field(..., description="Validation split for checkpoint selection (all classes).")
-    heldout: Path = Field(..., description="Held-out certification split; never seen by training or selection.")
-    base: Path | None = Field(None, description="Optional: the old model's own training set (used only by the oracle baseline).")
+    protected: SpecPath = Field(..., description="Protected store S_k: stored examples of the protected classes (the constraints' data).")
+    target: SpecPath = Field(..., description="Target training set: rows of the target class are positives, other rows negatives; an optional caption column.")
+    validation: SpecPath = Field(..., description="Validation split for checkpoint selection (all classes).")
+    heldout: SpecPath = Field(..., description="Held-out certification split; never seen by training or selection.")
+    base: SpecPath | None = Field(None, description="Optional: the old model's own training set (used only by the oracle baseline).")
 
 
 # -------------------------------------------------------------------------------------------- protect
@@ -119,11 +163,21 @@ class ProtectSpec(_Strict):
     confidence: float | None = Field(None, gt=0.5, lt=1.0, description="Confidence of this capability's certificate; defaults to certify.confidence.")
     constraint: ConstraintSpec = Field(default_factory=ConstraintSpec, description="The training constraint that enforces it.")
 
-    @field_validator("classes")
+    @field_validator("classes", mode="before")
     @classmethod
-    def _nonempty(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("list at least one class (or 'others')")
+    def _list_or_others(cls, v: Any) -> Any:
+        # One clear error instead of one per member of the union.
+        if v == "others":
+            return v
+        if isinstance(v, str):
+            raise _rule((), f"must be a list of class names or 'others' (got {v!r}); write [{v}] for a single class")
+        if not isinstance(v, list):
+            raise _rule((), f"must be a list of class names or 'others' (got {v!r})")
+        if not v:
+            raise _rule((), "list at least one class (or write 'others')")
+        for j, c in enumerate(v):
+            if not isinstance(c, str):
+                raise _rule((j,), f"class names are strings (got {c!r}); quote it")
         return v
 
 
@@ -137,7 +191,7 @@ class GoalSpec(_Strict):
     @model_validator(mode="after")
     def _some(self) -> "GoalSpec":
         if self.min_accuracy is None and self.min_improvement is None:
-            raise _rule(("min_improvement",), "give 'min_accuracy', 'min_improvement' or both")
+            raise _rule((), "give 'min_accuracy', 'min_improvement' or both")
         return self
 
 
@@ -150,6 +204,8 @@ class TargetSpec(_Strict):
 
 # ------------------------------------------------------------------------------------------- optimize
 class BatchSpec(_Strict):
+    """Batch composition per step: a target batch and a class-balanced protected batch (method.md section 2)."""
+
     target: int = Field(64, ge=2, description="Target batch size (half positives, half negatives).")
     positive_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="Share of target positives in a target batch.")
     protected_classes: int = Field(5, ge=1, description="Protected classes drawn at random per step.")
@@ -157,18 +213,24 @@ class BatchSpec(_Strict):
 
 
 class PenaltySpec(_Strict):
+    """Settings of the paper's quadratic penalty method."""
+
     beta: float = Field(100.0, gt=0.0, description="Penalty weight beta (100 for BDD100K, 1000 for Places365 in the paper).")
     schedule: Literal["constant", "cosine"] = Field("constant", description="Constant beta, or a cosine increase from 0 to beta over training.")
     form: Literal["squared-hinge", "hinge"] = Field("squared-hinge", description="(beta/2)[u]_+^2 as in the paper, or the hinge beta*[u]_+.")
 
 
 class LagrangianSpec(_Strict):
+    """Settings of the exact-multiplier (Lagrangian) method."""
+
     multiplier_lr: float = Field(10.0, gt=0.0, description="Step size of the multipliers' ascent.")
     rho: float = Field(0.0, ge=0.0, description="Augmented-Lagrangian quadratic term (0 = plain gradient descent-ascent).")
     max_multiplier: float = Field(1e4, gt=0.0, description="Cap on each multiplier, a guard against runaway ascent.")
 
 
 class WiseFTSpec(_Strict):
+    """Settings of the WiSE-FT baseline (weight interpolation between the old model and a fine-tune)."""
+
     grid: int = Field(11, ge=2, le=101, description="Mixing weights tried between the old model (0) and the fine-tune (1).")
 
 
@@ -183,13 +245,13 @@ class OptimizeSpec(_Strict):
     lr: float = Field(1e-6, gt=0.0, description="AdamW learning rate.")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay.")
     warmup_steps: int = Field(500, ge=0, description="Linear warm-up steps before cosine decay.")
-    batch: BatchSpec = Field(default_factory=BatchSpec)
+    batch: BatchSpec = Field(default_factory=BatchSpec, description="Batch sizes and the class-balanced protected batch.")
     gamma: float = Field(0.8, gt=0.0, le=1.0, description="Moving-average weight of the constraint estimates u_k (and the contrastive inner means).")
     constraint_tau: float = Field(0.05, gt=0.0, description="Temperature of the zero-shot logits in the constraints.")
     temperature: float = Field(0.05, gt=0.0, description="Temperature of the contrastive target objective.")
-    penalty: PenaltySpec = Field(default_factory=PenaltySpec)
-    lagrangian: LagrangianSpec = Field(default_factory=LagrangianSpec)
-    wise_ft: WiseFTSpec = Field(default_factory=WiseFTSpec, alias="wise-ft")
+    penalty: PenaltySpec = Field(default_factory=PenaltySpec, description="Settings of method 'penalty'.")
+    lagrangian: LagrangianSpec = Field(default_factory=LagrangianSpec, description="Settings of method 'lagrangian'.")
+    wise_ft: WiseFTSpec = Field(default_factory=WiseFTSpec, alias="wise-ft", description="Settings of the 'wise-ft' baseline.")
     eval_every: int = Field(100, ge=1, description="Evaluate on the validation split every N steps (checkpoint selection).")
     checkpoint_every: int = Field(100, ge=1, description="Save the resumable training state every N steps.")
 
@@ -204,12 +266,16 @@ class OptimizeSpec(_Strict):
 
 # -------------------------------------------------------------------------------------------- certify
 class CertifySpec(_Strict):
+    """The held-out certificate and the release gate."""
+
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Default confidence of each capability's certificate (one-sided).")
     require: Literal["certified", "preserved"] = Field("certified", description="What the release gate requires of every capability: a confidence bound within tolerance ('certified') or only the point estimate ('preserved').")
 
 
 class ReportSpec(_Strict):
-    dir: Path = Field(Path("out/run"), description="Run directory (result.json, report.html, junit.xml, trajectory). Relative to the working directory.")
+    """Where the run directory and its audit report go."""
+
+    dir: SpecPath = Field(Path("out/run"), description="Run directory (result.json, report.html, junit.xml, trajectory). Relative to the working directory.")
     title: str | None = Field(None, description="Report title; defaults to the spec name.")
 
 
@@ -220,28 +286,37 @@ class Spec(_Strict):
     safespec: Literal[1] = Field(..., description="Spec language version; this release reads version 1.")
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Short identifier of this development cycle (letters, digits, '.', '_', '-').")
     description: str | None = Field(None, description="What this cycle is for, for the reviewers.")
-    model: ModelSpec
-    classes: ClassesSpec
-    data: DataSpec
+    model: ModelSpec = Field(..., description="The old model and how it is adapted.")
+    classes: ClassesSpec = Field(..., description="The task's classes and prompt templates.")
+    data: DataSpec = Field(..., description="The data splits (CSV manifests or class folders).")
     protect: list[ProtectSpec] = Field(..., min_length=1, description="Protected capabilities.")
-    target: TargetSpec
-    optimize: OptimizeSpec = Field(default_factory=OptimizeSpec)
-    certify: CertifySpec = Field(default_factory=CertifySpec)
-    report: ReportSpec = Field(default_factory=ReportSpec)
+    target: TargetSpec = Field(..., description="The class to improve and its goal.")
+    optimize: OptimizeSpec = Field(default_factory=OptimizeSpec, description="The training method and its settings.")
+    certify: CertifySpec = Field(default_factory=CertifySpec, description="Certificate confidence and the release gate.")
+    report: ReportSpec = Field(default_factory=ReportSpec, description="Run directory and report title.")
+
+    @field_validator("safespec", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        # Literal[1] alone would also take `true` and `1.0`.
+        if type(v) is not int or v != SPEC_VERSION:
+            raise _rule((), f"unsupported spec language version {v!r}; this safespec reads version {SPEC_VERSION} (write 'safespec: {SPEC_VERSION}')")
+        return v
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Spec":
         names = set(self.classes.names)
+        listed = list(self.classes.names)
         target = self.target.class_
         if target not in names:
-            raise _rule(("target", "class"), f"unknown class {target!r}; expected one of classes.names")
+            raise _rule(("target", "class"), f"unknown class {target!r}; expected one of classes.names{_known(target, listed)}")
         seen: dict[str, int] = {}
         for i, p in enumerate(self.protect):
             if p.classes == "others":
                 continue
             for j, c in enumerate(p.classes):
                 if c not in names:
-                    raise _rule(("protect", i, "classes", j), f"unknown class {c!r}; expected one of classes.names")
+                    raise _rule(("protect", i, "classes", j), f"unknown class {c!r}; expected one of classes.names{_known(c, listed)}")
                 if c == target:
                     raise _rule(("protect", i, "classes", j), f"class {c!r} is the target; a class cannot be both improved and protected")
                 if c in seen:
@@ -253,9 +328,21 @@ class Spec(_Strict):
         return self
 
     def resolve(self, base: Path) -> "Spec":
-        """Return a copy whose relative paths (checkpoint, data) are anchored at ``base`` (the spec's folder)."""
+        """Return a copy whose relative paths (checkpoint, data) are anchored at ``base`` (the spec's folder).
+
+        ``report.dir`` stays relative to the working directory, where runs are started."""
         def fix(p: Path | None) -> Path | None:
             return None if p is None or p.is_absolute() else base / p
         data = self.data.model_copy(update={k: fix(getattr(self.data, k)) for k in DataSpec.model_fields})
         model = self.model.model_copy(update={"checkpoint": fix(self.model.checkpoint)})
         return self.model_copy(update={"data": data, "model": model})
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of spec language v1 (what ``safespec schema`` prints), for editors and linters.
+
+    Keys are the YAML spellings (aliases such as ``class`` and ``wise-ft``)."""
+    schema = Spec.model_json_schema(by_alias=True, mode="validation")
+    schema = {"$schema": JSON_SCHEMA_DIALECT, **schema}
+    schema["title"] = f"safespec spec, language version {SPEC_VERSION}"
+    return schema
