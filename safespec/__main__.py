@@ -1,0 +1,5 @@
+"""``python -m safespec`` runs the same CLI as the ``safespec`` console script."""
+
+from .cli import main
+
+main(prog_name="safespec")

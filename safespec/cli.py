@@ -1,0 +1,178 @@
+"""The ``safespec`` command line.
+
+Thin on purpose: commands parse arguments and call the library. Error handling lives in one place,
+:class:`SafespecGroup`, so that every command (also those added later) behaves the same way:
+
+- a :class:`~safespec.errors.SafespecError` prints its lines on stderr and exits 2, no traceback;
+- click usage errors exit 2 (exit 1 is reserved for "not certified");
+- anything unexpected prints one ``safespec: internal error: ...`` line and exits 2
+  (``SAFESPEC_DEBUG=1`` shows the traceback);
+- Ctrl-C prints one line and exits 130.
+
+A command may ``return`` an int to choose its exit code (e.g. 1 for "not certified").
+
+Importing this module must stay light (no torch): commands that need the training stack import it
+inside their function body.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import SafespecError, SpecError, atomic_write_text
+
+EXIT_OK, EXIT_NOT_CERTIFIED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _debug() -> bool:
+    return os.environ.get("SAFESPEC_DEBUG", "").strip() not in ("", "0", "false", "no")
+
+
+def report_exception(exc: BaseException) -> int:
+    """Print ``exc`` the way a user should see it and return the exit code it stands for."""
+    if isinstance(exc, SafespecError):
+        if _debug():
+            traceback.print_exception(exc)
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            click.echo(line, err=True)
+        return int(getattr(exc, "exit_code", EXIT_ERROR)) or EXIT_ERROR
+    if isinstance(exc, click.exceptions.Abort) and isinstance(exc.__context__, KeyboardInterrupt) \
+            or isinstance(exc, KeyboardInterrupt):
+        click.echo("safespec: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, click.exceptions.Abort):
+        click.echo("safespec: aborted", err=True)
+        return EXIT_ERROR
+    if isinstance(exc, click.ClickException):
+        exc.show()
+        return EXIT_ERROR
+    if _debug():
+        traceback.print_exception(exc)
+    first = (str(exc).splitlines() or [""])[0]
+    click.echo(f"safespec: internal error: {type(exc).__name__}: {first} "
+               f"(set SAFESPEC_DEBUG=1 to see the traceback)", err=True)
+    return EXIT_ERROR
+
+
+class SafespecGroup(click.Group):
+    """A click group whose commands share one error policy (see the module docstring)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name or "safespec", complete_var, standalone_mode=False, **extra)
+        except SystemExit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the one place that turns everything into an exit code
+            sys.exit(report_exception(exc))
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else EXIT_OK)
+
+
+@click.group(cls=SafespecGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="safespec", message="%(prog)s %(version)s")
+def main() -> None:
+    """safespec: fine-tune a CLIP model so that a target class improves while protected classes keep
+    their accuracy, then certify it on held-out data.
+
+    Exit codes: 0 success (certified), 1 not certified, 2 bad input or error, 130 interrupted.
+    """
+
+
+_NO_DATA_CHECK = click.option("--no-data-check", is_flag=True,
+                              help="Do not check that data files and the checkpoint exist (lint a spec whose data lives elsewhere).")
+
+
+@main.command()
+@click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
+@_NO_DATA_CHECK
+def validate(specs: tuple[str, ...], no_data_check: bool) -> int:
+    """Check spec files: syntax, schema, cross-field rules, data files and the plan.
+
+    Prints one 'ok' line per valid spec and one line per problem (FILE:LINE:COL: field: message)."""
+    from .specfile import load_plan
+
+    failed = False
+    for path in specs:
+        try:
+            spec, plan = load_plan(path, check_files=not no_data_check)
+        except SpecError as e:
+            failed = True
+            for line in e.lines:
+                click.echo(line, err=True)
+            continue
+        click.echo(f"{path}: ok ({len(plan.classes)} classes, target {plan.objective.target_class!r}, "
+                   f"{len(plan.constraints)} protected capabilit{'y' if len(plan.constraints) == 1 else 'ies'}, "
+                   f"method {plan.optimizer.method})")
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+@main.command()
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the schema to this file instead of standard output.")
+def schema(output: str | None) -> None:
+    """Print the JSON Schema of the spec language (for editors and linters; see docs/spec.md)."""
+    from .spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    _write(Path(output), text)
+    click.echo(f"wrote {output}", err=True)
+
+
+@main.command()
+@click.argument("path", required=False, default="spec.yaml", type=click.Path(dir_okay=True))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@click.option("--name", default=None, help="The spec's name (default: from the file name).")
+def init(path: str, force: bool, name: str | None) -> None:
+    """Write a commented starter spec to PATH (default spec.yaml; a folder gets spec.yaml inside)."""
+    from .specfile import STARTER_DATA, starter_spec
+
+    target = Path(path)
+    if target.is_dir():
+        target = target / "spec.yaml"
+    if target.exists() and not force:
+        raise SafespecError(f"{target}: already exists; use --force to overwrite it")
+    if name is None:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", target.stem).strip("-._") or "my-cycle"
+    elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise click.BadParameter("use letters, digits, '.', '_' and '-', starting with a letter or digit",
+                                 param_hint="'--name'")
+    _write(target, starter_spec(name))
+    click.echo(f"wrote {target}")
+    click.echo(f"next: put your manifests at {', '.join(STARTER_DATA)} (relative to the spec), "
+               f"edit the classes, then run: safespec validate {target}")
+
+
+@main.command("compile")
+@click.argument("spec", metavar="SPEC")
+@_NO_DATA_CHECK
+def compile_cmd(spec: str, no_data_check: bool) -> None:
+    """Print the plan the later stages run (JSON): every shorthand expanded, paths resolved."""
+    from .specfile import load_plan
+
+    _, plan = load_plan(spec, check_files=not no_data_check)
+    click.echo(plan.to_json())
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise SafespecError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
