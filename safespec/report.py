@@ -27,23 +27,16 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from statistics import NormalDist
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import jinja2
 
 from .errors import RunError, atomic_write_text
+from .report_charts import (DISPLAY_CONFIDENCE, STATUS_COLORS, clean, conf, fmt_int, fmt_num, forest_chart, heatmap,
+                            interval_chart, is_number, line_chart, pct, pp, scatter_chart, sub, wilson_interval)
 
 SCHEMA_VERSION = 1
 STATUSES = ("certified", "preserved", "violated", "inconclusive")
-STATUS_COLORS = {
-    "certified": "#1a7f37",
-    "preserved": "#9a6700",
-    "violated": "#cf222e",
-    "inconclusive": "#6e7781",
-    None: "#0969da",
-}
-PALETTE = ("#0969da", "#cf222e", "#1a7f37", "#8250df", "#bc4c00", "#1b7c83", "#bf3989", "#6e7781", "#9a6700", "#0550ae")
 
 # Above these sizes the page switches from one mark per item to aggregates plus the worst items, so a
 # 364-class spec still gives a report that opens quickly and prints in a sane number of pages.
@@ -52,10 +45,8 @@ MAX_SMALL_MULTIPLES = 24
 MAX_LINES_PER_CHART = 10
 MAX_THUMBS_PER_CLASS = 12
 MAX_THUMB_BYTES = 512 * 1024
-MAX_CONFUSION_CLASSES = 20
 SUMMARY_MAX_CAPABILITIES = 20
 SUMMARY_MAX_NOT_MET = 30
-DISPLAY_CONFIDENCE = 0.95
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -129,7 +120,7 @@ def _load_trajectory(run_dir: Path, result: dict[str, Any]) -> list[dict[str, An
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise RunError(f"{path}:{lineno}:{e.colno}: not valid JSON: {e.msg}") from None
-        if not isinstance(obj, dict) or not _is_number(obj.get("step")):
+        if not isinstance(obj, dict) or not is_number(obj.get("step")):
             raise RunError(f"{path}:{lineno}: expected an object with a numeric 'step'")
         key = obj["step"]
         if key not in by_step:
@@ -175,18 +166,14 @@ def result_schema() -> dict[str, Any]:
     return json.loads(text)
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 _TYPE_CHECKS = {
     "object": lambda v: isinstance(v, dict),
     "array": lambda v: isinstance(v, list),
     "string": lambda v: isinstance(v, str),
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,
-    "number": _is_number,
-    "integer": lambda v: _is_number(v) and float(v).is_integer(),
+    "number": is_number,
+    "integer": lambda v: is_number(v) and float(v).is_integer(),
 }
 
 
@@ -208,7 +195,7 @@ def _validate(value: Any, schema: dict[str, Any], where: str, out: list[str]) ->
             got = "null" if value is None else type(value).__name__
             out.append(f"{where}: expected {' or '.join(types)} (got {got})")
             return
-    if _is_number(value):
+    if is_number(value):
         if "minimum" in schema and value < schema["minimum"]:
             out.append(f"{where}: expected at least {schema['minimum']} (got {value!r})")
         if "maximum" in schema and value > schema["maximum"]:
@@ -219,12 +206,12 @@ def _validate(value: Any, schema: dict[str, Any], where: str, out: list[str]) ->
                 out.append(f"{where + '.' if where else ''}{key}: required field is missing")
         props = schema.get("properties", {})
         extra = schema.get("additionalProperties")
-        for key, sub in value.items():
+        for key, child in value.items():
             sub_where = f"{where}.{key}" if where else str(key)
             if key in props:
-                _validate(sub, props[key], sub_where, out)
+                _validate(child, props[key], sub_where, out)
             elif isinstance(extra, dict):
-                _validate(sub, extra, sub_where, out)
+                _validate(child, extra, sub_where, out)
     if isinstance(value, list):
         if "minItems" in schema and len(value) < schema["minItems"]:
             out.append(f"{where}: expected at least {schema['minItems']} items (got {len(value)})")
@@ -263,257 +250,10 @@ def _check_consistency(path: Path, result: dict[str, Any]) -> None:
                 f"{cap['status']!r} under require {require!r}"
             )
         all_meet &= meets
-    if not result["capabilities"]:
-        all_meet = False  # nothing protected is nothing certified
     if result["verdict"] == "certified" and not all_meet:
         raise RunError(f"{path}: verdict: 'certified' contradicts the capabilities (not every one is {require!r} or better)")
     if result["verdict"] == "not_certified" and all_meet:
         raise RunError(f"{path}: verdict: 'not_certified' contradicts the capabilities (every one meets {require!r})")
-
-
-# ---------------------------------------------------------------------------------------- formats
-def _pct(x: Any, digits: int = 1) -> str:
-    return "n/a" if not _is_number(x) else f"{100 * x:.{digits}f}%"
-
-
-def _pp(x: Any, digits: int = 1, signed: bool = False) -> str:
-    """Percentage points: changes, bounds and tolerances are differences of accuracies."""
-    if not _is_number(x):
-        return "n/a"
-    v = 100 * x
-    if abs(v) < 0.5 * 10**-digits:
-        v = 0.0
-    return f"{v:+.{digits}f} pp" if signed else f"{v:.{digits}f} pp"
-
-
-def _conf(x: Any) -> str:
-    if not _is_number(x):
-        return "n/a"
-    return f"{100 * x:.2f}".rstrip("0").rstrip(".") + "%"
-
-
-def _int(x: Any) -> str:
-    return "n/a" if not _is_number(x) else f"{int(x):,}"
-
-
-def _num(x: Any, digits: int = 3) -> str:
-    return "n/a" if not _is_number(x) else f"{x:.{digits}f}"
-
-
-def _sub(a: Any, b: Any) -> float | None:
-    return a - b if _is_number(a) and _is_number(b) else None
-
-
-def wilson_interval(k: int, n: int, confidence: float = DISPLAY_CONFIDENCE) -> tuple[float, float] | None:
-    """Two-sided Wilson score interval of a proportion: display error bars only (the certificate's
-    bounds come from certify.py and are in result.json)."""
-    if n <= 0:
-        return None
-    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if k <= 0 else max(0.0, centre - half)
-    hi = 1.0 if k >= n else min(1.0, centre + half)
-    return lo, hi
-
-
-def _clean(text: Any, limit: int | None = None) -> str:
-    """One-line text for attribute-like places (labels, junit names); escaping happens elsewhere."""
-    s = " ".join(str(text).split())
-    if limit is not None and len(s) > limit:
-        s = s[: limit - 1] + "\u2026"
-    return s
-
-
-# ----------------------------------------------------------------------------------------- charts
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values covering [lo, hi] (1, 2, 2.5, 5 x 10^k steps)."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return [0.0]
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
-    raw = (hi - lo) / max(1, count)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    ticks = []
-    t = first
-    while t <= hi + 1e-9 * step:
-        ticks.append(0.0 if abs(t) < 1e-12 else round(t, 12))
-        t += step
-    return ticks
-
-
-def _tick_label(v: float, step: float, unit: str) -> str:
-    if unit == "%":
-        digits = 0 if step * 100 >= 1 else 1
-        return f"{v * 100:.{digits}f}"
-    if unit == "pp":
-        digits = 0 if step * 100 >= 1 else 1
-        return f"{v * 100:+.{digits}f}" if v else "0"
-    if abs(v) >= 1e4 or (v and abs(v) < 1e-3):
-        return f"{v:.0e}"
-    digits = max(0, -math.floor(math.log10(step))) if step < 1 else 0
-    return f"{v:.{digits}f}"
-
-
-@dataclass
-class Axis:
-    lo: float
-    hi: float
-    px_lo: float
-    px_hi: float
-    ticks: list[tuple[float, str]]
-
-    def __call__(self, v: float) -> float:
-        if self.hi == self.lo:
-            return (self.px_lo + self.px_hi) / 2
-        return round(self.px_lo + (v - self.lo) * (self.px_hi - self.px_lo) / (self.hi - self.lo), 2)
-
-
-def _axis(values: Iterable[float], px_lo: float, px_hi: float, unit: str = "", pad: float = 0.05,
-          clamp: tuple[float, float] | None = None, count: int = 5) -> Axis:
-    vals = [v for v in values if _is_number(v)]
-    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
-    span = hi - lo or max(abs(hi), 1e-3)
-    lo, hi = lo - pad * span, hi + pad * span
-    if clamp:
-        lo, hi = max(lo, clamp[0]), min(hi, clamp[1])
-    ticks = nice_ticks(lo, hi, count)
-    lo, hi = min(lo, ticks[0]), max(hi, ticks[-1])
-    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
-    ax = Axis(lo, hi, px_lo, px_hi, [])
-    ax.ticks = [(ax(t), _tick_label(t, step, unit)) for t in ticks]
-    return ax
-
-
-def _segments(points: Sequence[tuple[Any, Any]], xa: Axis, ya: Axis) -> list[str]:
-    """SVG polyline point lists; a missing value breaks the line instead of inventing one."""
-    out, cur = [], []
-    for x, y in points:
-        if _is_number(x) and _is_number(y):
-            cur.append(f"{xa(x)},{ya(y)}")
-        elif cur:
-            out.append(" ".join(cur))
-            cur = []
-    if cur:
-        out.append(" ".join(cur))
-    return out
-
-
-def line_chart(series: list[dict[str, Any]], *, width: int = 330, height: int = 170, y_unit: str = "",
-               hlines: Sequence[tuple[float, str, str]] = (), vline: float | None = None,
-               y_clamp: tuple[float, float] | None = None, x_label: str = "step", y_label: str = "",
-               title: str = "") -> dict[str, Any]:
-    """Geometry of a line chart (numbers and labels only); templates/_charts.j2 draws it."""
-    left, right, top, bottom = 46, 10, 8 if not title else 20, 30
-    xs = [p[0] for s in series for p in s["points"]]
-    ys = [p[1] for s in series for p in s["points"]] + [h[0] for h in hlines]
-    xa = _axis(xs + ([vline] if vline is not None else []), left, width - right, pad=0.0)
-    ya = _axis(ys, height - bottom, top, unit=y_unit, clamp=y_clamp, count=4)
-    drawn = []
-    for i, s in enumerate(series):
-        drawn.append({
-            "label": s.get("label", ""),
-            "color": s.get("color") or PALETTE[i % len(PALETTE)],
-            "width": s.get("width", 1.6),
-            "dash": s.get("dash", ""),
-            "segments": _segments(s["points"], xa, ya),
-            "dots": [(xa(x), ya(y)) for x, y in s["points"] if _is_number(x) and _is_number(y)] if s.get("dots") else [],
-        })
-    return {
-        "width": width, "height": height, "left": left, "right": width - right, "top": top, "bottom": height - bottom,
-        "xticks": xa.ticks, "yticks": ya.ticks, "series": drawn, "title": title,
-        "hlines": [{"y": ya(v), "label": label, "color": color} for v, label, color in hlines if ya.lo <= v <= ya.hi],
-        "vline": xa(vline) if vline is not None and xa.lo <= vline <= xa.hi else None,
-        "x_label": x_label, "y_label": y_label,
-    }
-
-
-def interval_chart(rows: list[dict[str, Any]], *, width: int = 1000) -> dict[str, Any]:
-    """Per-class old vs new accuracy, each with a Wilson error bar (a dumbbell per class)."""
-    row_h, left, right, top = 20, 190, 16, 10
-    height = top + row_h * len(rows) + 34
-    vals = [v for r in rows for v in (r["old_lo"], r["old_hi"], r["new_lo"], r["new_hi"])]
-    xa = _axis(vals, left, width - right, unit="%", clamp=(0.0, 1.0), pad=0.03)
-    out = []
-    for i, r in enumerate(rows):
-        y = top + row_h * i + row_h / 2
-        out.append({
-            "y": y, "label": _clean(r["label"], 26), "full": r["label"], "color": r["color"], "tag": r.get("tag", ""),
-            "old": (xa(r["old"]), xa(r["old_lo"]), xa(r["old_hi"])) if _is_number(r["old"]) else None,
-            "new": (xa(r["new"]), xa(r["new_lo"]), xa(r["new_hi"])) if _is_number(r["new"]) else None,
-            "tooltip": r["tooltip"],
-        })
-    return {"width": width, "height": height, "left": left, "right": width - right, "top": top,
-            "bottom": top + row_h * len(rows), "xticks": xa.ticks, "rows": out, "row_h": row_h}
-
-
-def forest_chart(caps: list[dict[str, Any]], *, width: int = 1000) -> dict[str, Any]:
-    """The certificate as a picture: per capability, the observed accuracy change and its one-sided
-    lower confidence limit (= -drop bound) against that capability's tolerance (the margin)."""
-    row_h, left, right, top = 20, 190, 16, 10
-    height = top + row_h * len(caps) + 34
-    vals: list[float] = [0.0]
-    for c in caps:
-        vals += [c["change"], -c["drop_upper_bound"] if _is_number(c["drop_upper_bound"]) else None, -c["tolerance"]]
-    xa = _axis(vals, left, width - right, unit="pp", pad=0.08, clamp=(-1.0, 1.0))
-    out = []
-    for i, c in enumerate(caps):
-        y = top + row_h * i + row_h / 2
-        lo = -c["drop_upper_bound"] if _is_number(c["drop_upper_bound"]) else None
-        out.append({
-            "y": y, "label": _clean(c["name"], 26), "full": c["name"], "color": STATUS_COLORS[c["status"]],
-            "status": c["status"],
-            "est": xa(c["change"]) if _is_number(c["change"]) else None,
-            "lo": xa(lo) if lo is not None else None,
-            "tol": xa(-c["tolerance"]) if _is_number(c["tolerance"]) else None,
-            "tooltip": (f"{c['name']}: change {_pp(c['change'], 1, True)}, drop bound {_pp(c['drop_upper_bound'], 2)}"
-                        f" at {_conf(c['confidence'])}, tolerance {_pp(c['tolerance'], 2)}: {c['status']}"),
-        })
-    return {"width": width, "height": height, "left": left, "right": width - right, "top": top,
-            "bottom": top + row_h * len(caps), "xticks": xa.ticks, "zero": xa(0.0), "rows": out, "row_h": row_h}
-
-
-def scatter_chart(points: list[dict[str, Any]], *, size: int = 420) -> dict[str, Any]:
-    """Old vs new accuracy, one dot per class: the aggregate view when there are too many classes for rows."""
-    margin = 46
-    vals = [v for p in points for v in (p["old"], p["new"])]
-    lo = min([v for v in vals if _is_number(v)] or [0.0])
-    lo = max(0.0, math.floor(lo * 10) / 10)
-    xa = _axis([lo, 1.0], margin, size - 12, unit="%", pad=0.0, clamp=(0.0, 1.0))
-    ya = _axis([lo, 1.0], size - margin + 12, 12, unit="%", pad=0.0, clamp=(0.0, 1.0))
-    dots = [{"x": xa(p["old"]), "y": ya(p["new"]), "color": p["color"], "tooltip": p["tooltip"]}
-            for p in points if _is_number(p["old"]) and _is_number(p["new"])]
-    return {"width": size, "height": size, "left": margin, "right": size - 12, "top": 12, "bottom": size - margin + 12,
-            "xticks": xa.ticks, "yticks": ya.ticks, "dots": dots,
-            "diag": (xa(xa.lo), ya(xa.lo), xa(xa.hi), ya(xa.hi))}
-
-
-def heatmap(classes: list[str], old: list[list[int]], new: list[list[int]]) -> dict[str, Any] | None:
-    """Change of the confusion matrix (new - old), rows = true class, columns = predicted class."""
-    k = len(classes)
-    if not (0 < k <= MAX_CONFUSION_CLASSES) or len(old) != k or len(new) != k:
-        return None
-    if any(len(r) != k for r in old) or any(len(r) != k for r in new):
-        return None
-    diff = [[new[i][j] - old[i][j] for j in range(k)] for i in range(k)]
-    vmax = max(1, max(abs(v) for row in diff for v in row))
-    cell, left, top = 30, 130, 110
-    cells = []
-    for i in range(k):
-        for j in range(k):
-            v = diff[i][j]
-            good = v > 0 if i == j else v < 0  # more correct, or fewer confusions
-            alpha = 0.0 if v == 0 else 0.15 + 0.75 * abs(v) / vmax
-            cells.append({"x": left + j * cell, "y": top + i * cell, "v": v, "alpha": round(alpha, 3),
-                          "color": "#1a7f37" if good else "#cf222e",
-                          "tooltip": f"true {classes[i]}, predicted {classes[j]}: {old[i][j]} -> {new[i][j]}"})
-    labels = [{"label": _clean(c, 16), "full": c, "pos": i * cell + cell / 2} for i, c in enumerate(classes)]
-    return {"width": left + k * cell + 10, "height": top + k * cell + 10, "left": left, "top": top, "cell": cell,
-            "cells": cells, "labels": labels}
 
 
 # ---------------------------------------------------------------------------------- view model
@@ -530,13 +270,13 @@ def _class_status(caps: list[dict[str, Any]]) -> dict[str, str]:
 
 def _norm_capability(c: dict[str, Any], require: str, index: int) -> dict[str, Any]:
     change = c.get("accuracy_change")
-    if not _is_number(change):
-        change = _sub(c.get("new_accuracy"), c.get("old_accuracy"))
+    if not is_number(change):
+        change = sub(c.get("new_accuracy"), c.get("old_accuracy"))
     per_class = []
     for pc in c.get("per_class") or ():
         per_class.append({
             "cls": pc["class"], "n": pc["n"], "old": pc.get("old_accuracy"), "new": pc.get("new_accuracy"),
-            "change": _sub(pc.get("new_accuracy"), pc.get("old_accuracy")),
+            "change": sub(pc.get("new_accuracy"), pc.get("old_accuracy")),
             "neg": pc.get("negative_flips"), "pos": pc.get("positive_flips"),
             "drop_upper_bound": pc.get("drop_upper_bound"), "status": pc.get("status"),
         })
@@ -556,7 +296,9 @@ def _needed_text(cap: dict[str, Any], short: bool = False) -> str:
     """Needed n is null when no sample size would certify at the observed rates (a real drop beyond tolerance)."""
     if cap["status"] == "certified":
         return ""
-    if _is_number(cap.get("needed_n")):
+    if not cap.get("n"):
+        return "no images" if short else "no held-out images: collect some"
+    if is_number(cap.get("needed_n")):
         return f"{int(cap['needed_n']):,}"
     if cap["status"] == "violated":
         return "unreachable" if short else "not reachable at the observed rates"
@@ -638,7 +380,7 @@ def _aggregate_series(series: dict[str, list[tuple[Any, Any]]]) -> list[dict[str
     steps = [x for x, _ in next(iter(series.values()))]
     rows = []
     for i, x in enumerate(steps):
-        vals = [s[i][1] for s in series.values() if i < len(s) and _is_number(s[i][1])]
+        vals = [s[i][1] for s in series.values() if i < len(s) and is_number(s[i][1])]
         rows.append((x, vals))
     return [
         {"label": "max over capabilities", "color": "#cf222e", "points": [(x, max(v) if v else None) for x, v in rows]},
@@ -649,7 +391,7 @@ def _aggregate_series(series: dict[str, list[tuple[Any, Any]]]) -> list[dict[str
 
 def _value_at(points: list[tuple[Any, Any]], step: Any) -> float:
     """The value at the selected step (or the last one), for ranking the capabilities worth a chart."""
-    vals = [(x, y) for x, y in points if _is_number(y)]
+    vals = [(x, y) for x, y in points if is_number(y)]
     if not vals:
         return -math.inf
     for x, y in vals:
@@ -659,17 +401,17 @@ def _value_at(points: list[tuple[Any, Any]], step: Any) -> float:
 
 
 def _training_charts(traj: list[dict[str, Any]], selected: Any) -> dict[str, Any]:
-    vline = selected if _is_number(selected) else None
+    vline = selected if is_number(selected) else None
     charts: dict[str, Any] = {"constraints": [], "constraints_aggregate": None, "constraints_total": 0,
                               "target": None, "loss": None, "duals": []}
     if not traj:
         return charts
     target = [(t["step"], t.get("target_metric")) for t in traj]
-    if any(_is_number(y) for _, y in target):
+    if any(is_number(y) for _, y in target):
         charts["target"] = line_chart([{"label": "target metric", "points": target, "dots": len(traj) <= 40}],
                                       width=480, height=210, vline=vline, y_label="target metric")
     loss = [(t["step"], t.get("train_loss")) for t in traj]
-    if any(_is_number(y) for _, y in loss):
+    if any(is_number(y) for _, y in loss):
         charts["loss"] = line_chart([{"label": "training loss", "points": loss, "color": "#6e7781"}],
                                     width=480, height=210, vline=vline, y_label="training loss")
     cons = _traj_series(traj, "constraints")
@@ -688,7 +430,7 @@ def _training_charts(traj: list[dict[str, Any]], selected: Any) -> dict[str, Any
             at = _value_at(pts, selected)
             charts["constraints"].append({
                 "name": name, "at_selected": at if math.isfinite(at) else None,
-                "steps_above": sum(1 for _, y in pts if _is_number(y) and y > 0), "evals": len(pts),
+                "steps_above": sum(1 for _, y in pts if is_number(y) and y > 0), "evals": len(pts),
                 "chart": line_chart([{"label": name, "points": pts, "color": "#0969da"}], width=240, height=140,
                                     vline=vline, hlines=[(0.0, "", "#cf222e")]),
             })
@@ -720,10 +462,11 @@ def build_context(run: RunData) -> dict[str, Any]:
     spec = r.get("spec") or {}
     target = dict(r["target"])
     target_class = target["class"]
-    for key in ("n", "confidence", "improvement_interval", "new_accuracy_interval", "improvement"):
+    for key in ("n", "confidence", "improvement_interval", "new_accuracy_interval", "improvement",
+                "goal_met_with_confidence"):
         target.setdefault(key, None)
-    if not _is_number(target["improvement"]):
-        target["improvement"] = _sub(target.get("new_accuracy"), target.get("old_accuracy"))
+    if not is_number(target["improvement"]):
+        target["improvement"] = sub(target.get("new_accuracy"), target.get("old_accuracy"))
     goal = {"min_accuracy": None, "min_improvement": None, **(target.get("goal") or {})}
     per_class_rows = list(r.get("per_class") or ())
     per_class = {pc["class"]: pc for pc in per_class_rows}
@@ -736,20 +479,20 @@ def build_context(run: RunData) -> dict[str, Any]:
         row: dict[str, Any] = {"label": pc["class"], "old": pc.get("old_accuracy"), "new": pc.get("new_accuracy")}
         for side in ("old", "new"):
             acc = row[side]
-            ci = wilson_interval(round(acc * n), n) if _is_number(acc) else None
+            ci = wilson_interval(round(acc * n), n) if is_number(acc) else None
             row[f"{side}_lo"], row[f"{side}_hi"] = ci if ci else (acc, acc)
         status = status_of.get(pc["class"])
         row["color"] = STATUS_COLORS.get(status, STATUS_COLORS[None])
         row["tag"] = "target" if pc["class"] == target_class else (status or "not protected")
-        row["tooltip"] = (f"{pc['class']} ({row['tag']}): {_pct(row['old'])} -> {_pct(row['new'])}, n={n}; "
-                          f"95% Wilson old [{_pct(row['old_lo'])}, {_pct(row['old_hi'])}], "
-                          f"new [{_pct(row['new_lo'])}, {_pct(row['new_hi'])}]")
+        row["tooltip"] = (f"{pc['class']} ({row['tag']}): {pct(row['old'])} -> {pct(row['new'])}, n={n}; "
+                          f"95% Wilson old [{pct(row['old_lo'])}, {pct(row['old_hi'])}], "
+                          f"new [{pct(row['new_lo'])}, {pct(row['new_hi'])}]")
         rows.append(row)
     many_classes = len(rows) > MAX_ROWS_PER_CHART
     if many_classes:
         scatter = scatter_chart([{"old": x["old"], "new": x["new"], "color": x["color"], "tooltip": x["tooltip"]}
                                  for x in rows])
-        worst = sorted((x for x in rows if _is_number(x["old"]) and _is_number(x["new"])),
+        worst = sorted((x for x in rows if is_number(x["old"]) and is_number(x["new"])),
                        key=lambda x: x["new"] - x["old"])[:MAX_ROWS_PER_CHART]
         interval = interval_chart(worst) if worst else None
     else:
@@ -763,7 +506,7 @@ def build_context(run: RunData) -> dict[str, Any]:
     if len(caps) > MAX_ROWS_PER_CHART:
         def margin(c: dict[str, Any]) -> float:
             b = c["drop_upper_bound"]
-            return (b - c["tolerance"]) if _is_number(b) else math.inf
+            return (b - c["tolerance"]) if is_number(b) else math.inf
         forest_caps = sorted(caps, key=margin, reverse=True)[:MAX_ROWS_PER_CHART]
     forest = forest_chart(forest_caps) if forest_caps else None
 
@@ -787,15 +530,15 @@ def build_context(run: RunData) -> dict[str, Any]:
         class_table.append({
             "cls": cls, "role": "target" if cls == target_class else ("protected" if cls in cap_of else "not protected"),
             "capability": cap_of.get(cls, ""), "n": pc["n"], "old": pc.get("old_accuracy"), "new": pc.get("new_accuracy"),
-            "change": _sub(pc.get("new_accuracy"), pc.get("old_accuracy")), "old_loss": pc.get("old_loss"),
+            "change": sub(pc.get("new_accuracy"), pc.get("old_accuracy")), "old_loss": pc.get("old_loss"),
             "new_loss": pc.get("new_loss"), "neg": pc.get("negative_flips"), "pos": pc.get("positive_flips"),
             "status": status_of.get(cls),
         })
 
-    conf = r.get("confusion") or {}
+    confusion_data = r.get("confusion") or {}
     confusion = None
-    if r.get("classes") and isinstance(conf.get("old"), list) and isinstance(conf.get("new"), list):
-        confusion = heatmap(list(r["classes"]), conf["old"], conf["new"])
+    if r.get("classes") and isinstance(confusion_data.get("old"), list) and isinstance(confusion_data.get("new"), list):
+        confusion = heatmap(list(r["classes"]), confusion_data["old"], confusion_data["new"])
 
     prov = r.get("provenance") or {}
     confidences = sorted({c["confidence"] for c in caps})
@@ -846,8 +589,8 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(pct=_pct, pp=_pp, conf=_conf, int=_int, num=_num, clean=_clean)
-    env.globals.update(is_number=_is_number)
+    env.filters.update(pct=pct, pp=pp, conf=conf, int=fmt_int, num=fmt_num, clean=clean)
+    env.globals.update(is_number=is_number)
     return env
 
 
@@ -872,25 +615,25 @@ def _cap_message(c: dict[str, Any]) -> str:
     if c["status"] != "certified":
         needed = f"; needed n {_needed_text(c)}"
     bound = c.get("drop_upper_bound")
-    rel = "<=" if _is_number(bound) and bound <= c["tolerance"] else ">"
-    return (f"{c['status']}: accuracy {_pct(c.get('old_accuracy'))} -> {_pct(c.get('new_accuracy'))} "
-            f"({_pp(c.get('accuracy_change', _sub(c.get('new_accuracy'), c.get('old_accuracy'))), 1, True)}); "
-            f"drop upper bound {_pp(bound, 2)} {rel} tolerance {_pp(c['tolerance'], 2)} at {_conf(c['confidence'])} "
+    rel = "<=" if is_number(bound) and bound <= c["tolerance"] else ">"
+    return (f"{c['status']}: accuracy {pct(c.get('old_accuracy'))} -> {pct(c.get('new_accuracy'))} "
+            f"({pp(c.get('accuracy_change', sub(c.get('new_accuracy'), c.get('old_accuracy'))), 1, True)}); "
+            f"drop upper bound {pp(bound, 2)} {rel} tolerance {pp(c['tolerance'], 2)} at {conf(c['confidence'])} "
             f"confidence; n={c['n']}{needed}")
 
 
 def _target_message(t: dict[str, Any]) -> str:
     goal = t.get("goal") or {}
     parts = []
-    if _is_number(goal.get("min_accuracy")):
-        parts.append(f"accuracy >= {_pct(goal['min_accuracy'])}")
-    if _is_number(goal.get("min_improvement")):
-        parts.append(f"improvement >= {_pp(goal['min_improvement'], 1, True)}")
+    if is_number(goal.get("min_accuracy")):
+        parts.append(f"accuracy >= {pct(goal['min_accuracy'])}")
+    if is_number(goal.get("min_improvement")):
+        parts.append(f"improvement >= {pp(goal['min_improvement'], 1, True)}")
     interval = t.get("improvement_interval")
-    iv = f" [{_pp(interval[0], 1, True)}, {_pp(interval[1], 1, True)}]" if interval else ""
-    improvement = t.get("improvement", _sub(t.get("new_accuracy"), t.get("old_accuracy")))
-    return (f"goal {'met' if t['goal_met'] else 'not met'}: accuracy {_pct(t.get('old_accuracy'))} -> "
-            f"{_pct(t.get('new_accuracy'))} ({_pp(improvement, 1, True)}{iv}); "
+    iv = f" [{pp(interval[0], 1, True)}, {pp(interval[1], 1, True)}]" if interval else ""
+    improvement = t.get("improvement", sub(t.get("new_accuracy"), t.get("old_accuracy")))
+    return (f"goal {'met' if t['goal_met'] else 'not met'}: accuracy {pct(t.get('old_accuracy'))} -> "
+            f"{pct(t.get('new_accuracy'))} ({pp(improvement, 1, True)}{iv}); "
             f"goal {' and '.join(parts) if parts else 'not recorded'}")
 
 
@@ -898,7 +641,7 @@ def render_junit(result: dict[str, Any]) -> str:
     """One test case per protected capability and one for the target, so CI lists them."""
     require = result.get("require", "certified")
     spec = result.get("spec") or {}
-    suite_name = f"safespec.{_clean(spec.get('name') or 'run')}"
+    suite_name = f"safespec.{clean(spec.get('name') or 'run')}"
     caps = result["capabilities"]
     target = result["target"]
     failures = sum(1 for c in caps if not _meets(c, require)) + (0 if target["goal_met"] else 1)
@@ -917,7 +660,7 @@ def render_junit(result: dict[str, Any]) -> str:
             ET.SubElement(props, "property", {"name": k, "value": _x(v)})
     for c in caps:
         case = ET.SubElement(suite, "testcase", {"classname": _x(f"{suite_name}.protected"),
-                                                 "name": _x(_clean(c["name"])), "time": "0"})
+                                                 "name": _x(clean(c["name"])), "time": "0"})
         msg = _x(_cap_message(c))
         if _meets(c, require):
             ET.SubElement(case, "system-out").text = msg
@@ -926,7 +669,7 @@ def render_junit(result: dict[str, Any]) -> str:
             fail.text = msg + f"\nrequired: every protected capability {require}" + (
                 " or certified" if require == "preserved" else "")
     case = ET.SubElement(suite, "testcase", {"classname": _x(f"{suite_name}.target"),
-                                             "name": _x(f"target {_clean(target['class'])}"), "time": "0"})
+                                             "name": _x(f"target {clean(target['class'])}"), "time": "0"})
     msg = _x(_target_message(target))
     if target["goal_met"]:
         ET.SubElement(case, "system-out").text = msg
@@ -954,23 +697,23 @@ def summary_text(result: dict[str, Any], color: bool = False) -> str:
     head = "CERTIFIED" if verdict == "certified" else "NOT CERTIFIED"
     style = "certified" if verdict == "certified" else "violated"
     first = f"{paint('safespec:', 'bold')} {paint(head, style)}"
-    first += (f"  {_clean(spec.get('name') or 'run', 40)}: {len(met)} of {len(caps)} protected capabilities "
+    first += (f"  {clean(spec.get('name') or 'run', 40)}: {len(met)} of {len(caps)} protected capabilities "
               f"{require}{' or better' if require == 'preserved' else ''} (method {result.get('method')})")
     lines = [first]
     if len(caps) > SUMMARY_MAX_CAPABILITIES:
         shown = not_met[:SUMMARY_MAX_NOT_MET]
     else:
         shown = caps
-    width = min(28, max([len(_clean(c["name"])) for c in shown] + [len(_clean(result["target"]["class"])), 6]))
+    width = min(28, max([len(clean(c["name"])) for c in shown] + [len(clean(result["target"]["class"])), 6]))
     for c in shown:
         status = c["status"]
-        name = _clean(c["name"], width).ljust(width)
+        name = clean(c["name"], width).ljust(width)
         bound = c.get("drop_upper_bound")
-        rel = "<=" if _is_number(bound) and bound <= c["tolerance"] else "> "
-        change = c.get("accuracy_change", _sub(c.get("new_accuracy"), c.get("old_accuracy")))
-        line = (f"  {paint(status.ljust(12), status)} {name}  {_pct(c.get('old_accuracy')):>6} -> "
-                f"{_pct(c.get('new_accuracy')):>6} ({_pp(change, 1, True):>9})  drop bound "
-                f"{_pp(bound, 2):>8} {rel} tol {_pp(c['tolerance'], 2)}  n={c['n']}")
+        rel = "<=" if is_number(bound) and bound <= c["tolerance"] else "> "
+        change = c.get("accuracy_change", sub(c.get("new_accuracy"), c.get("old_accuracy")))
+        line = (f"  {paint(status.ljust(12), status)} {name}  {pct(c.get('old_accuracy')):>6} -> "
+                f"{pct(c.get('new_accuracy')):>6} ({pp(change, 1, True):>9})  drop bound "
+                f"{pp(bound, 2):>8} {rel} tol {pp(c['tolerance'], 2)}  n={c['n']}")
         if status != "certified":
             line += f"  needed n={_needed_text(c, short=True)}"
         lines.append(line)
@@ -984,13 +727,30 @@ def summary_text(result: dict[str, Any], color: bool = False) -> str:
     t = result["target"]
     goal_word = "goal met" if t["goal_met"] else "goal NOT met"
     interval = t.get("improvement_interval")
-    iv = f" [{_pp(interval[0], 1, True)}, {_pp(interval[1], 1, True)}]" if interval else ""
-    improvement = t.get("improvement", _sub(t.get("new_accuracy"), t.get("old_accuracy")))
-    lines.append(f"  {paint('target'.ljust(12), 'bold')} {_clean(t['class'], width).ljust(width)}  "
-                 f"{_pct(t.get('old_accuracy')):>6} -> {_pct(t.get('new_accuracy')):>6} "
-                 f"({_pp(improvement, 1, True):>9}){iv}  "
+    iv = f" [{pp(interval[0], 1, True)}, {pp(interval[1], 1, True)}]" if interval else ""
+    improvement = t.get("improvement", sub(t.get("new_accuracy"), t.get("old_accuracy")))
+    lines.append(f"  {paint('target'.ljust(12), 'bold')} {clean(t['class'], width).ljust(width)}  "
+                 f"{pct(t.get('old_accuracy')):>6} -> {pct(t.get('new_accuracy')):>6} "
+                 f"({pp(improvement, 1, True):>9}){iv}  "
                  f"{paint(goal_word, 'certified' if t['goal_met'] else 'violated')}")
     return "\n".join(lines)
+
+
+REPORT_FILES = ("report.html", "junit.xml")
+
+
+def remove_report(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the rendered outputs of a run directory; the runner calls it when a run starts or fails, so a stale
+    report of an earlier run can never sit next to a failed state and be mistaken for this run's certificate."""
+    removed = []
+    for name in REPORT_FILES:
+        path = Path(run_dir) / name
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
 
 
 def render_report(run_dir: str | os.PathLike) -> dict[str, Path]:

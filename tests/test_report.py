@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from safespec import report
+from safespec import report, report_charts
 from safespec.errors import RunError, SafespecError
 
 from fixtures_report import MIXED, make_result, make_trajectory, many_capabilities, png_bytes, write_run
@@ -418,14 +418,79 @@ def test_schema_checker_rejects_wrong_types():
 
 
 def test_wilson_interval_known_values():
-    lo, hi = report.wilson_interval(0, 10)
+    lo, hi = report_charts.wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    lo, hi = report.wilson_interval(5, 10)
+    lo, hi = report_charts.wilson_interval(5, 10)
     assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
-    assert report.wilson_interval(3, 0) is None
+    assert report_charts.wilson_interval(3, 0) is None
 
 
 def test_nice_ticks_cover_the_range():
-    assert report.nice_ticks(0.0, 1.0, 5) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    ticks = report.nice_ticks(-0.013, 0.021, 4)
+    assert report_charts.nice_ticks(0.0, 1.0, 5) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    ticks = report_charts.nice_ticks(-0.013, 0.021, 4)
     assert ticks[0] >= -0.013 and ticks[-1] <= 0.021 and 0.0 in ticks
+
+
+def test_certificate_from_certify_matches_the_schema_and_renders(tmp_path: Path):
+    """Contract with certify.py: the fragment it writes into result.json is what the report reads."""
+    import numpy as np
+
+    from safespec.certify import certify
+    from safespec.compile import compile_spec
+    from safespec.spec import Spec
+
+    names = ["a", "b", "c", "d", "e", "f", "g"]
+    spec = Spec.model_validate({
+        "safespec": 1, "name": "contract", "model": {"arch": "x", "pretrained": "openai"},
+        "classes": {"names": names},
+        "data": {"protected": "p.csv", "target": "t.csv", "validation": "v.csv", "heldout": "h.csv"},
+        "protect": [{"classes": ["a", "b"], "name": "ab", "tolerance": 0.03},
+                    {"classes": ["c", "d", "e", "f"], "each": True, "tolerance": 0.03}],
+        "target": {"class": "g", "goal": {"min_improvement": 0.1}},
+        "optimize": {"steps": 100, "warmup_steps": 0},
+    })
+    plan = compile_spec(spec)
+    # per class: (both right, old right only, new right only, both wrong); "f" has no held-out images
+    tables = {"a": (390, 2, 2, 6), "b": (380, 8, 2, 10), "c": (360, 20, 2, 18), "d": (50, 0, 0, 0),
+              "e": (30, 0, 15, 5), "g": (35, 5, 25, 35)}
+    labels, old, new = [], [], []
+    for name, (rr, rw, wr, ww) in tables.items():
+        y = names.index(name)
+        other = (y + 1) % len(names)
+        for o, nw, count in ((y, y, rr), (y, other, rw), (other, y, wr), (other, (y + 2) % len(names), ww)):
+            labels += [y] * count
+            old += [o] * count
+            new += [nw] * count
+    cert = certify(plan, *(np.asarray(a) for a in (labels, old, new))).to_dict()
+    result = make_result(baselines=False)
+    result.update(cert)
+    result["classes"] = names
+    result["per_class"] = [{"class": n, "n": sum(tables.get(n, (0,))), "old_accuracy": None, "new_accuracy": None}
+                           for n in names]
+    result["confusion"] = None
+    result["flips"] = []
+    assert report.validate_result(result) == []
+    run = write_run(tmp_path / "run", result, trajectory=[])
+    page = parse(report.render_report(run)["html"].read_text())
+    assert page.errors == []
+    rows = {r[0].split(" ")[0]: r for r in page.rows[1:] if r}
+    for cap in cert["capabilities"]:
+        assert cap["status"] in rows[cap["name"]]
+    assert {c["status"] for c in cert["capabilities"]} >= {"certified", "violated", "inconclusive"}
+
+
+def test_the_documented_minimal_example_is_valid():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "result-schema.md").read_text(encoding="utf-8")
+    block = doc.split("## A minimal valid example", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    example = json.loads(block)
+    assert report.validate_result(example) == []
+    assert report.summary_text(example).startswith("safespec: NOT CERTIFIED")
+    assert ET.fromstring(report.render_junit(example)).get("failures") == "1"
+
+
+def test_remove_report_clears_stale_outputs(run_dir: Path):
+    report.render_report(run_dir)
+    removed = report.remove_report(run_dir)
+    assert sorted(p.name for p in removed) == ["junit.xml", "report.html"]
+    assert not (run_dir / "report.html").exists() and (run_dir / "result.json").exists()
+    assert report.remove_report(run_dir) == []
