@@ -494,3 +494,10 @@ def test_remove_report_clears_stale_outputs(run_dir: Path):
     assert sorted(p.name for p in removed) == ["junit.xml", "report.html"]
     assert not (run_dir / "report.html").exists() and (run_dir / "result.json").exists()
     assert report.remove_report(run_dir) == []
+
+
+def test_trajectory_path_must_stay_in_the_run_directory(tmp_path: Path):
+    result = make_result()
+    result["training"]["trajectory"] = "../../etc/passwd"
+    msg = _one_line_error(write_run(tmp_path / "run", result))
+    assert "training.trajectory" in msg and "inside the run directory" in msg
