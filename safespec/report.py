@@ -74,8 +74,9 @@ def _read_json(path: Path, what: str) -> Any:
         raise RunError(f"{path}:{e.lineno}:{e.colno}: {what} is not valid JSON: {e.msg}") from None
 
 
-def _read_state(run_dir: Path) -> dict[str, Any] | None:
-    """A complete run may be reported; a failed or unfinished one never is (fail closed)."""
+def _read_state(run_dir: Path, finishing: bool) -> dict[str, Any] | None:
+    """A complete run may be reported; a failed or unfinished one never is (fail closed). ``finishing`` is the
+    runner rendering the report of the run it is completing: "running" is then expected, "failed" still is not."""
     path = run_dir / "state.json"
     try:
         state = _read_json(path, "the run state")
@@ -88,12 +89,12 @@ def _read_state(run_dir: Path) -> dict[str, Any] | None:
     reason_text = " ".join(str(reason).split()) if reason else "no reason recorded"
     if kind == "failed":
         raise RunError(f"{path}: the run failed ({reason_text}); there is no certified result to report")
-    if kind == "running":
+    if kind == "running" and not finishing:
         raise RunError(
             f"{path}: the run has not finished (it is still running or was interrupted: {reason_text}); "
             "there is no result to report"
         )
-    if kind != "complete":
+    if kind not in ("complete", "running"):
         raise RunError(f"{path}: state: expected one of running, failed, complete (got {kind!r})")
     return state
 
@@ -129,12 +130,15 @@ def _load_trajectory(run_dir: Path, result: dict[str, Any]) -> list[dict[str, An
     return [by_step[k] for k in sorted(order)]
 
 
-def load_run(run_dir: str | os.PathLike) -> RunData:
-    """Read and validate a finished run directory; any problem is one ``RunError`` line."""
+def load_run(run_dir: str | os.PathLike, *, finishing: bool = False) -> RunData:
+    """Read and validate a finished run directory; any problem is one ``RunError`` line.
+
+    ``finishing=True`` is for the runner only: it has written result.json and renders the report before it
+    marks the run complete (state.json is written last), so a "running" state is accepted then."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run directory")
-    state = _read_state(run_dir)
+    state = _read_state(run_dir, finishing)
     path = run_dir / "result.json"
     try:
         result = _read_json(path, "the result")
@@ -753,9 +757,9 @@ def remove_report(run_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def render_report(run_dir: str | os.PathLike) -> dict[str, Path]:
+def render_report(run_dir: str | os.PathLike, *, finishing: bool = False) -> dict[str, Path]:
     """Render report.html and junit.xml into the run directory, each written atomically."""
-    run = load_run(run_dir)
+    run = load_run(run_dir, finishing=finishing)
     html = render_html(run)
     junit = render_junit(run.result)
     out = {"html": run.run_dir / "report.html", "junit": run.run_dir / "junit.xml"}

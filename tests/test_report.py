@@ -328,9 +328,16 @@ def test_failed_run_is_refused_with_its_reason(tmp_path: Path):
     assert not (run / "report.html").exists() and not (run / "junit.xml").exists()
 
 
-def test_unfinished_run_is_refused(tmp_path: Path):
+def test_unfinished_run_is_refused_except_by_the_runner_finishing_it(tmp_path: Path):
     run = write_run(tmp_path / "run", state={"state": "running", "reason": None})
     assert "not finished" in _one_line_error(run)
+    # the runner renders before it writes state.json "complete" (written last)
+    assert report.render_report(run, finishing=True)["html"].exists()
+    failed = write_run(tmp_path / "failed", state={"state": "failed", "reason": "interrupted"})
+    with pytest.raises(RunError, match="failed"):
+        report.render_report(failed, finishing=True)
+    odd = write_run(tmp_path / "odd", state={"state": "done"})
+    assert "expected one of running, failed, complete" in _one_line_error(odd)
 
 
 def test_missing_and_corrupt_result(tmp_path: Path):
