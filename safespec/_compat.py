@@ -60,6 +60,7 @@ _MISSING_OP = re.compile(r"^operator torchvision::(\w+) does not exist$")
 _LIBRARY: torch.library.Library | None = None
 #: Operators this process had to declare (empty when torchvision's own extension loaded).
 declared_ops: list[str] = []
+_import = importlib.import_module  # indirection so tests can simulate other import failures
 
 
 def operator_exists(qualname: str) -> bool:
@@ -99,7 +100,7 @@ def import_torchvision() -> ModuleType:
     """Import torchvision, declaring the operator schemas its failed C++ extension would have declared."""
     for _ in range(len(TORCHVISION_SCHEMAS) + 1):
         try:
-            return importlib.import_module("torchvision")
+            return _import("torchvision")
         except RuntimeError as err:
             op = _missing_torchvision_op(err)
             if op is None or op not in TORCHVISION_SCHEMAS:
@@ -114,4 +115,4 @@ def import_open_clip() -> ModuleType:
     if "open_clip" in sys.modules:
         return sys.modules["open_clip"]
     import_torchvision()
-    return importlib.import_module("open_clip")
+    return _import("open_clip")

@@ -515,15 +515,20 @@ def _hf_cached(repo_id: str, filenames: Sequence[str], cache_dir: str | None) ->
     return None
 
 
-def _weights_unavailable(what: str, where: str, why: str, arch: str) -> ModelError:
+def _weights_unavailable(what: str, where: str, why: str, fetch: str) -> ModelError:
     return ModelError(
-        f"model.pretrained: weights {what} are not cached ({where}) and cannot be downloaded ({why}); download "
-        f"them on a machine with internet and copy that cache here, or save the model there with "
-        f"safespec.model.save_checkpoint and point model.checkpoint at the file (arch {arch})")
+        f"model.pretrained: weights {what} are not in the cache {where} and cannot be downloaded ({why}); to provide "
+        f"them, run `{fetch}` on a machine with internet and copy its cache here, or save the model there with "
+        f"safespec.model.save_checkpoint and set model.checkpoint to that file")
+
+
+def _fetch_command(model_name: str, tag: str | None) -> str:
+    args = repr(model_name) + (f", pretrained={tag!r}" if tag else "")
+    return f'python -c "import open_clip; open_clip.create_model({args})"'
 
 
 def _ensure_available(files: list[tuple[str, list[str]]], url: str | None, what: str, cache_dir: str | None,
-                      arch: str) -> bool:
+                      fetch: str) -> bool:
     """Fail fast, with one line, when weights are neither cached nor fetchable. Returns True when cached."""
     from huggingface_hub import constants
     missing = [(repo, names) for repo, names in files if _hf_cached(repo, names, cache_dir) is None]
@@ -535,10 +540,10 @@ def _ensure_available(files: list[tuple[str, list[str]]], url: str | None, what:
         return True
     where = f"{cache_dir or constants.HF_HUB_CACHE}" if not url else str(cache_dir or "~/.cache/clip")
     if _hub_offline():
-        raise _weights_unavailable(what, where, "HF_HUB_OFFLINE is set", arch)
+        raise _weights_unavailable(what, where, "HF_HUB_OFFLINE is set", fetch)
     host = urlparse(url).hostname if url else urlparse(constants.ENDPOINT).hostname
     if host and not _reachable(host):
-        raise _weights_unavailable(what, where, f"{host} is unreachable", arch)
+        raise _weights_unavailable(what, where, f"{host} is unreachable", fetch)
     return False
 
 
@@ -553,7 +558,7 @@ def _load_pretrained(arch: str, pretrained: str, device: torch.device, cache_dir
         if not repo or repo.count("/") != 1:
             raise ModelError(f"model.pretrained: {name!r} is not an 'hf-hub:org/name' model id")
         _ensure_available([(repo, [HF_CONFIG_NAME]), (repo, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME])], None,
-                          f"of {name}", cache_dir, arch)
+                          f"of {name}", cache_dir, _fetch_command(name, None))
         model_name, tag, tokenizer_name, source = name, None, name, name
     else:
         _check_arch(arch)
@@ -577,7 +582,8 @@ def _load_pretrained(arch: str, pretrained: str, device: torch.device, cache_dir
                 files = [(repo, [*alts, fn])]
             else:
                 url = pcfg.get("url") or None
-            _ensure_available(files, url, f"{arch}/{pretrained} ({hub or url})", cache_dir, arch)
+            _ensure_available(files, url, f"{arch}/{pretrained} ({hub.rstrip('/') or url})", cache_dir,
+                              _fetch_command(arch, pretrained))
         if pcfg.get("quick_gelu", False) and not open_clip.get_model_config(arch).get("quick_gelu", False):
             kwargs["force_quick_gelu"] = True  # the tag was trained with QuickGELU: build what it was trained as
         model_name, tag, tokenizer_name, source = arch, pretrained, arch, f"{arch} / {pretrained} (open_clip)"
@@ -607,11 +613,16 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _refusal_reason(e: BaseException) -> str:
-    for ln in str(e).splitlines():
-        if "Unsupported global" in ln or "GLOBAL" in ln or "Unsupported operand" in ln:
-            return ln.strip().rstrip(".")
-    return _first_line(e)
+def _unpickler_reason(e: BaseException) -> tuple[bool, str]:
+    """(needs code, reason) from the weights-only unpickler's multi-line message."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "global" in ln:
+            return True, ln.rstrip(".")
+    for ln in lines:
+        if ln.startswith("Unsupported") or "error:" in ln.lower() and not ln.endswith(":"):
+            return False, ln.rstrip(".")
+    return False, _first_line(e)
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
@@ -656,9 +667,11 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         try:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise ModelError(f"{p}: refused: unpickling this checkpoint would run code ({_refusal_reason(e)}); "
-                             f"safespec loads only tensors (torch.load weights_only=True); re-save the model's "
-                             f"state_dict or use .safetensors") from e
+            needs_code, reason = _unpickler_reason(e)
+            what = ("refused: unpickling this checkpoint would run code" if needs_code else
+                    "not a readable torch checkpoint: the weights-only unpickler rejected it")
+            raise ModelError(f"{p}: {what} ({reason}); safespec loads only tensors (torch.load weights_only=True); "
+                             f"re-save the model's state_dict, or use .safetensors") from e
         except Exception as e:
             raise ModelError(f"{p}: not a readable torch checkpoint ({type(e).__name__}: {_first_line(e)})") from e
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -1,0 +1,413 @@
+"""Models, heads, checkpoints and the zero-shot classifier, on the shipped micro config (random init, no downloads)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import time
+
+import pytest
+import torch
+
+from safespec.compile import ModelPlan
+from safespec.errors import ModelError
+from safespec.model import (
+    CHECKPOINT_FORMAT, SHIPPED_ARCHS, HeadedCLIP, LowRankHeads, ZeroShotClassifier, build_class_tokens,
+    create_model, grouped_low_rank, load_checkpoint, load_model, model_autocast, naive_routed_projection,
+    open_clip, read_checkpoint_metadata, resolve_device, save_checkpoint, tensor_digest, weights_digest,
+    zero_shot_logits,
+)
+
+ARCH = "safespec-micro-vit"
+CLASSES = ("bear", "cat", "dog", "zebra")
+TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a {} silhouette.")
+
+
+def plan(**kw) -> ModelPlan:
+    base = dict(arch=ARCH, pretrained=None, checkpoint=None, heads=True, rank=4, device="cpu", precision="fp32",
+                freeze=())
+    base.update(kw)
+    return ModelPlan(**base)
+
+
+@pytest.fixture(scope="module")
+def headless():
+    return create_model(ARCH, CLASSES, heads=False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def headed():
+    return create_model(ARCH, CLASSES, heads=True, rank=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(6, 3, 32, 32, generator=g)
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg and msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------------ heads
+def test_heads_are_the_identity_at_step_zero_to_the_bit(headless, headed, images):
+    assert headed.model.heads is not None and headless.model.heads is None
+    assert torch.count_nonzero(headed.model.heads.B) == 0 and torch.count_nonzero(headed.model.heads.A) > 0
+    zs_old = ZeroShotClassifier(headless.model, headless.tokenizer, TEMPLATES)
+    zs_new = ZeroShotClassifier(headed.model, headed.tokenizer, TEMPLATES)
+    with torch.no_grad():
+        assert torch.equal(zs_old.text_features(), zs_new.text_features())
+        assert torch.equal(zs_old.logits(images), zs_new.logits(images))
+        tok = headed.tokenizer(["a photo of a dog.", "some caption", "another one"])
+        ids = torch.tensor([2, headed.model.negative_head, 0])
+        assert torch.equal(headed.model.encode_text(tok, ids), headless.model.encode_text(tok))
+
+
+def test_text_path_matches_open_clip(headed):
+    tok = headed.tokenizer(["a photo of a dog.", "a cat"])
+    m = headed.model
+    with torch.no_grad():
+        ours = m.project_text(m.text_hidden(tok))
+        theirs = m.clip.encode_text(tok)
+    assert torch.equal(ours, theirs)
+
+
+def test_a_perturbed_head_changes_only_its_class(headed, images):
+    model = HeadedCLIP(headed.model.clip, CLASSES)
+    model.add_heads(rank=4, seed=3)
+    tokens = build_class_tokens(headed.tokenizer, CLASSES, TEMPLATES)
+    with torch.no_grad():
+        before = model.class_text_features(tokens)
+        model.heads.B[2].normal_(std=0.5)
+        after = model.class_text_features(tokens)
+        changed = ~(before == after).all(dim=1)
+        assert changed.tolist() == [False, False, True, False]
+        # the negative head is not used by class prompts
+        model.heads.B.zero_()
+        model.heads.B[model.negative_head].normal_(std=0.5)
+        assert torch.equal(model.class_text_features(tokens), before)
+        cap = headed.tokenizer(["a caption"])
+        assert not torch.equal(model.encode_text(cap, torch.tensor([model.negative_head])), model.encode_text(cap))
+
+
+def test_gradients_reach_only_the_heads_that_were_used(headed):
+    model = HeadedCLIP(headed.model.clip, CLASSES)
+    model.add_heads(rank=4, seed=0)
+    tok = headed.tokenizer(["a b", "c d", "e f"])
+    out = model.encode_text(tok, torch.tensor([1, 1, 4]))
+    out.sum().backward()
+    used = model.heads.B.grad.flatten(1).abs().sum(1) > 0
+    assert used.tolist() == [False, True, False, False, True]
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("ids", [
+    [0, 1, 2, 3] * 8,                          # balanced: padded batched path
+    [5] * 28 + [0, 1, 2, 3],                   # skewed: per-head path
+    [2] * 32,                                  # one head
+    list(range(32)),                           # one row per head
+], ids=["balanced", "skewed", "single", "all-distinct"])
+def test_grouped_routing_equals_the_naive_per_sample_routing(ids):
+    g = torch.Generator().manual_seed(0)
+    n, width, embed, rank, k = len(ids), 24, 16, 3, 33
+    h = torch.randn(n, width, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(width, embed, generator=g, dtype=torch.float64)
+    A = torch.randn(k, width, rank, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(k, rank, embed, generator=g, dtype=torch.float64, requires_grad=True)
+    head_ids = torch.tensor(ids)[torch.randperm(n, generator=g)]
+    ours = h @ W + grouped_low_rank(h, A, B, head_ids)
+    ref = naive_routed_projection(h, W, A, B, head_ids)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    w = torch.randn(n, embed, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((ours * w).sum(), (h, A, B))
+    grads_ref = torch.autograd.grad((ref * w).sum(), (h, A, B))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_grouped_routing_rejects_bad_head_ids():
+    h, A, B = torch.zeros(3, 4), torch.zeros(2, 4, 1), torch.zeros(2, 1, 5)
+    with pytest.raises(ValueError, match="head ids"):
+        grouped_low_rank(h, A, B, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="shape"):
+        grouped_low_rank(h, A, B, torch.tensor([0, 1]))
+    assert grouped_low_rank(h[:0], A, B, torch.tensor([], dtype=torch.long)).shape == (0, 5)
+
+
+def test_heads_are_seeded_and_sized(headed):
+    m = headed.model
+    assert m.heads.num_heads == len(CLASSES) + 1 and m.negative_head == len(CLASSES)
+    assert m.heads.A.shape == (len(CLASSES) + 1, m.text_width, 4) and m.heads.B.shape[2] == m.embed_dim
+    a1 = LowRankHeads(3, 8, 5, 2, seed=7).A
+    assert torch.equal(a1, LowRankHeads(3, 8, 5, 2, seed=7).A)
+    assert not torch.equal(a1, LowRankHeads(3, 8, 5, 2, seed=8).A)
+
+
+def test_custom_text_clip_towers_support_heads(images):
+    cfg = dict(open_clip.get_model_config(ARCH), custom_text=True)
+    torch.manual_seed(0)
+    clip = open_clip.CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"})
+    plain = HeadedCLIP(clip, CLASSES)
+    headed = HeadedCLIP(clip, CLASSES)
+    headed.add_heads(rank=2, seed=0)
+    tok = open_clip.get_tokenizer(ARCH)(["a photo of a cat.", "x"])
+    with torch.no_grad():
+        assert torch.equal(headed.encode_text(tok, torch.tensor([1, 4])), plain.encode_text(tok))
+        headed.heads.B[1].normal_()
+        moved = headed.encode_text(tok, torch.tensor([1, 4]))
+        assert not torch.equal(moved[0], plain.encode_text(tok)[0]) and torch.equal(moved[1], plain.encode_text(tok)[1])
+
+
+# ------------------------------------------------------------------------------------------ factory
+def test_shipped_configs_are_registered_with_open_clip():
+    assert {"safespec-tiny-vit", "safespec-micro-vit"} <= set(SHIPPED_ARCHS) <= set(open_clip.list_models())
+    cfg = open_clip.get_model_config("safespec-tiny-vit")
+    assert cfg["vision_cfg"]["image_size"] == 32 and cfg["text_cfg"]["vocab_size"] == 49408
+
+
+def test_tiny_config_size():
+    lm = create_model("safespec-tiny-vit", CLASSES, heads=False)
+    vision = sum(p.numel() for p in lm.model.clip.visual.parameters())
+    assert 2.0e6 < vision < 4.0e6, vision
+    assert lm.context_length == 16 and lm.model.embed_dim == 128
+
+
+def test_tokenizer_honours_the_config_context_length(headed):
+    assert headed.context_length == 16
+    long = " ".join(["word"] * 40)
+    tok = headed.tokenizer(["a photo of a dog.", long])
+    assert tok.dtype == torch.long and tok.shape == (2, 16)
+    eot = headed.tokenizer.eot_token_id
+    assert tok[1, -1].item() == eot  # truncated, still ends with the end-of-text token the pooling looks for
+    assert (tok[0] == eot).sum() == 1 and tok[0, -1].item() == 0
+
+
+def test_create_model_is_deterministic_given_the_seed(headed):
+    again = create_model(ARCH, CLASSES, heads=True, rank=4, seed=0)
+    other = create_model(ARCH, CLASSES, heads=True, rank=4, seed=1)
+    assert again.digest == headed.digest != other.digest
+    assert headed.digest.startswith("sha256:") and len(headed.digest) == 7 + 64
+    with torch.no_grad():
+        again.model.clip.logit_scale.add_(1e-3)
+    assert weights_digest(again.model) != headed.digest
+    assert again.refresh_digest() == weights_digest(again.model)
+
+
+def test_digest_is_order_and_device_independent():
+    t = {"b": torch.arange(6.0).view(2, 3), "a": torch.tensor(1.5, dtype=torch.bfloat16)}
+    assert tensor_digest(t) == tensor_digest(dict(reversed(list(t.items()))))
+    assert tensor_digest(t) != tensor_digest({"b": t["b"].T.contiguous(), "a": t["a"]})  # shape is hashed
+    assert tensor_digest(t) != tensor_digest({"c": t["b"], "a": t["a"]})  # names are hashed
+
+
+def test_unknown_arch_names_close_matches():
+    with pytest.raises(ModelError) as e:
+        create_model("ViT-B-61", CLASSES)
+    msg = one_line(e)
+    assert "model.arch" in msg and "ViT-B-16" in msg
+    with pytest.raises(ModelError) as e:
+        load_model(plan(arch="safespec-tiny-vt", pretrained="openai"), CLASSES)
+    assert "safespec-tiny-vit" in one_line(e)
+
+
+def test_unknown_pretrained_tag_lists_known_tags():
+    with pytest.raises(ModelError) as e:
+        load_model(plan(arch="ViT-B-32", pretrained="opnai"), CLASSES)
+    msg = one_line(e)
+    assert "model.pretrained" in msg and "openai" in msg
+
+
+@pytest.mark.parametrize("arch,pretrained", [("ViT-B-32", "openai"), ("ViT-B-16", "hf-hub:timm/ViT-B-16-SigLIP")])
+def test_offline_weights_fail_fast_with_one_line(monkeypatch, tmp_path, arch, pretrained):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.monotonic()
+    with pytest.raises(ModelError) as e:
+        load_model(plan(arch=arch, pretrained=pretrained), CLASSES, cache_dir=str(tmp_path))
+    assert time.monotonic() - t0 < 20
+    msg = one_line(e)
+    assert "not in the cache" in msg and "HF_HUB_OFFLINE" in msg and "model.checkpoint" in msg
+    assert (pretrained.split(":")[-1] in msg)
+
+
+def test_unreachable_hub_fails_fast_without_the_offline_flag(monkeypatch, tmp_path):
+    import safespec.model as m
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(m, "_hub_offline", lambda: False)
+    monkeypatch.setattr(m, "_reachable", lambda host, *a, **k: False)
+    with pytest.raises(ModelError) as e:
+        load_model(plan(arch="ViT-B-32", pretrained="laion2b_s34b_b79k"), CLASSES, cache_dir=str(tmp_path))
+    assert "unreachable" in one_line(e)
+
+
+def test_device_and_precision():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="model.device"):
+            resolve_device("cuda:0")
+    with model_autocast("cpu", "bf16"):
+        assert not torch.is_autocast_enabled("cpu")  # CPU runs stay fp32
+    with pytest.raises(ModelError, match="model.precision"):
+        model_autocast("cpu", "fp8")
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_round_trip_keeps_digest_and_logits(headed, images, tmp_path):
+    model = HeadedCLIP(headed.model.clip, CLASSES, arch=ARCH, model_cfg=headed.model.model_cfg,
+                       tokenizer_name=ARCH)
+    model.add_heads(rank=4, seed=5)
+    with torch.no_grad():
+        model.heads.B.normal_(std=0.1)  # trained heads, so the round trip must carry them
+    path = tmp_path / "v2.safetensors"
+    digest = save_checkpoint(model, path, {"method": "penalty", "step": 3})
+    meta = read_checkpoint_metadata(path)
+    assert meta["format"] == CHECKPOINT_FORMAT and meta["classes"] == list(CLASSES)
+    assert meta["has_heads"] is True and meta["head_rank"] == 4 and meta["arch"] == ARCH
+    assert meta["digest"] == digest and meta["extra"] == {"method": "penalty", "step": 3}
+    loaded = load_model(plan(checkpoint=str(path)), CLASSES)
+    assert loaded.digest == digest == weights_digest(model)
+    assert str(path) in loaded.source
+    zs_a = ZeroShotClassifier(model, headed.tokenizer, TEMPLATES)
+    zs_b = ZeroShotClassifier(loaded.model, loaded.tokenizer, TEMPLATES)
+    with torch.no_grad():
+        assert torch.equal(zs_a.logits(images), zs_b.logits(images))
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
+
+
+def test_torch_state_dict_checkpoints_load_with_weights_only(headless, tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in headless.model.clip.state_dict().items()}}, path)
+    loaded = load_model(plan(checkpoint=str(path), heads=False), CLASSES)
+    assert loaded.digest == headless.digest
+
+
+def _malicious(marker):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    return Exploit()
+
+
+@pytest.mark.parametrize("how", ["torch.save", "raw-pickle"])
+def test_a_checkpoint_that_needs_code_is_refused_and_never_run(tmp_path, how):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {"state_dict": {"w": torch.zeros(1)}, "hook": _malicious(marker)}
+    if how == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(ModelError) as e:
+        load_model(plan(checkpoint=str(path)), CLASSES)
+    msg = one_line(e)
+    assert "refused" in msg and str(path) in msg and "weights_only" in msg
+    assert not marker.exists()
+
+
+def test_headless_checkpoint_loads_classifies_and_gets_fresh_heads(headless, images, tmp_path):
+    path = tmp_path / "v1.safetensors"
+    digest = save_checkpoint(headless.model, path)
+    assert read_checkpoint_metadata(path)["has_heads"] is False
+    plain = load_model(plan(checkpoint=str(path), heads=False), CLASSES)
+    assert plain.model.heads is None and plain.digest == digest
+    with_heads = load_model(plan(checkpoint=str(path), heads=True, rank=4), CLASSES)
+    assert with_heads.model.heads is not None and torch.count_nonzero(with_heads.model.heads.B) == 0
+    assert with_heads.digest != digest  # the heads are weights too
+    assert "fresh" in with_heads.source
+    batches = [images[:4], (images[4:], torch.tensor([0, 1]))]
+    out_plain = ZeroShotClassifier(plain.model, plain.tokenizer, TEMPLATES).predict_batches(batches)
+    out_heads = ZeroShotClassifier(with_heads.model, with_heads.tokenizer, TEMPLATES).predict_batches(batches)
+    assert out_plain.logits.shape == (6, len(CLASSES)) and out_plain.predictions.shape == (6,)
+    assert torch.equal(out_plain.logits, out_heads.logits)
+    assert torch.equal(out_plain.predictions, out_plain.logits.argmax(1))
+
+
+def test_heads_that_do_not_match_the_spec_are_refused(headed, tmp_path):
+    path = tmp_path / "v2.safetensors"
+    save_checkpoint(headed.model, path)
+    cases = [
+        (dict(), ("dog", "cat", "bear", "zebra"), "classes"),  # same names, other order
+        (dict(), CLASSES + ("horse",), "classes"),  # one more class
+        (dict(heads=False), CLASSES, "heads.enabled"),
+        (dict(rank=8), CLASSES, "heads.rank"),
+    ]
+    for kw, classes, field in cases:
+        with pytest.raises(ModelError) as e:
+            load_model(plan(checkpoint=str(path), **kw), classes)
+        assert field in one_line(e) and str(path) in str(e.value)
+    # heads without metadata (e.g. a .pt): the head count still has to match
+    pt = tmp_path / "v2.pt"
+    torch.save(headed.model.state_dict(), pt)
+    with pytest.raises(ModelError) as e:
+        load_model(plan(checkpoint=str(pt)), CLASSES[:3])
+    assert "5 task-dependent heads" in one_line(e) and "lists 3 classes" in str(e.value)
+    assert load_model(plan(checkpoint=str(pt)), CLASSES).digest == headed.digest
+
+
+def test_broken_and_mismatched_checkpoints_are_clear_errors(headless, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01not a safetensors file")
+    garbage_pt = tmp_path / "bad.pth"
+    garbage_pt.write_bytes(b"garbage")
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(create_model("safespec-tiny-vit", CLASSES, heads=False).model, other)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"visual.proj": torch.zeros(2, 2)}, wrong)
+    for path, kw, needle in [
+        (tmp_path / "missing.safetensors", {}, "no such file"),
+        (bad, {}, "not a readable safetensors"),
+        (garbage_pt, {}, "not a readable torch checkpoint"),
+        (tmp_path / "model.onnx", {}, "unsupported file type"),
+        (other, {}, "model.arch"),
+        (wrong, {}, "does not fit"),
+    ]:
+        if path.suffix == ".onnx":
+            path.write_bytes(b"x")
+        with pytest.raises(ModelError) as e:
+            load_model(plan(checkpoint=str(path), **kw), CLASSES)
+        assert needle in one_line(e), (path, str(e.value))
+
+
+def test_load_checkpoint_returns_tensors_and_metadata(headed, tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(headed.model, path, {"note": "x"})
+    sd, meta = load_checkpoint(path)
+    assert set(sd) == set(headed.model.state_dict()) and meta["extra"] == {"note": "x"}
+
+
+# ------------------------------------------------------------------------------------------ zero-shot
+def test_zero_shot_logits_are_cosine_over_tau():
+    a = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    t = torch.tensor([[6.0, 8.0], [0.0, 2.0]])
+    got = zero_shot_logits(a, t, 0.05)
+    torch.testing.assert_close(got, torch.tensor([[1.0, 0.8], [0.6, 0.0]]) / 0.05)
+
+
+def test_classifier_computes_the_text_side_once_per_evaluation(headed, images):
+    calls = []
+    model = headed.model
+    original = model.class_text_features
+
+    def counting(tokens):
+        calls.append(tokens.shape)
+        return original(tokens)
+
+    zs = ZeroShotClassifier(model, headed.tokenizer, TEMPLATES, tau=0.1)
+    assert zs.class_tokens.shape == (len(CLASSES), len(TEMPLATES), 16)
+    object.__setattr__(model, "class_text_features", counting)
+    try:
+        model.train()
+        out = zs.predict_batches([images[i:i + 2] for i in range(0, 6, 2)])
+        assert model.training  # mode restored
+    finally:
+        del model.class_text_features
+    assert len(calls) == 1 and calls[0] == (len(CLASSES), len(TEMPLATES), 16)
+    with torch.no_grad():
+        feats = model.encode_image(images)
+        direct = zs.logits(feats)
+    torch.testing.assert_close(out.logits, direct)
+    assert not zs.text_features().requires_grad and zs.text_features(grad=True).requires_grad
