@@ -167,6 +167,93 @@ def compile_cmd(spec: str, no_data_check: bool) -> None:
     click.echo(plan.to_json())
 
 
+# --------------------------------------------------------------------------------- the release cycle
+_QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar; only the summary (also implied by CI=1 for the bar).")
+_OUT = click.option("--out", type=click.Path(file_okay=False), default=None,
+                    help="Run directory (default: the spec's report.dir).")
+
+
+def _log(quiet: bool):
+    return (lambda s: None) if quiet else (lambda s: click.echo(f"safespec: {s}", err=True))
+
+
+def _summarise(result: dict) -> int:
+    from .report import summary_text
+
+    click.echo(summary_text(result, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
+    return EXIT_OK if result.get("verdict") == "certified" else EXIT_NOT_CERTIFIED
+
+
+@main.command()
+@click.argument("spec", metavar="SPEC")
+@click.option("--resume", is_flag=True, help="Continue from the training state saved in the run directory.")
+@click.option("--method", type=click.Choice(["penalty", "lagrangian", "unconstrained", "replay", "wise-ft"]),
+              default=None, help="Override optimize.method (e.g. to certify a baseline).")
+@_OUT
+@_QUIET
+def run(spec: str, resume: bool, method: str | None, out: str | None, quiet: bool) -> int:
+    """Run the whole cycle: compile, train, select, certify, report.
+
+    Exits 0 when every protected capability meets what the spec requires, 1 when not, 2 on bad input."""
+    from .runner import run_cycle
+
+    result = run_cycle(spec, resume=resume, quiet=quiet, out=Path(out) if out else None, method=method, log=_log(quiet))
+    return _summarise(result)
+
+
+@main.command()
+@click.argument("spec", metavar="SPEC")
+@click.option("--candidate", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint of the new model (.safetensors, or a weights-only torch file).")
+@_OUT
+@_QUIET
+def verify(spec: str, candidate: str, out: str | None, quiet: bool) -> int:
+    """Certify a model trained elsewhere against the spec's old model, without training."""
+    from .runner import verify_candidate
+
+    result = verify_candidate(spec, candidate, out=Path(out) if out else None, log=_log(quiet))
+    return _summarise(result)
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+def report(run_dir: str) -> int:
+    """Re-render report.html and junit.xml from a run directory's result.json and trajectory."""
+    from .report import load_run, render_report
+
+    written = render_report(Path(run_dir))
+    for path in written.values():
+        click.echo(f"wrote {path}", err=True)
+    return _summarise(load_run(Path(run_dir)).result)
+
+
+@main.command()
+@click.option("--spec", "spec_path", type=click.Path(dir_okay=False), default=None,
+              help="The demo spec (default: specs/demo.yaml of this checkout).")
+@click.option("--world", type=click.Path(file_okay=False), default=None,
+              help="Where the demo world lives (default: the folder of the spec's data manifests).")
+@click.option("--world-only", is_flag=True, help="Build (or check) the demo world and print v1's accuracies; no training.")
+@_QUIET
+def demo(spec_path: str | None, world: str | None, world_only: bool, quiet: bool) -> int:
+    """Build the embedded demo world once (Animal-MNIST + the old model v1) and run the demo cycle on it."""
+    from .runner import run_cycle
+    from .specfile import load_spec
+    from .world import build_world
+
+    spec_file = Path(spec_path) if spec_path else Path(__file__).resolve().parent.parent / "specs" / "demo.yaml"
+    if not spec_file.is_file():
+        raise SafespecError(f"{spec_file}: demo spec not found; pass --spec PATH")
+    root = Path(world) if world else load_spec(spec_file, check_files=False).data.protected.parent
+    w = build_world(root, progress=not quiet, log=_log(quiet))
+    click.echo("old model v1, held-out accuracy per class:")
+    for name, acc in w.v1_accuracy.items():
+        click.echo(f"  {name:<10} {acc:.3f}")
+    if world_only:
+        return EXIT_OK
+    result = run_cycle(spec_file, quiet=quiet, log=_log(quiet))
+    return _summarise(result)
+
+
 def _write(path: Path, text: str) -> None:
     try:
         atomic_write_text(path, text)

@@ -58,7 +58,7 @@ class RunDir:
         atomic_write_json(self.path / "state.json", {"state": "running", "started": self.started, "command": command})
 
     def clear_outputs(self) -> None:
-        for name in OUTPUTS:
+        for name in OUTPUTS:  # result.json, report.html, junit.xml
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path / "flips", ignore_errors=True)
 
@@ -215,7 +215,7 @@ def _finish(rd: RunDir, result: dict, *, log) -> dict:
 
     result["schema_version"] = 1
     atomic_write_json(rd.path / "result.json", result)
-    render_report(rd.path)
+    render_report(rd.path, finishing=True)
     rd.complete(result["verdict"])
     log(f"wrote {rd.path / 'result.json'}, {rd.path / 'report.html'}, {rd.path / 'junit.xml'}")
     return result
