@@ -237,7 +237,8 @@ class Trainer:
             self.sog_u2 = torch.zeros(n, device=self.device)
             self.sog_seen = torch.zeros(n, dtype=torch.bool, device=self.device)
 
-        self.weights = ConstraintWeights.from_plan(self.method, K, self.o, device=self.device)
+        self.weights = ConstraintWeights.from_plan(
+            "unconstrained" if self.method == "wise-ft" else self.method, K, self.o, device=self.device)
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
 
