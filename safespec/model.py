@@ -126,39 +126,68 @@ def weights_digest(model: nn.Module) -> str:
 
 
 # ------------------------------------------------------------------------------------------ heads
-def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids: torch.Tensor) -> torch.Tensor:
-    """``(h_i @ A[k_i]) @ B[k_i]`` for every row i, computed per head rather than per sample.
+_SMALL_GROUP = 8  # heads with fewer rows than this share one gathered batched matmul
+_GATHER_BLOCK = 64  # rows per gathered matmul: bounds the (rows x width x rank) gathered copy of A
 
-    Rows are sorted by head once; when the groups are of similar size (class prompts: every class has the
-    same templates) they are padded into one batched matmul, otherwise each head's rows go through two small
-    matmuls. Neither path builds a per-sample (width x embed) matrix.
+
+def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids: torch.Tensor,
+                     base: torch.Tensor | None = None) -> torch.Tensor:
+    """``base[i] + (h_i @ A[k_i]) @ B[k_i]`` for every row i (``base`` defaults to zeros), computed per head.
+
+    Rows are sorted by head once. When every head has the same number of rows (class prompts: each class
+    has the same templates) one batched matmul does all heads; otherwise each head with many rows (the
+    target's captions, the negatives) gets two small matmuls and the rows of rarely used heads share one
+    gathered batched matmul. Nothing of size (rows x width x embed) is ever built, and the result is added
+    to ``base`` with one ``index_add``, so that ``B = 0`` returns ``base`` bit for bit.
     """
     n = h.shape[0]
     if head_ids.shape != (n,):
         raise ValueError(f"head_ids must have shape ({n},), got {tuple(head_ids.shape)}")
+    if base is None:
+        base = h.new_zeros(n, B.shape[-1])
     if n == 0:
-        return h.new_zeros(0, B.shape[-1])
-    head_ids = head_ids.to(h.device)
-    uniq, inverse, counts = torch.unique(head_ids, sorted=True, return_inverse=True, return_counts=True)
-    if int(uniq[0]) < 0 or int(uniq[-1]) >= A.shape[0]:
-        raise ValueError(f"head ids must lie in [0, {A.shape[0]}), got {int(uniq[0])}..{int(uniq[-1])}")
-    g = uniq.numel()
-    Au, Bu = A.index_select(0, uniq), B.index_select(0, uniq)
+        return base
+    ids_sorted, order = torch.sort(head_ids.to(h.device), stable=True)
+    uniq, counts = torch.unique_consecutive(ids_sorted, return_counts=True)
+    u_l, c_l = uniq.tolist(), counts.tolist()
+    if u_l[0] < 0 or u_l[-1] >= A.shape[0]:
+        raise ValueError(f"head ids must lie in [0, {A.shape[0]}), got {u_l[0]}..{u_l[-1]}")
+    g = len(u_l)
     if g == 1:
-        return (h @ Au[0]) @ Bu[0]
-    order = torch.argsort(inverse, stable=True)
+        return base + (h @ A[u_l[0]]) @ B[u_l[0]]
+    Au, Bu = A.index_select(0, uniq), B.index_select(0, uniq)
     hs = h.index_select(0, order)
-    counts_l = counts.tolist()
-    m = max(counts_l)
-    if g * m <= 2 * n:  # little padding: one batched matmul
-        grp = inverse.index_select(0, order)
-        starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(n, device=h.device) - starts.index_select(0, grp)
-        padded = h.new_zeros(g, m, h.shape[1]).index_put((grp, pos), hs)
-        ys = torch.bmm(torch.bmm(padded, Au), Bu)[grp, pos]
+    m = c_l[0]
+    if all(c == m for c in c_l):
+        ys = torch.bmm(torch.bmm(hs.view(g, m, -1), Au), Bu).reshape(n, -1)
     else:
-        ys = torch.cat([(chunk @ Au[i]) @ Bu[i] for i, chunk in enumerate(torch.split(hs, counts_l))])
-    return torch.empty_like(ys).index_copy(0, order, ys)
+        # Segments of the sorted rows: one per frequently used head, and runs of rarely used heads'
+        # rows (at most _GATHER_BLOCK rows each). One split (not per-segment slicing, whose backward
+        # would allocate a full-size zero gradient per slice) and one unbind (likewise for A[i]).
+        segments: list[tuple[int, int, int]] = []  # (first group, end group, rows); one group if frequent
+        i = 0
+        while i < g:
+            if c_l[i] >= _SMALL_GROUP:
+                segments.append((i, i + 1, c_l[i]))
+                i += 1
+                continue
+            j, rows = i, 0
+            while j < g and c_l[j] < _SMALL_GROUP and (j == i or rows + c_l[j] <= _GATHER_BLOCK):
+                rows += c_l[j]
+                j += 1
+            segments.append((i, j, rows))
+            i = j
+        As, Bs = Au.unbind(0), Bu.unbind(0)
+        pieces: list[torch.Tensor] = []
+        for chunk, (a, b, _) in zip(torch.split(hs, [r for _, _, r in segments]), segments):
+            if b == a + 1 and c_l[a] >= _SMALL_GROUP:
+                pieces.append((chunk @ As[a]) @ Bs[a])
+            else:  # per-row (width x rank) and (rank x embed) factors of the rare heads, gathered
+                gi = torch.repeat_interleave(torch.arange(a, b, device=h.device), counts[a:b])
+                u = torch.bmm(chunk.unsqueeze(1), Au.index_select(0, gi))
+                pieces.append(torch.bmm(u, Bu.index_select(0, gi)).squeeze(1))
+        ys = torch.cat(pieces)
+    return base.index_add(0, order, ys.to(base.dtype))
 
 
 def naive_routed_projection(h: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -191,8 +220,9 @@ class LowRankHeads(nn.Module):
     def rank(self) -> int:
         return self.A.shape[2]
 
-    def forward(self, h: torch.Tensor, head_ids: torch.Tensor) -> torch.Tensor:
-        return grouped_low_rank(h, self.A.to(h.dtype), self.B.to(h.dtype), head_ids)
+    def forward(self, h: torch.Tensor, head_ids: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """``base + (h @ A_k) @ B_k`` per row (see :func:`grouped_low_rank`)."""
+        return grouped_low_rank(h, self.A.to(h.dtype), self.B.to(h.dtype), head_ids, base)
 
 
 class HeadedCLIP(nn.Module):
@@ -302,7 +332,7 @@ class HeadedCLIP(nn.Module):
             plain = h @ proj
         if self.heads is None or head_ids is None:
             return plain
-        return plain + self.heads(h, head_ids)
+        return self.heads(h, head_ids, base=plain)
 
     def encode_text(self, tokens: torch.Tensor, head_ids: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:

@@ -106,20 +106,22 @@ def test_gradients_reach_only_the_heads_that_were_used(headed):
 
 
 @pytest.mark.parametrize("ids", [
-    [0, 1, 2, 3] * 8,                          # balanced: padded batched path
-    [5] * 28 + [0, 1, 2, 3],                   # skewed: per-head path
-    [2] * 32,                                  # one head
-    list(range(32)),                           # one row per head
-], ids=["balanced", "skewed", "single", "all-distinct"])
+    [0, 1, 2, 3] * 8,                                              # equal groups: one batched matmul
+    [5] * 28 + [0, 1, 2, 3],                                       # one big head + rare heads
+    [0] * 10 + [1] * 2 + [2] * 12 + [3] + [4] * 3 + [5] * 20,      # rare heads between big ones
+    [40] * 30 + list(range(100)),                                  # more rare rows than one gathered block
+    [2] * 32,                                                      # one head
+    list(range(32)),                                               # one row per head
+], ids=["equal", "skewed", "interleaved", "blocked", "single", "all-distinct"])
 def test_grouped_routing_equals_the_naive_per_sample_routing(ids):
     g = torch.Generator().manual_seed(0)
-    n, width, embed, rank, k = len(ids), 24, 16, 3, 33
+    n, width, embed, rank, k = len(ids), 24, 16, 3, 101
     h = torch.randn(n, width, generator=g, dtype=torch.float64, requires_grad=True)
     W = torch.randn(width, embed, generator=g, dtype=torch.float64)
     A = torch.randn(k, width, rank, generator=g, dtype=torch.float64, requires_grad=True)
     B = torch.randn(k, rank, embed, generator=g, dtype=torch.float64, requires_grad=True)
     head_ids = torch.tensor(ids)[torch.randperm(n, generator=g)]
-    ours = h @ W + grouped_low_rank(h, A, B, head_ids)
+    ours = grouped_low_rank(h, A, B, head_ids, base=h @ W)
     ref = naive_routed_projection(h, W, A, B, head_ids)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
     w = torch.randn(n, embed, generator=g, dtype=torch.float64)
@@ -127,6 +129,10 @@ def test_grouped_routing_equals_the_naive_per_sample_routing(ids):
     grads_ref = torch.autograd.grad((ref * w).sum(), (h, A, B))
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # B = 0: the base comes back bit for bit, whatever the path
+        base = (h @ W).float()
+        assert torch.equal(grouped_low_rank(h.float(), A.float(), torch.zeros_like(B).float(), head_ids, base=base),
+                           base)
 
 
 def test_grouped_routing_rejects_bad_head_ids():
