@@ -215,3 +215,16 @@ def test_validate_command_accepts_examples_with_stand_in_data(tmp_path):
     result = CliRunner().invoke(main, ["validate", *paths])
     assert result.exit_code == 0, result.output
     assert [line.split(": ok")[0] for line in result.stdout.splitlines()] == paths
+
+
+def test_absolute_data_paths_are_kept_as_they_are(tmp_path):
+    """Regression: resolving relative paths must leave absolute ones untouched (not drop them)."""
+    from safespec.spec import Spec
+
+    data = {k: str(tmp_path / f"{k}.csv") for k in ("protected", "target", "validation", "heldout")}
+    spec = Spec.model_validate({"safespec": 1, "name": "abs", "model": {"arch": "x", "checkpoint": str(tmp_path / "m.pt")},
+                                "classes": {"names": ["a", "b"]}, "data": data,
+                                "protect": [{"classes": ["a"], "tolerance": 0.03}], "target": {"class": "b"}})
+    resolved = spec.resolve(tmp_path / "elsewhere")
+    assert {k: str(getattr(resolved.data, k)) for k in data} == data
+    assert str(resolved.model.checkpoint) == str(tmp_path / "m.pt")
