@@ -460,16 +460,22 @@ def _transforms(clip: nn.Module) -> tuple[Callable, Callable]:
 
 
 def _tokenizer(name: str | None, model_cfg: dict | None, context_length: int) -> Callable:
-    """open_clip's tokenizer for the model, always at the model's own context length."""
-    if name and (name.startswith("hf-hub:") or open_clip.get_model_config(name) is not None):
-        with _quiet_open_clip():
-            return open_clip.get_tokenizer(name, context_length=context_length)
-    text_cfg = (model_cfg or {}).get("text_cfg", {})
-    kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
-    if text_cfg.get("hf_tokenizer_name"):
-        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
-                                     tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs)
-    return SimpleTokenizer(context_length=context_length, **kwargs)
+    """open_clip's tokenizer for the model, always at the model's own context length. Built-in names go
+    through open_clip (which picks e.g. SigLIP's tokenizer by name); anything else is built from the
+    model's config, so that a hub model or a checkpoint needs no hub access to tokenize."""
+    try:
+        if name and not name.startswith(("hf-hub:", "local-dir:")) and open_clip.get_model_config(name) is not None:
+            with _quiet_open_clip():
+                return open_clip.get_tokenizer(name, context_length=context_length)
+        text_cfg = (model_cfg or {}).get("text_cfg", {})
+        kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
+        if text_cfg.get("hf_tokenizer_name"):
+            return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
+                               tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs)
+        return SimpleTokenizer(context_length=context_length, **kwargs)
+    except Exception as e:
+        raise ModelError(f"model: cannot build the tokenizer of {name or 'this model'}: {type(e).__name__}: "
+                         f"{_first_line(e)}") from e
 
 
 def _finish(clip: nn.Module, classes: Sequence[str], *, arch: str, model_cfg: dict | None, tokenizer_name: str | None,
@@ -578,7 +584,7 @@ def _ensure_available(files: list[tuple[str, list[str]]], url: str | None, what:
 
 
 def _load_pretrained(arch: str, pretrained: str, device: torch.device, cache_dir: str | None
-                     ) -> tuple[nn.Module, dict, str, str]:
+                     ) -> tuple[nn.Module, dict, str | None, str]:
     """(clip, model_cfg, tokenizer name, source) for an open_clip tag or an ``hf-hub:`` name."""
     from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
     kwargs: dict[str, Any] = {}
@@ -589,7 +595,7 @@ def _load_pretrained(arch: str, pretrained: str, device: torch.device, cache_dir
             raise ModelError(f"model.pretrained: {name!r} is not an 'hf-hub:org/name' model id")
         _ensure_available([(repo, [HF_CONFIG_NAME]), (repo, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME])], None,
                           f"of {name}", cache_dir, _fetch_command(name, None))
-        model_name, tag, tokenizer_name, source = name, None, name, name
+        model_name, tag, tokenizer_name, source = name, None, None, name
     else:
         _check_arch(arch)
         pcfg = open_clip.get_pretrained_cfg(arch, pretrained)

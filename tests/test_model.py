@@ -417,3 +417,53 @@ def test_classifier_computes_the_text_side_once_per_evaluation(headed, images):
         direct = zs.logits(feats)
     torch.testing.assert_close(out.logits, direct)
     assert not zs.text_features().requires_grad and zs.text_features(grad=True).requires_grad
+
+
+def _fake_hub_cache(cache, repo: str, clip, cfg: dict) -> None:
+    """The layout huggingface_hub's cache uses, holding an open_clip model: what `hf download` leaves."""
+    import json
+
+    from safetensors.torch import save_file
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(rev)
+    snap = root / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (snap / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, snap / "open_clip_model.safetensors")
+
+
+def test_cached_hf_hub_models_load_offline_through_open_clip(monkeypatch, tmp_path, headless, images):
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    cfg = open_clip.get_model_config(ARCH)
+    _fake_hub_cache(tmp_path / "hub", "safespec-test/micro", headless.model.clip, cfg)
+    t0 = time.monotonic()
+    lm = load_model(plan(pretrained="hf-hub:safespec-test/micro", heads=False), CLASSES, cache_dir=str(tmp_path / "hub"))
+    assert time.monotonic() - t0 < 20
+    assert lm.digest == headless.digest and "hf-hub:safespec-test/micro" in lm.source
+    assert lm.tokenizer(["a photo of a cat."]).shape == (1, 16)
+    with_heads = load_model(plan(pretrained="hf-hub:safespec-test/micro"), CLASSES, cache_dir=str(tmp_path / "hub"))
+    zs = ZeroShotClassifier(with_heads.model, with_heads.tokenizer, TEMPLATES)
+    zs0 = ZeroShotClassifier(headless.model, headless.tokenizer, TEMPLATES)
+    with torch.no_grad():
+        assert torch.equal(zs.logits(images), zs0.logits(images))
+    # the saved model reloads without the hub: its config travels in the checkpoint
+    path = tmp_path / "from-hub.safetensors"
+    digest = save_checkpoint(with_heads.model, path)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    assert load_model(plan(checkpoint=str(path)), CLASSES).digest == digest == with_heads.digest
+
+
+def test_heads_need_open_clips_own_text_tower():
+    class HFLike(torch.nn.Module):  # a CustomTextCLIP whose text tower is not open_clip's transformer
+        def __init__(self):
+            super().__init__()
+            self.text = torch.nn.Linear(4, 4)
+            self.visual = torch.nn.Linear(4, 4)
+    model = HeadedCLIP(HFLike(), CLASSES)
+    with pytest.raises(ModelError) as e:
+        model.add_heads(rank=2)
+    assert "heads.enabled: false" in one_line(e)
