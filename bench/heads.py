@@ -27,16 +27,19 @@ from safespec.model import grouped_low_rank, naive_routed_projection
 
 
 def _time(fn: Callable[[], object], *, min_runs: int = 20, min_seconds: float = 1.5) -> float:
-    """Best wall time of ``fn`` in milliseconds (after a warm-up). The minimum, not the median: on a shared
-    2-core machine other processes only ever add time, so the minimum is the cost of the work itself."""
+    """Best time of ``fn`` in milliseconds (after a warm-up). The minimum, not the median: on a shared
+    machine other processes only ever add time. With one thread the clock is the thread's CPU time, which
+    also leaves out the time the thread spent preempted (runs of several ms rarely escape preemption on a
+    loaded 2-core machine); with more threads it has to be the wall clock."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     fn()
     fn()
     times = []
     start = time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
+        t = clock()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
         if len(times) >= 2000:
             break
     return 1000.0 * min(times)
@@ -124,7 +127,7 @@ def run(threads: Sequence[int] = (2, 1)) -> dict:
     the 1-thread numbers are the ones to trust when the load is above ~1."""
     out: dict = {"torch": torch.__version__, "load_average_before": list(os.getloadavg())}
     for t in threads:
-        out[f"threads_{t}"] = _one(t)
+        out[f"threads_{t}"] = {"clock": "thread CPU time" if t == 1 else "wall", **_one(t)}
     out["load_average_after"] = list(os.getloadavg())
     return out
 

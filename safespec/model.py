@@ -126,8 +126,86 @@ def weights_digest(model: nn.Module) -> str:
 
 
 # ------------------------------------------------------------------------------------------ heads
-_SMALL_GROUP = 8  # heads with fewer rows than this share one gathered batched matmul
+_SMALL_GROUP = 8  # heads with fewer rows than this share gathered batched matmuls
 _GATHER_BLOCK = 64  # rows per gathered matmul: bounds the (rows x width x rank) gathered copy of A
+
+
+class _SortedGroups(torch.autograd.Function):
+    """``(h_i @ A[k_i]) @ B[k_i]`` for rows sorted by head, one segment at a time.
+
+    A segment is either all rows of one frequently used head (two matmuls) or a run of rows of rarely
+    used heads (their factors gathered per row). The backward is written by hand so that every gradient is
+    written once: autograd of the same ops zero-fills and scatters a full-size gradient of ``h`` and ``A``
+    per slice, index and concatenation, which cost as much as the projection itself.
+    """
+
+    @staticmethod
+    def forward(ctx, h, A, B, order, ids_sorted, segments):  # type: ignore[override]
+        hs = h.index_select(0, order)
+        u = hs.new_empty(hs.shape[0], A.shape[2])
+        ys = hs.new_empty(hs.shape[0], B.shape[2])
+        for s, e, k in segments:
+            if k >= 0:
+                torch.mm(hs[s:e], A[k], out=u[s:e])
+                torch.mm(u[s:e], B[k], out=ys[s:e])
+            else:
+                ks = ids_sorted[s:e]
+                u[s:e] = torch.bmm(hs[s:e].unsqueeze(1), A.index_select(0, ks)).squeeze(1)
+                ys[s:e] = torch.bmm(u[s:e].unsqueeze(1), B.index_select(0, ks)).squeeze(1)
+        ctx.save_for_backward(hs, u, A, B, order, ids_sorted)
+        ctx.segments = segments
+        return ys
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # type: ignore[override]
+        hs, u, A, B, order, ids_sorted = ctx.saved_tensors
+        g = g.contiguous()
+        need_h, need_a, need_b = ctx.needs_input_grad[:3]
+        grad_hs = torch.empty_like(hs)
+        grad_a = torch.zeros_like(A) if need_a else None
+        grad_b = torch.zeros_like(B) if need_b else None
+        for s, e, k in ctx.segments:
+            gk = g[s:e]
+            if k >= 0:  # each frequent head owns exactly one segment: its gradient is written, not added
+                t = gk @ B[k].T
+                if grad_b is not None:
+                    torch.mm(u[s:e].T, gk, out=grad_b[k])
+                if grad_a is not None:
+                    torch.mm(hs[s:e].T, t, out=grad_a[k])
+                torch.mm(t, A[k].T, out=grad_hs[s:e])
+            else:
+                ks = ids_sorted[s:e]
+                t = torch.bmm(gk.unsqueeze(1), B.index_select(0, ks).transpose(1, 2))  # (rows, 1, rank)
+                if grad_b is not None:
+                    grad_b.index_add_(0, ks, u[s:e].unsqueeze(2) * gk.unsqueeze(1))
+                if grad_a is not None:
+                    grad_a.index_add_(0, ks, hs[s:e].unsqueeze(2) * t)
+                grad_hs[s:e] = torch.bmm(t, A.index_select(0, ks).transpose(1, 2)).squeeze(1)
+        grad_h = torch.empty_like(grad_hs).index_copy_(0, order, grad_hs) if need_h else None
+        return grad_h, grad_a, grad_b, None, None, None
+
+
+def _segments(heads: list[int], counts: list[int]) -> list[tuple[int, int, int]]:
+    """(start, end, head) over rows sorted by head; head -1 marks a run of rarely used heads' rows."""
+    out: list[tuple[int, int, int]] = []
+    start, run = 0, None
+    for k, c in zip(heads, counts):
+        if c >= _SMALL_GROUP:
+            if run is not None:
+                out.append((run, start, -1))
+                run = None
+            out.append((start, start + c, k))
+        else:
+            if run is not None and start + c - run > _GATHER_BLOCK:
+                out.append((run, start, -1))
+                run = None
+            if run is None:
+                run = start
+        start += c
+    if run is not None:
+        out.append((run, start, -1))
+    return out
 
 
 def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids: torch.Tensor,
@@ -135,9 +213,9 @@ def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids
     """``base[i] + (h_i @ A[k_i]) @ B[k_i]`` for every row i (``base`` defaults to zeros), computed per head.
 
     Rows are sorted by head once. When every head has the same number of rows (class prompts: each class
-    has the same templates) one batched matmul does all heads; otherwise each head with many rows (the
-    target's captions, the negatives) gets two small matmuls and the rows of rarely used heads share one
-    gathered batched matmul. Nothing of size (rows x width x embed) is ever built, and the result is added
+    has the same templates) one batched matmul does all heads; otherwise each frequently used head (the
+    target's captions, the negatives) gets two matmuls and rarely used heads' rows share gathered ones
+    (:class:`_SortedGroups`). Nothing of size (rows x width x embed) is ever built, and the result is added
     to ``base`` with one ``index_add``, so that ``B = 0`` returns ``base`` bit for bit.
     """
     n = h.shape[0]
@@ -155,38 +233,14 @@ def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids
     g = len(u_l)
     if g == 1:
         return base + (h @ A[u_l[0]]) @ B[u_l[0]]
-    Au, Bu = A.index_select(0, uniq), B.index_select(0, uniq)
-    hs = h.index_select(0, order)
     m = c_l[0]
     if all(c == m for c in c_l):
-        ys = torch.bmm(torch.bmm(hs.view(g, m, -1), Au), Bu).reshape(n, -1)
+        Au, Bu = A.index_select(0, uniq), B.index_select(0, uniq)
+        ys = torch.bmm(torch.bmm(h.index_select(0, order).view(g, m, -1), Au), Bu).reshape(n, -1)
     else:
-        # Segments of the sorted rows: one per frequently used head, and runs of rarely used heads'
-        # rows (at most _GATHER_BLOCK rows each). One split (not per-segment slicing, whose backward
-        # would allocate a full-size zero gradient per slice) and one unbind (likewise for A[i]).
-        segments: list[tuple[int, int, int]] = []  # (first group, end group, rows); one group if frequent
-        i = 0
-        while i < g:
-            if c_l[i] >= _SMALL_GROUP:
-                segments.append((i, i + 1, c_l[i]))
-                i += 1
-                continue
-            j, rows = i, 0
-            while j < g and c_l[j] < _SMALL_GROUP and (j == i or rows + c_l[j] <= _GATHER_BLOCK):
-                rows += c_l[j]
-                j += 1
-            segments.append((i, j, rows))
-            i = j
-        As, Bs = Au.unbind(0), Bu.unbind(0)
-        pieces: list[torch.Tensor] = []
-        for chunk, (a, b, _) in zip(torch.split(hs, [r for _, _, r in segments]), segments):
-            if b == a + 1 and c_l[a] >= _SMALL_GROUP:
-                pieces.append((chunk @ As[a]) @ Bs[a])
-            else:  # per-row (width x rank) and (rank x embed) factors of the rare heads, gathered
-                gi = torch.repeat_interleave(torch.arange(a, b, device=h.device), counts[a:b])
-                u = torch.bmm(chunk.unsqueeze(1), Au.index_select(0, gi))
-                pieces.append(torch.bmm(u, Bu.index_select(0, gi)).squeeze(1))
-        ys = torch.cat(pieces)
+        # the hand-written backward runs in h's dtype: keep autocast (which would recast each matmul) out
+        with torch.autocast(h.device.type, enabled=False):
+            ys = _SortedGroups.apply(h, A.to(h.dtype), B.to(h.dtype), order, ids_sorted, _segments(u_l, c_l))
     return base.index_add(0, order, ys.to(base.dtype))
 
 

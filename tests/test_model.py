@@ -467,3 +467,27 @@ def test_heads_need_open_clips_own_text_tower():
     with pytest.raises(ModelError) as e:
         model.add_heads(rank=2)
     assert "heads.enabled: false" in one_line(e)
+
+
+def test_hand_written_backward_passes_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor([0] * 9 + [1, 2, 2] + [3] * 8 + [4])[torch.randperm(21, generator=g)]
+    h = torch.randn(21, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(6, 5, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(6, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, A, B: grouped_low_rank(h, A, B, ids), (h, A, B))
+    # frozen heads: only h gets a gradient, and it is the same one
+    (gh,) = torch.autograd.grad(grouped_low_rank(h, A.detach(), B.detach(), ids).sum(), (h,))
+    (gh_all,) = torch.autograd.grad(grouped_low_rank(h, A, B, ids).sum(), (h,))
+    torch.testing.assert_close(gh, gh_all)
+
+
+def test_grouped_routing_under_autocast_keeps_the_base_dtype():
+    ids = torch.tensor([0] * 9 + [1] + [2] * 10)
+    h, A, B = torch.randn(20, 8), torch.randn(3, 8, 2), torch.randn(3, 2, 4)
+    W = torch.randn(8, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = h @ W
+        out = grouped_low_rank(h, A, B, ids, base=base)
+    assert out.dtype == base.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), naive_routed_projection(h, W, A, B, ids), rtol=0.05, atol=0.1)
