@@ -101,8 +101,10 @@ def load_inputs(spec_path: Path, *, log: Callable[[str], None]) -> Loaded:
     spec, plan = load_plan(spec_path)
     manifests = {split: read_manifest(Path(getattr(plan.data, split)), plan.classes)
                  for split in ("protected", "target", "validation", "heldout")}
-    check_disjoint({"heldout": manifests["heldout"], "validation": manifests["validation"],
-                    "protected": manifests["protected"], "target": manifests["target"]})
+    # the store and the target set may share images (negatives are drawn from the base training set);
+    # the certificate's held-out split and the selection's validation split must share none with anything
+    check_disjoint(manifests, pairs=[("heldout", "validation"), ("heldout", "protected"), ("heldout", "target"),
+                                     ("validation", "protected"), ("validation", "target")])
     digests = {k: m.digest() for k, m in manifests.items()}
     return Loaded(spec=spec, plan=plan, spec_path=spec_path, spec_text=Path(spec_path).read_text(encoding="utf-8"),
                   spec_digest=spec_digest(spec_path), manifests=manifests, digests=digests)
