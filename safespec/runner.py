@@ -110,6 +110,15 @@ def load_inputs(spec_path: Path, *, log: Callable[[str], None]) -> Loaded:
                   spec_digest=spec_digest(spec_path), manifests=manifests, digests=digests)
 
 
+def make_train_data(inp: Loaded, preprocess):
+    """The three training-side splits as the trainer sees them (the held-out split is not among them)."""
+    from .train import TrainData
+
+    return TrainData(store=_split(inp.manifests["protected"], preprocess, inp.digests["protected"]),
+                     target=_split(inp.manifests["target"], preprocess, inp.digests["target"]),
+                     validation=_split(inp.manifests["validation"], preprocess, inp.digests["validation"]))
+
+
 def _split(manifest, preprocess, digest: str):
     from .data import ImageBank
     from .train import Split
@@ -235,7 +244,7 @@ def run_cycle(spec_path: Path | str, *, resume: bool = False, quiet: bool = Fals
 
     from .evaluate import PredictionCache
     from .model import load_model, save_checkpoint
-    from .train import TrainData, Trainer
+    from .train import Trainer
 
     spec_path = Path(spec_path)
     inp = load_inputs(spec_path, log=log)
@@ -248,9 +257,7 @@ def run_cycle(spec_path: Path | str, *, resume: bool = False, quiet: bool = Fals
         torch.manual_seed(plan.optimizer.seed)
         old = load_model(plan.model, plan.classes)
         device = next(old.model.parameters()).device
-        data = TrainData(store=_split(inp.manifests["protected"], old.preprocess, inp.digests["protected"]),
-                         target=_split(inp.manifests["target"], old.preprocess, inp.digests["target"]),
-                         validation=_split(inp.manifests["validation"], old.preprocess, inp.digests["validation"]))
+        data = make_train_data(inp, old.preprocess)
         main_method = method or plan.optimizer.method
         results: dict[str, dict] = {}
         outcomes = {}

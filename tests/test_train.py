@@ -1,0 +1,128 @@
+"""The constrained optimizer on the small demo world: constraints hold where the baseline forgets,
+resume is bit-identical, and the old model's reference is computed once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from safespec.evaluate import PredictionCache, evaluate, metric_values
+from safespec.model import load_model
+from safespec.runner import load_inputs, make_train_data
+from safespec.train import Trainer, class_token_tensor
+
+from world_spec import write_world_spec
+
+
+@pytest.fixture(scope="module")
+def world_inputs(small_world, tmp_path_factory):
+    spec = write_world_spec(tmp_path_factory.mktemp("spec"), small_world)
+    return load_inputs(spec, log=lambda s: None)
+
+
+def _train(inp, tmp_path, method, *, steps=None, cache=None, run_dir=None, stop_after=None, resume=False, **opt):
+    torch.manual_seed(0)
+    plan = inp.plan
+    if opt or steps:
+        o = dataclasses.replace(plan.optimizer, **opt, **({"steps": steps} if steps else {}))
+        plan = dataclasses.replace(plan, optimizer=o)
+    old = load_model(plan.model, plan.classes)
+    trainer = Trainer(plan, old, make_train_data(inp, old.preprocess), method=method, run_dir=run_dir,
+                      cache=cache or PredictionCache(tmp_path / "cache"), quiet=True)
+    outcome = trainer.run(stop_after=stop_after, resume=resume)
+    return trainer, outcome
+
+
+def _store_constraints(trainer):
+    """Exact per-class store constraint values of the trainer's current (final) model."""
+    new = evaluate(trainer.model, trainer.class_tokens, trainer.data.store.bank, trainer.data.store.labels, trainer.tau)
+    old = trainer.ref_store
+    m_new = metric_values(new.losses, new.margins, "loss")
+    m_old = metric_values(old.losses, old.margins, "loss")
+    return {c.name: float((m_new[np.isin(new.labels, c.class_indices)] - m_old[np.isin(old.labels, c.class_indices)]).mean())
+            for c in trainer.constraints}
+
+
+def test_constrained_method_keeps_the_store_losses_where_the_baseline_forgets(world_inputs, tmp_path):
+    cache = PredictionCache(tmp_path / "cache")
+    lag, _ = _train(world_inputs, tmp_path, "lagrangian", cache=cache)
+    base, _ = _train(world_inputs, tmp_path, "unconstrained", cache=cache)
+    kept, forgot = _store_constraints(lag), _store_constraints(base)
+    assert max(kept.values()) <= 0.05, kept
+    assert max(forgot.values()) >= 0.3, forgot
+    # the objective works (the baseline learns the target) and the constrained model did move
+    assert base.trajectory[-1]["target_metric"] > base.trajectory[0]["target_metric"] + 0.2
+    assert any(not torch.equal(v, lag.old_state[k]) for k, v in lag.model.state_dict().items())
+
+
+def test_resume_after_an_interruption_is_bit_identical(world_inputs, tmp_path):
+    straight, out_a = _train(world_inputs, tmp_path, "penalty", run_dir=tmp_path / "a", steps=30,
+                             eval_every=10, checkpoint_every=10)
+    final_a = {k: v.clone() for k, v in straight.model.state_dict().items()}
+    _train(world_inputs, tmp_path, "penalty", run_dir=tmp_path / "b", steps=30, eval_every=10, checkpoint_every=10,
+           stop_after=20)
+    resumed, out_b = _train(world_inputs, tmp_path, "penalty", run_dir=tmp_path / "b", steps=30, eval_every=10,
+                            checkpoint_every=10, resume=True)
+    final_b = resumed.model.state_dict()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert out_a.trajectory == out_b.trajectory
+    assert torch.equal(straight.weights.u, resumed.weights.u)
+    assert out_a.selected_step == out_b.selected_step
+    assert all(torch.equal(out_a.state_dict[k], out_b.state_dict[k]) for k in out_a.state_dict)
+
+
+def test_resume_refuses_a_state_of_another_spec(world_inputs, tmp_path):
+    _train(world_inputs, tmp_path, "penalty", run_dir=tmp_path / "r", steps=10, eval_every=5, checkpoint_every=5,
+           stop_after=5)
+    from safespec.errors import RunError
+
+    with pytest.raises(RunError, match="another spec"):
+        _train(world_inputs, tmp_path, "penalty", run_dir=tmp_path / "r", steps=10, eval_every=5,
+               checkpoint_every=5, resume=True, lr=1e-2)
+    state = tmp_path / "r" / "checkpoints" / "state-penalty.pt"
+    state.write_bytes(b"not a torch file")
+    with pytest.raises(RunError, match="unreadable training state"):
+        _train(world_inputs, tmp_path, "penalty", run_dir=tmp_path / "r", steps=10, eval_every=5,
+               checkpoint_every=5, resume=True)
+
+
+def test_the_old_models_reference_is_not_recomputed(world_inputs, tmp_path):
+    cache = PredictionCache(tmp_path / "cache")
+    _train(world_inputs, tmp_path, "penalty", steps=2, eval_every=2, cache=cache)
+    assert (cache.hits, cache.misses) == (0, 2)  # store and validation, once each
+    again = PredictionCache(tmp_path / "cache")
+    _train(world_inputs, tmp_path, "lagrangian", steps=2, eval_every=2, cache=again)
+    assert (again.hits, again.misses) == (2, 0)
+
+
+def test_trajectory_records_every_evaluation(world_inputs, tmp_path):
+    trainer, outcome = _train(world_inputs, tmp_path, "lagrangian", run_dir=tmp_path / "t", steps=20, eval_every=5)
+    lines = (tmp_path / "t" / "trajectory-lagrangian.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == [0, 5, 10, 15, 20]
+    last = json.loads(lines[-1])
+    assert set(last["constraints"]) == {c.name for c in trainer.constraints}
+    assert set(last["multipliers"]) == set(last["constraints"])
+    assert any(v > 0 for v in last["multipliers"].values()) or all(v <= 0 for v in last["u"].values())
+
+
+def test_selection_falls_back_to_the_old_model_when_nothing_is_feasible(world_inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "constraint_values", lambda self, new, old: np.ones(len(self.constraints)))
+    trainer, outcome = _train(world_inputs, tmp_path, "unconstrained", steps=10, eval_every=5)
+    assert outcome.fell_back_to_old and outcome.selected_step == 0
+    assert all(torch.equal(outcome.state_dict[k], trainer.old_state[k]) for k in trainer.old_state)
+    assert "old model" in outcome.reason
+
+
+def test_wise_ft_picks_the_largest_feasible_mixing_weight(world_inputs, tmp_path):
+    trainer, outcome = _train(world_inputs, tmp_path, "wise-ft", steps=40, eval_every=20)
+    alphas = [e["alpha"] for e in outcome.trajectory]
+    assert alphas == sorted(alphas, reverse=True)  # tried from the fine-tune towards the old model
+    assert outcome.trajectory[-1]["feasible"]
+    assert all(not e["feasible"] for e in outcome.trajectory[:-1])
+    assert outcome.validation["alpha"] == outcome.trajectory[-1]["alpha"]
