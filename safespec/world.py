@@ -1,0 +1,615 @@
+"""The embedded demo world: Animal-MNIST silhouettes as PNG splits, and an old model "v1" trained on them.
+
+No pretrained CLIP weights and no large image data set can be fetched on an offline 2-core machine, so
+safespec builds its default world from a real data set that ships inside a PyPI package (Animal-MNIST
+0.4, MIT: 10,000 grey 28x28 silhouettes of 10 animals). The world mirrors one development cycle of the
+paper: v1 is trained from scratch on a base-train split in which "dog" is under-represented, so v1 is good
+on nine animals and weak, but not blind, on dogs; the next cycle (``specs/demo.yaml``) must improve dog
+without losing the others.
+
+Design choices, and why:
+- The data files are gzip'd pickles. They are read with an unpickler that admits only what a plain numpy
+  array needs, so a tampered package cannot run code here.
+- The data set holds exact duplicates (284, most of them birds) and a few near-duplicates. A held-out image
+  whose twin was trained on would inflate every certificate, so duplicates are removed before splitting.
+- Held-out (certification) and validation images are drawn first, per class; base-train gets what remains.
+  Birds then have too few unique images for a 500-image protected store, so base-train classes below
+  ``store_min_per_class`` are topped up with mirror images of their own base-train images (a new image of
+  the same animal, never a copy of a held-out one).
+- v1 is saved WITHOUT task-dependent heads: it is the old model of the cycle, and the next cycle adds
+  fresh heads (B = 0) on top of it, as it would on any released model.
+- v1 trains every weight except the token-embedding table: the ten prompts use a handful of its 49,408
+  rows, and AdamW on the whole table cost a third of each step on 2 cores.
+- The build is cached: ``world.json`` holds the config digest and the digest of every manifest (which
+  covers every image's bytes) and of v1; a second build that finds them intact returns at once. A new
+  build happens in a temporary folder and replaces the old world only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import pickle
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .data import ImageBank, Manifest, file_digest, read_manifest, write_manifest
+from .errors import DataError, atomic_write_json
+
+ANIMAL_CLASSES: tuple[str, ...] = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep",
+                                   "zebra")
+PACKAGE = "animal_mnist"
+DISTRIBUTION = "animal-mnist"
+DATA_FILES = {"images": "animal_data_version_3.gz", "labels": "animal_label_version_3.gz"}
+INSTALL_HINT = "pip install --no-deps animal-mnist==0.4"
+#: Bump when the build changes what it writes for the same config (invalidates cached worlds).
+WORLD_FORMAT = 1
+SPLITS = ("base", "protected", "target", "validation", "heldout")
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class WorldConfig:
+    """Everything that decides the world's content. Its digest keys the cache."""
+
+    seed: int = 0
+    target: str = "dog"
+    heldout_per_class: int = 400  # a certificate at a 3-point tolerance needs several hundred per class
+    validation_per_class: int = 100
+    base_per_class: int = 500  # protected classes in base-train (before the mirror top-up)
+    target_in_base: int = 320  # dog in base-train: v1 held-out dog accuracy 0.40 (tuned: 250 -> 0.25, 300 -> 0.24)
+    store_min_per_class: int = 500  # protected store floor, reached with mirror images where needed
+    target_positives: int | None = None  # dog images in target-train; None: every remaining one
+    target_negatives_per_class: int = 40  # negatives in target-train, from base-train of each other class
+    near_duplicate: float = 0.12  # relative L2 distance under which two images of a class count as one
+    templates: tuple[str, ...] = ("a photo of a {}.",)
+    arch: str = "safespec-tiny-vit"
+    steps: int = 800
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 80
+    tau: float = 0.05
+
+    def __post_init__(self):
+        if self.target not in ANIMAL_CLASSES:
+            raise DataError(f"world: unknown target class {self.target!r} (expected one of {', '.join(ANIMAL_CLASSES)})")
+        for f in ("heldout_per_class", "validation_per_class", "base_per_class", "target_in_base", "steps",
+                  "batch_size"):
+            if getattr(self, f) < 1:
+                raise DataError(f"world: {f} must be at least 1 (got {getattr(self, f)})")
+        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+            raise DataError("world: each template needs exactly one '{}' placeholder")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["templates"] = list(self.templates)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "WorldConfig":
+        d = dict(d)
+        d["templates"] = tuple(d.get("templates", ("a photo of a {}.",)))
+        return cls(**d)
+
+    def digest(self) -> str:
+        blob = json.dumps({"format": WORLD_FORMAT, "config": self.to_dict()}, sort_keys=True).encode()
+        return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+    @property
+    def protected(self) -> tuple[str, ...]:
+        return tuple(c for c in ANIMAL_CLASSES if c != self.target)
+
+
+@dataclass
+class World:
+    root: Path
+    manifests: dict[str, Path]
+    v1_checkpoint: Path
+    v1_accuracy: dict[str, float]  # held-out accuracy per class
+    config: WorldConfig
+    classes: tuple[str, ...] = ANIMAL_CLASSES
+    v1_digest: str = ""
+    digests: dict[str, str] = field(default_factory=dict)  # split -> manifest digest
+    reused: bool = False  # True when build_world found an intact cached world
+
+    @property
+    def target(self) -> str:
+        return self.config.target
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        return self.config.templates
+
+
+# ------------------------------------------------------------------------------------------ source data
+def _reconstruct() -> Callable:
+    try:
+        from numpy._core.multiarray import _reconstruct as f  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct as f
+    return f
+
+
+def _frombuffer() -> Callable:
+    try:
+        from numpy._core.numeric import _frombuffer as f  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.numeric import _frombuffer as f
+    return f
+
+
+#: The only globals a pickled plain numpy array names (protocols 3-5, numpy 1.x and 2.x spellings);
+#: each builds an array or a dtype from data and nothing else.
+_NUMPY_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,  # protocol 5 (out-of-band buffers)
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits exactly the globals a pickled plain numpy array refers to, and nothing else."""
+
+    def __init__(self, file, source: str):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        get = _NUMPY_GLOBALS.get((module, name))
+        if get is None:
+            raise DataError(f"{self.source}: refusing to unpickle {module}.{name}: only plain numpy arrays are "
+                            "accepted in a data file (a pickle that names other globals could run code)")
+        return get()
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise DataError(f"{self.source}: refusing a pickle with persistent ids: only plain numpy arrays are accepted")
+
+
+def load_numpy_pickle(data: bytes, source: str) -> np.ndarray:
+    """A plain numpy array from pickle bytes, refusing any pickle that names anything else."""
+    import io
+
+    try:
+        obj = _NumpyOnlyUnpickler(io.BytesIO(data), source).load()
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{source}: not a readable numpy pickle: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, np.ndarray) or obj.dtype.hasobject:
+        raise DataError(f"{source}: expected a plain numpy array, got {type(obj).__name__}"
+                        + (f" of dtype {obj.dtype}" if isinstance(obj, np.ndarray) else ""))
+    return obj
+
+
+def animal_mnist_files() -> dict[str, Path]:
+    """Paths of the data files inside the installed package, found without importing it (its loader
+    module imports TensorFlow)."""
+    try:
+        spec = importlib.util.find_spec(PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the demo world needs the Animal-MNIST data package, which is not installed: run "
+                        f"`{INSTALL_HINT}` (--no-deps: its TensorFlow dependency is not needed)")
+    base = Path(next(iter(spec.submodule_search_locations))) / "data" / "Animal_MNIST"
+    files = {k: base / v for k, v in DATA_FILES.items()}
+    for p in files.values():
+        if not p.is_file():
+            raise DataError(f"{p}: Animal-MNIST data file missing from the installed package; reinstall it with "
+                            f"`{INSTALL_HINT}`")
+    return files
+
+
+def load_animal_mnist() -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """``(images (N, 28, 28) uint8, labels (N,) int64 in ANIMAL_CLASSES order, source info)``."""
+    files = animal_mnist_files()
+    arrays, info = {}, {}
+    for k, p in files.items():
+        raw = p.read_bytes()
+        info[k] = "sha256:" + hashlib.sha256(raw).hexdigest()
+        try:
+            data = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{p}: not a gzip file: {e}") from None
+        arrays[k] = load_numpy_pickle(data, str(p))
+    images, labels = arrays["images"], arrays["labels"]
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+        raise DataError(f"{files['images']}: expected (N, 28, 28) uint8 images, got {images.shape} {images.dtype}")
+    if labels.shape != (len(images),) or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"{files['labels']}: expected {len(images)} integer labels in 0..9")
+    try:
+        info["version"] = importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        info["version"] = "unknown"
+    return images, labels.astype(np.int64), info
+
+
+def deduplicate(images: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices to keep: the first of every group of exact or near duplicates within a class.
+
+    Near means an L2 distance below ``threshold`` times the larger image norm (all 284 duplicates in
+    Animal-MNIST are within a class)."""
+    import torch
+
+    keep: list[int] = []
+    for c in np.unique(labels):
+        ix = np.flatnonzero(labels == c)
+        x = torch.as_tensor(images[ix].reshape(len(ix), -1), dtype=torch.float32)
+        norm = x.norm(dim=1)
+        dist = torch.cdist(x, x) / torch.maximum(norm[:, None], norm[None, :]).clamp_min(1e-6)
+        close = (dist < threshold).numpy()
+        kept = np.zeros(len(ix), dtype=bool)
+        for i in range(len(ix)):
+            if not close[i, :i][kept[:i]].any():
+                kept[i] = True
+        keep.extend(ix[kept].tolist())
+    return np.asarray(sorted(keep), dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------ splits
+@dataclass
+class _Plan:
+    """Source indices per split and class; ``mirrors`` are base-train images also written mirrored."""
+
+    heldout: dict[str, np.ndarray]
+    validation: dict[str, np.ndarray]
+    base: dict[str, np.ndarray]
+    mirrors: dict[str, np.ndarray]
+    target_pos: np.ndarray
+    target_neg: dict[str, np.ndarray]
+    unused: dict[str, int]
+
+
+def plan_splits(labels: np.ndarray, keep: np.ndarray, config: WorldConfig) -> _Plan:
+    """Assign unique images to splits, per class, held-out first (the certificate's sample size is the
+    one requirement that cannot be relaxed)."""
+    plan = _Plan({}, {}, {}, {}, np.empty(0, np.int64), {}, {})
+    for ci, name in enumerate(ANIMAL_CLASSES):
+        rng = np.random.default_rng([config.seed, ci])
+        pool = rng.permutation(keep[labels[keep] == ci])
+        need = config.heldout_per_class + config.validation_per_class
+        if len(pool) < need + 1:
+            raise DataError(f"world: class {name!r} has {len(pool)} unique images, fewer than held-out + "
+                            f"validation + 1 = {need + 1}; lower heldout_per_class or validation_per_class")
+        h, v = config.heldout_per_class, config.validation_per_class
+        plan.heldout[name] = np.sort(pool[:h])
+        plan.validation[name] = np.sort(pool[h:h + v])
+        rest = pool[h + v:]
+        if name == config.target:
+            nb = min(config.target_in_base, len(rest))
+            plan.base[name] = np.sort(rest[:nb])
+            pos = rest[nb:]
+            if config.target_positives is not None:
+                pos = pos[:config.target_positives]
+            if len(pos) == 0:
+                raise DataError(f"world: no {name} images left for target-train; lower target_in_base")
+            plan.target_pos = np.sort(pos)
+            plan.mirrors[name] = np.empty(0, np.int64)
+            plan.unused[name] = len(rest) - nb - len(pos)
+        else:
+            base = rest[:config.base_per_class]
+            plan.base[name] = np.sort(base)
+            short = max(0, min(config.store_min_per_class, 2 * len(base)) - len(base))
+            plan.mirrors[name] = np.sort(base[:short])
+            plan.unused[name] = len(rest) - len(base)
+            nn = min(config.target_negatives_per_class, len(base))
+            plan.target_neg[name] = np.sort(rng.choice(base, size=nn, replace=False)) if nn else base[:0]
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ build
+def _noop(*_a: Any, **_k: Any) -> None:
+    return None
+
+
+def build_world(root: str | os.PathLike, config: WorldConfig = WorldConfig(), *, progress: bool = True,
+                log: Callable[[str], Any] = print, threads: int | None = 1) -> World:
+    """Build the demo world under ``root``, or reuse it when ``root/world.json`` matches ``config`` and every
+    manifest, image and the v1 checkpoint still have their recorded digests.
+
+    ``threads`` sets torch's CPU threads while v1 trains (None: torch's default). One thread is the default:
+    it makes v1 bit-for-bit reproducible whatever the machine's core count, a tiny ViT at batch 32 gains
+    little from a second thread, and on a machine shared with other busy processes two torch threads that
+    wait for each other were measured 15x slower than one."""
+    root = Path(root)
+    log = log or _noop
+    reason = _reusable(root, config)
+    if reason is None:
+        world = _load_world(root, reused=True)
+        log(f"demo world: reusing {root} (digests verified)")
+        return world
+    if root.exists() and not (root / "world.json").exists() and any(root.iterdir()):
+        raise DataError(f"{root}: exists and is not a safespec demo world (no world.json); "
+                        "choose an empty or new folder")
+    log(f"demo world: building {root} ({reason})")
+    t0 = time.perf_counter()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(root)
+    tmp = root.parent / f".{root.name}.building-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _build(tmp, config, progress=progress, log=log, t0=t0, threads=threads)
+        old = root.parent / f".{root.name}.old-{os.getpid()}"
+        if root.exists():
+            os.replace(root, old)
+        os.replace(tmp, root)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    world = _load_world(root, reused=False)
+    log(f"demo world: built in {time.perf_counter() - t0:.0f}s at {root}")
+    return world
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(root: Path) -> None:
+    """Remove temporary folders left by builds that were killed (their process is gone)."""
+    for p in root.parent.glob(f".{root.name}.*-*"):
+        kind, _, pid = p.name[len(root.name) + 2:].rpartition("-")
+        if kind in ("building", "old") and pid.isdigit() and p.is_dir() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _reusable(root: Path, config: WorldConfig) -> str | None:
+    """None when the cached world can be used as it is, else why it must be (re)built."""
+    meta_path = root / "world.json"
+    if not meta_path.is_file():
+        return "no cached world"
+    try:
+        files = animal_mnist_files()
+    except DataError:
+        files = {}  # an intact world does not need the package; only a rebuild does
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != WORLD_FORMAT or meta.get("config_digest") != config.digest():
+            return "the cached world was built with another configuration"
+        for k, p in files.items():
+            if meta["source"][k] != "sha256:" + file_digest(p):
+                return "the Animal-MNIST data package changed"
+        for split, entry in meta["manifests"].items():
+            if read_manifest(root / entry["path"], ANIMAL_CLASSES).digest() != entry["digest"]:
+                return f"the {split} split changed on disk"
+        v1 = meta["v1"]
+        if "sha256:" + file_digest(root / v1["path"]) != v1["file_sha256"]:
+            return "the v1 checkpoint changed on disk"
+    except DataError as e:
+        return f"the cached world is damaged ({e})"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"the cached world is damaged ({type(e).__name__}: {e})"
+    return None
+
+
+def _load_world(root: Path, *, reused: bool) -> World:
+    meta = json.loads((root / "world.json").read_text())
+    return World(root=root, manifests={s: root / e["path"] for s, e in meta["manifests"].items()},
+                 v1_checkpoint=root / meta["v1"]["path"], v1_accuracy=dict(meta["v1"]["heldout_accuracy"]),
+                 config=WorldConfig.from_dict(meta["config"]), v1_digest=meta["v1"]["digest"],
+                 digests={s: e["digest"] for s, e in meta["manifests"].items()}, reused=reused)
+
+
+def _show(progress: bool) -> bool:
+    return progress and not os.environ.get("CI")
+
+
+def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str], Any], t0: float,
+           threads: int | None = 1) -> None:
+    from PIL import Image
+    from tqdm import tqdm
+
+    images, labels, source = load_animal_mnist()
+    keep = deduplicate(images, labels, config.near_duplicate)
+    plan = plan_splits(labels, keep, config)
+    caption = config.templates[0]
+
+    # images: <out>/images/<split>/<class>/<index>.png; mirrors end in 'm'
+    jobs: list[tuple[str, str, int, bool]] = []
+    for name in ANIMAL_CLASSES:
+        jobs += [("heldout", name, int(i), False) for i in plan.heldout[name]]
+        jobs += [("validation", name, int(i), False) for i in plan.validation[name]]
+        jobs += [("base", name, int(i), False) for i in plan.base[name]]
+        jobs += [("base", name, int(i), True) for i in plan.mirrors[name]]
+    jobs += [("target", config.target, int(i), False) for i in plan.target_pos]
+    rel: dict[tuple[str, int, bool], str] = {}
+    for split, name, i, mirror in tqdm(jobs, desc="world: images", unit="img", disable=not _show(progress),
+                                       leave=False):
+        r = f"images/{split}/{name}/{i:05d}{'m' if mirror else ''}.png"
+        p = out / r
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(images[i][:, ::-1] if mirror else images[i])).save(p)  # uint8 -> "L"
+        rel[(split, i, mirror)] = r
+
+    def rows(split: str, per_class: Mapping[str, np.ndarray], mirrors: Mapping[str, np.ndarray] | None = None,
+             names: Sequence[str] = ANIMAL_CLASSES) -> list[tuple[str, str, str | None]]:
+        out_rows = []
+        for name in names:
+            out_rows += [(rel[(split, int(i), False)], name, caption.format(name)) for i in per_class.get(name, ())]
+            if mirrors is not None:
+                out_rows += [(rel[(split, int(i), True)], name, caption.format(name)) for i in mirrors.get(name, ())]
+        return out_rows
+
+    base_rows = rows("base", plan.base, plan.mirrors)
+    target_rows = ([(rel[("target", int(i), False)], config.target, caption.format(config.target))
+                    for i in plan.target_pos] + rows("base", plan.target_neg, names=config.protected))
+    manifests = {
+        "base": (base_rows, False),
+        "protected": ([r for r in base_rows if r[1] != config.target], False),
+        "target": (target_rows, True),
+        "validation": (rows("validation", plan.validation), False),
+        "heldout": (rows("heldout", plan.heldout), False),
+    }
+    for split, (mrows, captions) in manifests.items():
+        write_manifest(out / f"{split}.csv", mrows, captions=captions)
+    loaded = {s: read_manifest(out / f"{s}.csv", ANIMAL_CLASSES) for s in SPLITS}
+    from .data import check_disjoint
+
+    check_disjoint(loaded, pairs=[(a, b) for a in ("base", "protected", "target", "validation")
+                                  for b in ("validation", "heldout") if a != b])
+    log(f"demo world: {len(keep)} unique images of {len(images)} ({len(images) - len(keep)} duplicates removed); "
+        + ", ".join(f"{s} {len(m)}" for s, m in loaded.items()))
+
+    # the old model v1
+    model_info = train_v1(out, loaded["base"], loaded["heldout"], config, progress=progress, log=log,
+                          threads=threads)
+
+    meta = {
+        "format": WORLD_FORMAT,
+        "what": "safespec demo world: Animal-MNIST silhouettes (28x28 grey PNG) and the old model v1",
+        "config": config.to_dict(),
+        "config_digest": config.digest(),
+        "classes": list(ANIMAL_CLASSES),
+        "target": config.target,
+        "source": {"package": f"{DISTRIBUTION} {source['version']}", "licence": "MIT",
+                   "images": source["images"], "labels": source["labels"],
+                   "images_total": int(len(images)), "unique": int(len(keep))},
+        "manifests": {s: {"path": f"{s}.csv", "digest": m.digest(), "n": len(m), "per_class": m.counts()}
+                      for s, m in loaded.items()},
+        "mirrored_in_base": {n: int(len(v)) for n, v in plan.mirrors.items() if len(v)},
+        "unused_unique_images": plan.unused,
+        "v1": model_info,
+        "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "versions": _versions(),
+    }
+    atomic_write_json(out / "world.json", meta)
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    from . import __version__
+
+    v = {"safespec": __version__, "torch": torch.__version__, "numpy": np.__version__,
+         "python": platform.python_version()}
+    oc = sys.modules.get("open_clip")
+    if oc is not None:
+        v["open_clip"] = getattr(oc, "__version__", "unknown")
+    return v
+
+
+# ------------------------------------------------------------------------------------------ v1
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_v1(out: Path, base: Manifest, heldout: Manifest, config: WorldConfig, *, progress: bool = True,
+             log: Callable[[str], Any] = print, threads: int | None = 1) -> dict[str, Any]:
+    """Train v1 from scratch on base-train with the zero-shot objective (CE over cosine/tau logits against
+    every class's prompt embedding; both towers learn), save it headless, and measure it on held-out."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    try:
+        return _train_v1(out, base, heldout, config, progress=progress, log=log)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_v1(out: Path, base: Manifest, heldout: Manifest, config: WorldConfig, *, progress: bool,
+              log: Callable[[str], Any]) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from .model import ZeroShotClassifier, create_model, save_checkpoint
+    from .progress import Progress
+
+    torch.manual_seed(config.seed)
+    loaded = create_model(config.arch, ANIMAL_CLASSES, heads=False, seed=config.seed, device="cpu")
+    model = loaded.model
+    bank = ImageBank(base, loaded.preprocess, preload=True)
+    labels = torch.as_tensor(base.labels)
+    clf = ZeroShotClassifier(model, loaded.tokenizer, config.templates, tau=config.tau)
+    tokens = clf.class_tokens
+
+    frozen = [p for n, p in model.named_parameters() if n.endswith("token_embedding.weight")]
+    for p in frozen:
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config.warmup_steps, config.steps))
+    rng = np.random.default_rng(config.seed)
+    order, cursor = rng.permutation(len(bank)), 0
+    bs = min(config.batch_size, len(bank))
+    model.train()
+    t0 = time.perf_counter()
+    loss_avg = float("nan")
+    with Progress(config.steps, "world: training v1", quiet=not progress, bar=_show(progress) or None,
+                  log=log) as bar:
+        for step in range(config.steps):
+            if cursor + bs > len(order):
+                order, cursor = rng.permutation(len(bank)), 0
+            idx = order[cursor:cursor + bs]
+            cursor += bs
+            img = model.encode_image(bank[idx])
+            txt = model.class_text_features(tokens)
+            loss = F.cross_entropy(img @ txt.T / config.tau, labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_avg = loss.item() if step == 0 else 0.9 * loss_avg + 0.1 * loss.item()
+            bar.update(1, status=f"loss {loss_avg:.3f}")
+    seconds = time.perf_counter() - t0
+    for p in frozen:
+        p.requires_grad_(True)
+    model.eval()
+
+    heldout_acc = evaluate_accuracy(loaded, heldout, config.templates, tau=config.tau)
+    path = out / "models" / "v1.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = save_checkpoint(model, path, metadata={
+        "what": "safespec demo world v1 (old model), trained from scratch on base-train",
+        "steps": config.steps, "seed": config.seed, "base_digest": base.digest()})
+    log("demo world: v1 held-out accuracy " + ", ".join(f"{c} {a:.2f}" for c, a in heldout_acc.items()))
+    return {"path": "models/v1.safetensors", "arch": config.arch, "digest": digest,
+            "file_sha256": "sha256:" + file_digest(path), "heads": False, "steps": config.steps,
+            "train_seconds": round(seconds, 1), "final_loss": round(loss_avg, 4),
+            "heldout_accuracy": heldout_acc,
+            "heldout_mean_accuracy": round(float(np.mean(list(heldout_acc.values()))), 4)}
+
+
+def evaluate_accuracy(loaded, manifest: Manifest, templates: Sequence[str] = ("a photo of a {}.",), *,
+                      tau: float = 0.05, batch_size: int = 256, bank: ImageBank | None = None) -> dict[str, float]:
+    """Zero-shot accuracy per class of ``loaded`` (a :class:`safespec.model.LoadedModel`) on ``manifest``;
+    classes without images are left out."""
+    from .model import ZeroShotClassifier
+
+    bank = bank if bank is not None else ImageBank(manifest, loaded.preprocess)
+    clf = ZeroShotClassifier(loaded.model, loaded.tokenizer, templates, tau=tau)
+    pred = clf.predict_batches(x for _, x in bank.iter_batches(batch_size)).predictions.numpy()
+    y = manifest.labels
+    return {c: round(float((pred[y == k] == k).mean()), 4) for k, c in enumerate(manifest.classes) if (y == k).any()}
