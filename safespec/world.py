@@ -23,6 +23,13 @@ Design choices, and why:
 - The build is cached: ``world.json`` holds the config digest and the digest of every manifest (which
   covers every image's bytes) and of v1; a second build that finds them intact returns at once. A new
   build happens in a temporary folder and replaces the old world only when complete.
+
+Measured with the defaults (2-core shared CPU, one torch thread): 4,820 base-train images (320 dogs), a
+4,500-image protected store, 535 target-train rows (175 dog positives, 360 negatives), 1,000 validation,
+4,000 held-out; the build takes about 2.5 minutes (v1: 800 steps at batch 32, ~6 steps/s) and a reuse
+about 4 s. v1's held-out accuracy: dog 0.40, the nine others 0.67 (bird) to 0.97 (zebra), mean 0.82.
+Dog's accuracy is sensitive to the training trajectory (250 dogs gave 0.25, 300 gave 0.24, 320 gave
+0.40), so another CPU's floating-point kernels may land it anywhere near 0.25-0.40.
 """
 
 from __future__ import annotations
