@@ -36,6 +36,7 @@ from .evaluate import PredictionCache, Predictions, evaluate, logits_losses, met
 from .progress import Progress
 
 METHODS = ("penalty", "lagrangian", "unconstrained", "replay", "wise-ft")
+CONSTRAINED = ("penalty", "lagrangian")
 STATE_VERSION = 1
 
 
@@ -395,7 +396,10 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
         self.trajectory.append(entry)
-        if v["feasible"] and v["target"] > self.best_score:
+        # constrained methods select among checkpoints that keep every constraint on validation; the
+        # baselines select by the target alone, so that they show what the constraints buy
+        eligible = v["feasible"] or self.method not in CONSTRAINED
+        if eligible and v["target"] > self.best_score:
             self.best_step, self.best_score = self.step, v["target"]
             self.best_state = None if self.step == 0 else _cpu_state(self.model)
         if self.run_dir is not None:
@@ -410,8 +414,10 @@ class Trainer:
             if any(e["feasible"] and e["step"] > 0 for e in self.trajectory):
                 reason = "no feasible checkpoint improved the target on validation; the old model is kept"
         else:
+            among = ("among checkpoints that satisfy every constraint on validation" if self.method in CONSTRAINED
+                     else "(a baseline: selected by the target alone)")
             reason = (f"step {self.best_step}: best validation accuracy on {self.plan.objective.target_class!r} "
-                      f"({self.best_score:.3f}) among checkpoints that satisfy every constraint on validation")
+                      f"({self.best_score:.3f}) {among}")
         state = self.old_state if fell_back else self.best_state
         return TrainOutcome(method=self.method, state_dict=state, selected_step=self.best_step,
                             fell_back_to_old=fell_back, reason=reason, trajectory=list(self.trajectory),

@@ -1,0 +1,115 @@
+"""The release cycle end to end on the small world: exit codes, the run directory, fail-closed behaviour."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+
+import pytest
+from click.testing import CliRunner
+
+from safespec.cli import main
+from world_spec import write_world_spec
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def unconstrained_run(small_world, tmp_path_factory):
+    """One unconstrained fine-tune of the small world: it learns the target and forgets."""
+    folder = tmp_path_factory.mktemp("unconstrained")
+    spec = write_world_spec(folder, small_world, method="unconstrained", steps=120)
+    res = _cli("run", str(spec), "--quiet")
+    return folder, spec, res
+
+
+def test_run_writes_a_complete_run_directory(unconstrained_run):
+    folder, spec, res = unconstrained_run
+    run = folder / "run"
+    result = json.loads((run / "result.json").read_text())
+    assert res.exit_code == (0 if result["verdict"] == "certified" else 1)
+    assert json.loads((run / "state.json").read_text())["state"] == "complete"
+    for name in ("report.html", "junit.xml", "trajectory.jsonl", "models/unconstrained.safetensors"):
+        assert (run / name).is_file(), name
+    assert result["schema_version"] == 1 and result["method"] == "unconstrained"
+    assert len(result["capabilities"]) == 9
+    assert result["provenance"]["new_model"]["digest"] != result["provenance"]["old_model"]["digest"]
+    HTMLParser().feed((run / "report.html").read_text())
+    # the summary names every capability, one line each
+    assert sum(c["name"] in res.output for c in result["capabilities"]) == 9
+
+
+def test_unconstrained_fine_tune_forgets_and_verify_says_so(unconstrained_run, tmp_path):
+    folder, spec, _ = unconstrained_run
+    run = folder / "run"
+    res = _cli("verify", str(spec), "--candidate", str(run / "models" / "unconstrained.safetensors"),
+               "--out", str(tmp_path / "verify"), "--quiet")
+    assert res.exit_code == 1, res.output
+    result = json.loads((tmp_path / "verify" / "result.json").read_text())
+    assert result["verdict"] == "not_certified"
+    violated = [c["name"] for c in result["capabilities"] if c["status"] == "violated"]
+    assert violated, [(c["name"], c["status"], c["accuracy_change"]) for c in result["capabilities"]]
+    assert result["target"]["new_accuracy"] > result["target"]["old_accuracy"]
+
+
+def test_verify_of_the_old_model_itself_changes_nothing(small_world, tmp_path):
+    spec = write_world_spec(tmp_path, small_world)
+    res = _cli("verify", str(spec), "--candidate", str(small_world.v1_checkpoint), "--out", str(tmp_path / "v"), "-q")
+    result = json.loads((tmp_path / "v" / "result.json").read_text())
+    assert all(c["negative_flips"] == 0 and c["positive_flips"] == 0 for c in result["capabilities"])
+    assert all(c["status"] == "certified" for c in result["capabilities"]), res.output
+    assert res.exit_code == 0
+
+
+def test_an_interrupted_run_leaves_no_result_and_removes_a_stale_certified_one(small_world, tmp_path, monkeypatch):
+    spec = write_world_spec(tmp_path, small_world, steps=30)
+    run = tmp_path / "run"
+    run.mkdir()
+    # a certified result and report from an earlier run must not survive a failed one
+    (run / "result.json").write_text(json.dumps({"verdict": "certified"}))
+    (run / "report.html").write_text("<h1>CERTIFIED</h1>")
+    (run / "junit.xml").write_text("<testsuite/>")
+
+    from safespec import train
+
+    calls = {"n": 0}
+    real = train.Trainer.train_step
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(train.Trainer, "train_step", interrupted)
+    res = CliRunner().invoke(main, ["run", str(spec), "--quiet"])
+    assert res.exit_code == 130
+    state = json.loads((run / "state.json").read_text())
+    assert state["state"] == "failed" and state["reason"] == "interrupted"
+    assert not (run / "result.json").exists()
+    assert not (run / "report.html").exists() and not (run / "junit.xml").exists()
+    # and the report command refuses to render a failed run
+    res = CliRunner().invoke(main, ["report", str(run)])
+    assert res.exit_code == 2 and "fail" in res.output.lower()
+
+
+def test_a_run_that_fails_on_bad_data_exits_2_with_one_line(small_world, tmp_path):
+    spec = write_world_spec(tmp_path, small_world)
+    manifest = small_world.manifests["heldout"]
+    bad = tmp_path / "heldout.csv"
+    lines = manifest.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + ",unicorn"
+    # paths in the manifest are relative to it: keep them valid by writing next to the original
+    bad = manifest.parent / "heldout-bad.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    try:
+        text = spec.read_text().replace(str(manifest), str(bad))
+        spec.write_text(text)
+        res = CliRunner().invoke(main, ["run", str(spec), "--quiet"])
+    finally:
+        bad.unlink()
+    assert res.exit_code == 2
+    assert "heldout-bad.csv:row 4" in res.output and "unicorn" in res.output
+    assert "Traceback" not in res.output
