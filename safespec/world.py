@@ -426,7 +426,10 @@ def _load_world(root: Path, *, reused: bool) -> World:
 
 
 def _show(progress: bool) -> bool:
-    return progress and not os.environ.get("CI")
+    """A live bar only for a person at a terminal; logs and CI get sparse lines instead."""
+    from .progress import interactive_default
+
+    return progress and interactive_default()
 
 
 def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str], Any], t0: float,
@@ -574,7 +577,7 @@ def _train_v1(out: Path, base: Manifest, heldout: Manifest, config: WorldConfig,
     model.train()
     t0 = time.perf_counter()
     loss_avg = float("nan")
-    with Progress(config.steps, "world: training v1", quiet=not progress, bar=_show(progress) or None,
+    with Progress(config.steps, "world: training v1", quiet=not progress, bar=_show(progress),
                   log=log) as bar:
         for step in range(config.steps):
             if cursor + bs > len(order):
