@@ -181,7 +181,13 @@ def _summarise(result: dict) -> int:
     from .report import summary_text
 
     click.echo(summary_text(result, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
-    return EXIT_OK if result.get("verdict") == "certified" else EXIT_NOT_CERTIFIED
+    return EXIT_OK if release_ok(result) else EXIT_NOT_CERTIFIED
+
+
+def release_ok(result: dict) -> bool:
+    """The release gate: every protected capability meets what the spec requires (the verdict) *and* the
+    target reaches its goal; a model that keeps everything but improves nothing is not a release."""
+    return result.get("verdict") == "certified" and bool((result.get("target") or {}).get("goal_met"))
 
 
 @main.command()
@@ -194,7 +200,8 @@ def _summarise(result: dict) -> int:
 def run(spec: str, resume: bool, method: str | None, out: str | None, quiet: bool) -> int:
     """Run the whole cycle: compile, train, select, certify, report.
 
-    Exits 0 when every protected capability meets what the spec requires, 1 when not, 2 on bad input."""
+    Exits 0 when every protected capability meets what the spec requires and the target reaches its goal,
+    1 when not, 2 on bad input."""
     from .runner import run_cycle
 
     result = run_cycle(spec, resume=resume, quiet=quiet, out=Path(out) if out else None, method=method, log=_log(quiet))

@@ -243,7 +243,10 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
 
+        self._freeze(plan.model.freeze)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise RunError("model.freeze: every parameter is frozen; enable heads or train a tower")
         # fused AdamW: one kernel over all parameters (CPU and CUDA); on a 2-core CPU the per-parameter loop
         # of the default implementation costs as much as the forward pass of a tiny model
         self.opt = torch.optim.AdamW(params, lr=self.o.lr, weight_decay=self.o.weight_decay, fused=True)
@@ -253,6 +256,15 @@ class Trainer:
         self.trajectory: list[dict] = []
         self.best_step, self.best_score, self.best_state = 0, -math.inf, None
         self.seconds = 0.0
+
+    def _freeze(self, towers) -> None:
+        """Keep the named towers fixed ('image': the vision tower; 'text': the shared text tower, its
+        projection included); task-dependent heads always train."""
+        clip = self.model.clip
+        for name, p in clip.named_parameters():
+            is_image = name.startswith("visual.")
+            if (is_image and "image" in towers) or (not is_image and name != "logit_scale" and "text" in towers):
+                p.requires_grad_(False)
 
     # ------------------------------------------------------------------ references and evaluation
     def _reference(self, split: Split) -> Predictions:
@@ -274,13 +286,29 @@ class Trainer:
             out[k] = float((m_new[mask] - m_old[mask]).mean()) - c.slack if mask.any() else 0.0
         return out
 
+    def validation_drops(self, new: Predictions, old: Predictions) -> np.ndarray:
+        """Per capability: the paired accuracy drop of the new model on its validation images."""
+        out = np.zeros(len(self.constraints))
+        for k, c in enumerate(self.constraints):
+            mask = np.isin(new.labels, c.class_indices)
+            if mask.any():
+                out[k] = float(old.correct[mask].mean() - new.correct[mask].mean())
+        return out
+
     def validate(self) -> dict:
+        """Evaluate on the validation split. A checkpoint is *feasible* when no capability's validation
+        accuracy dropped by more than its tolerance: the release criterion itself, on data the training
+        never saw. (The loss constraints on validation are recorded too, but a strict loss criterion there
+        rejected nearly every checkpoint: held-out losses move with every flip, and an accuracy criterion on
+        100 images per class is what the certificate will judge, only noisier.)"""
         new = self._evaluate(self.data.validation) if self.step > 0 else self.ref_val
         cons = self.constraint_values(new, self.ref_val)
+        drops = self.validation_drops(new, self.ref_val)
         acc = new.per_class_accuracy(len(self.plan.classes))
         t = self.plan.objective.target_index
-        return {"constraints": cons, "accuracy": acc, "target": float(acc[t]),
-                "feasible": bool(np.all(cons <= 0.0))}
+        tol = np.array([c.tolerance for c in self.constraints])
+        return {"constraints": cons, "drops": drops, "accuracy": acc, "target": float(acc[t]),
+                "feasible": bool(np.all(drops <= tol + 1e-12))}
 
     # ------------------------------------------------------------------ one step
     def _target_objective(self, feats_t, text, yt, pos_n, pos_idx, neg_idx):
@@ -388,6 +416,7 @@ class Trainer:
             "train_loss": float(self.loss_sum) / self.loss_count if self.loss_count else None,
             "target_metric": v["target"],
             "constraints": dict(zip(names, map(float, v["constraints"]))),
+            "val_drop": dict(zip(names, map(float, v["drops"]))),
             "u": dict(zip(names, map(float, self.weights.u.cpu()))),
             "multipliers": dict(zip(names, map(float, self.weights.lam.cpu()))) if self.method == "lagrangian" else {},
             "val_accuracy": {c: (None if math.isnan(a) else float(a)) for c, a in zip(self.plan.classes, v["accuracy"])},
@@ -409,12 +438,13 @@ class Trainer:
     def _outcome(self) -> TrainOutcome:
         fell_back = self.best_state is None
         if fell_back:
-            reason = ("no checkpoint satisfied every constraint on the validation split with a better target; "
-                      "the old model is kept as the answer")
+            reason = ("no checkpoint kept every capability within its tolerance on the validation split with a "
+                      "better target; the old model is kept as the answer")
             if any(e["feasible"] and e["step"] > 0 for e in self.trajectory):
                 reason = "no feasible checkpoint improved the target on validation; the old model is kept"
         else:
-            among = ("among checkpoints that satisfy every constraint on validation" if self.method in CONSTRAINED
+            among = ("among checkpoints that keep every capability within its tolerance on validation"
+                     if self.method in CONSTRAINED
                      else "(a baseline: selected by the target alone)")
             reason = (f"step {self.best_step}: best validation accuracy on {self.plan.objective.target_class!r} "
                       f"({self.best_score:.3f}) {among}")

@@ -29,7 +29,7 @@ def test_run_writes_a_complete_run_directory(unconstrained_run):
     folder, spec, res = unconstrained_run
     run = folder / "run"
     result = json.loads((run / "result.json").read_text())
-    assert res.exit_code == (0 if result["verdict"] == "certified" else 1)
+    assert res.exit_code == (0 if result["verdict"] == "certified" and result["target"]["goal_met"] else 1)
     assert json.loads((run / "state.json").read_text())["state"] == "complete"
     for name in ("report.html", "junit.xml", "trajectory.jsonl", "models/unconstrained.safetensors"):
         assert (run / name).is_file(), name
@@ -60,7 +60,9 @@ def test_verify_of_the_old_model_itself_changes_nothing(small_world, tmp_path):
     result = json.loads((tmp_path / "v" / "result.json").read_text())
     assert all(c["negative_flips"] == 0 and c["positive_flips"] == 0 for c in result["capabilities"])
     assert all(c["status"] == "certified" for c in result["capabilities"]), res.output
-    assert res.exit_code == 0
+    assert result["verdict"] == "certified"
+    # ...but the old model does not reach the target's goal, so it is no release: exit 1
+    assert not result["target"]["goal_met"] and res.exit_code == 1
 
 
 def test_an_interrupted_run_leaves_no_result_and_removes_a_stale_certified_one(small_world, tmp_path, monkeypatch):

@@ -1,0 +1,136 @@
+"""Quality of each method on the demo world, over several fine-tuning seeds (issue: the optimizer's bar).
+
+For every method and seed: train from v1 with the demo spec (only the method and the seed change), select
+the checkpoint as `safespec run` does, evaluate v1 and the selected model on the held-out split, and report
+the target's accuracy, the protected classes' accuracy changes (min, mean, and how many dropped by more
+than 1, 2 and 3 points) and how many capabilities the certificate certifies. The oracle is a model
+retrained from scratch on base-train plus every target-train dog.
+
+    python -m bench.quality [--spec specs/demo.yaml] [--seeds 0 1 2] [--methods penalty lagrangian ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _row(name, seed, classes, target, acc_old, acc_new, cert=None, seconds=None, extra=None):
+    prot = [i for i in range(len(classes)) if i != target]
+    d = (acc_new - acc_old)[prot]
+    return {"method": name, "seed": seed, "target_old": float(acc_old[target]), "target_new": float(acc_new[target]),
+            "min_change": float(d.min()), "mean_change": float(d.mean()),
+            "drops_gt": {str(k): int((d < -k / 100 - 1e-9).sum()) for k in (1, 2, 3)},
+            "worst_class": classes[prot[int(d.argmin())]],
+            "certified": cert, "seconds": seconds, **(extra or {})}
+
+
+def run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print) -> dict:
+    import torch
+
+    from safespec.certify import certify
+    from safespec.evaluate import PredictionCache, evaluate
+    from safespec.model import load_model
+    from safespec.runner import _split, load_inputs, make_train_data
+    from safespec.train import Trainer, class_token_tensor
+
+    inp = load_inputs(spec_path, log=log)
+    plan0 = inp.plan
+    C, t = len(plan0.classes), plan0.objective.target_index
+    old = load_model(plan0.model, plan0.classes)
+    data = make_train_data(inp, old.preprocess)
+    held = _split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
+    tokens = class_token_tensor(old.tokenizer, plan0.classes, plan0.templates)
+    tau = plan0.optimizer.constraint_tau
+    p_old = evaluate(old.model, tokens, held.bank, held.labels, tau)
+    acc_old = p_old.per_class_accuracy(C)
+    cache = PredictionCache()
+    rows = []
+    for method in methods:
+        for seed in seeds:
+            plan = dataclasses.replace(plan0, optimizer=dataclasses.replace(plan0.optimizer, seed=seed, method=method))
+            torch.manual_seed(seed)
+            trainee = dataclasses.replace(old, model=copy.deepcopy(old.model))
+            t0 = time.perf_counter()
+            outcome = Trainer(plan, trainee, data, method=method, cache=cache, quiet=True).run()
+            trainee.model.load_state_dict(outcome.state_dict)
+            p_new = evaluate(trainee.model, tokens, held.bank, held.labels, tau)
+            cert = certify(plan, held.labels, p_old.preds, p_new.preds)
+            n_cert = sum(c["status"] == "certified" for c in cert.to_dict()["capabilities"])
+            row = _row(method, seed, plan.classes, t, acc_old, p_new.per_class_accuracy(C), n_cert,
+                       round(time.perf_counter() - t0, 1),
+                       {"selected_step": outcome.selected_step, "fell_back": outcome.fell_back_to_old})
+            rows.append(row)
+            log(json.dumps(row))
+    if oracle:
+        rows.append(_oracle(inp, plan0, acc_old, log=log))
+    return {"spec": str(spec_path), "classes": list(plan0.classes), "target": plan0.objective.target_class,
+            "v1_accuracy": acc_old.tolist(), "rows": rows,
+            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}"}
+
+
+def _oracle(inp, plan, acc_old, *, log) -> dict:
+    """v1's recipe on base-train plus every target-train positive: what 'all the dog data' would give."""
+    import tempfile
+
+    from safespec.data import read_manifest
+    from safespec.world import WorldConfig, train_v1
+
+    world_root = Path(plan.data.protected).parent
+    cfg = WorldConfig.from_dict(json.loads((world_root / "world.json").read_text())["config"])
+    base = read_manifest(world_root / "base.csv", plan.classes)
+    target = inp.manifests["target"]
+    t = plan.objective.target_index
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [f"{r.path},{plan.classes[r.label]}" for r in base.records]
+        rows += [f"{r.path},{plan.classes[r.label]}" for r in target.records if r.label == t]
+        csv = Path(tmp) / "oracle.csv"
+        csv.write_text("path,label\n" + "\n".join(rows) + "\n")
+        t0 = time.perf_counter()
+        info = train_v1(Path(tmp), read_manifest(csv, plan.classes), inp.manifests["heldout"], cfg, progress=False,
+                        log=lambda *a: None)
+    acc = np.array([info["heldout_accuracy"][c] for c in plan.classes])
+    row = _row("oracle (retrained with all dogs)", None, plan.classes, t, acc_old, acc, None,
+               round(time.perf_counter() - t0, 1))
+    log(json.dumps(row))
+    return row
+
+
+def table(res: dict) -> str:
+    lines = ["| method | seed | dog v1 → new | min Δ protected | mean Δ protected | drops >1/>2/>3 pt | certified (of 9) | worst class | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        d = r["drops_gt"]
+        lines.append(f"| {r['method']} | {'' if r['seed'] is None else r['seed']} "
+                     f"| {r['target_old']:.3f} → {r['target_new']:.3f} | {100 * r['min_change']:+.2f} pt "
+                     f"| {100 * r['mean_change']:+.2f} pt | {d['1']}/{d['2']}/{d['3']} "
+                     f"| {'' if r['certified'] is None else r['certified']} | {r['worst_class']} | {r['seconds']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", type=Path, default=ROOT / "specs" / "demo.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=["penalty", "lagrangian", "unconstrained", "replay", "wise-ft"])
+    ap.add_argument("--no-oracle", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.json")
+    a = ap.parse_args(argv)
+    res = run(a.spec, a.seeds, a.methods, oracle=not a.no_oracle, log=lambda s: print(s, file=sys.stderr, flush=True))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2))
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
