@@ -258,7 +258,13 @@ def demo(spec_path: str | None, world: str | None, world_only: bool, quiet: bool
     if world_only:
         return EXIT_OK
     result = run_cycle(spec_file, quiet=quiet, log=_log(quiet))
-    return _summarise(result)
+    code = _summarise(result)
+    click.echo(f"report: {load_spec(spec_file, check_files=False).report.dir / 'report.html'}")
+    if code != EXIT_OK:
+        # the demo is a showcase, not a release gate: it ran to the end and says what it found
+        click.echo("demo: the release gate would refuse this model (`safespec run` exits 1 here); "
+                   "the report says why")
+    return EXIT_OK
 
 
 def _write(path: Path, text: str) -> None:
