@@ -12,6 +12,7 @@ loader in :mod:`safespec.specfile` can point at the file and line.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -332,7 +333,7 @@ class Spec(_Strict):
 
         ``report.dir`` stays relative to the working directory, where runs are started."""
         def fix(p: Path | None) -> Path | None:
-            return p if p is None or p.is_absolute() else base / p
+            return p if p is None or p.is_absolute() else Path(os.path.normpath(base / p))
         data = self.data.model_copy(update={k: fix(getattr(self.data, k)) for k in DataSpec.model_fields})
         model = self.model.model_copy(update={"checkpoint": fix(self.model.checkpoint)})
         return self.model_copy(update={"data": data, "model": model})

@@ -161,9 +161,9 @@ def test_demo_spec():
     assert all(c.tolerance == 0.03 and c.confidence == 0.95 and len(c.classes) == 1 for c in plan.constraints)
     assert plan.model.arch == "safespec-tiny-vit" and plan.model.rank == 8
     assert plan.model.pretrained is None
-    assert Path(plan.model.checkpoint) == ROOT / "specs" / ".." / "out" / "world" / "models" / "v1.safetensors"
+    assert Path(plan.model.checkpoint) == ROOT / "out" / "world" / "models" / "v1.safetensors"
     for split in SPLITS:
-        assert Path(getattr(plan.data, split)) == ROOT / "specs" / ".." / "out" / "world" / f"{split}.csv"
+        assert Path(getattr(plan.data, split)) == ROOT / "out" / "world" / f"{split}.csv"
     assert plan.optimizer.method == "penalty" and plan.report_dir == "out/demo"
 
 
