@@ -42,7 +42,8 @@ def run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print) -> d
     from safespec.evaluate import PredictionCache, evaluate
     from safespec.model import load_model
     from safespec.runner import _split, load_inputs, make_train_data
-    from safespec.train import Trainer, class_token_tensor
+    from safespec.model import build_class_tokens
+    from safespec.train import Trainer
 
     inp = load_inputs(spec_path, log=log)
     plan0 = inp.plan
@@ -50,7 +51,7 @@ def run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print) -> d
     old = load_model(plan0.model, plan0.classes)
     data = make_train_data(inp, old.preprocess)
     held = _split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
-    tokens = class_token_tensor(old.tokenizer, plan0.classes, plan0.templates)
+    tokens = build_class_tokens(old.tokenizer, plan0.classes, plan0.templates)
     tau = plan0.optimizer.constraint_tau
     p_old = evaluate(old.model, tokens, held.bank, held.labels, tau)
     acc_old = p_old.per_class_accuracy(C)

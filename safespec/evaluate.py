@@ -7,6 +7,7 @@ held-out split are computed once and reused by every later run, candidate and ba
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -81,7 +82,7 @@ def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: f
     was_training = model.training
     model.eval()
     try:
-        ctx = autocast if autocast is not None else _null
+        ctx = autocast if autocast is not None else contextlib.nullcontext
         with ctx():
             text = model.class_text_features(class_tokens.to(device))
         preds, losses, margins = [], [], []
@@ -98,14 +99,6 @@ def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: f
     cat = lambda xs, dt: torch.cat(xs).numpy().astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
     return Predictions(labels=np.asarray(labels, dtype=np.int64), preds=cat(preds, np.int64),
                        losses=cat(losses, np.float32), margins=cat(margins, np.float32))
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def default_cache_dir() -> Path:

@@ -700,6 +700,8 @@ def summary_text(result: dict[str, Any], color: bool = False) -> str:
     verdict = result["verdict"]
     head = "CERTIFIED" if verdict == "certified" else "NOT CERTIFIED"
     style = "certified" if verdict == "certified" else "violated"
+    if verdict == "certified" and not (result.get("target") or {}).get("goal_met"):
+        head, style = "CERTIFIED, TARGET GOAL NOT MET (not releasable)", "preserved"
     first = f"{paint('safespec:', 'bold')} {paint(head, style)}"
     first += (f"  {clean(spec.get('name') or 'run', 40)}: {len(met)} of {len(caps)} protected capabilities "
               f"{require}{' or better' if require == 'preserved' else ''} (method {result.get('method')})")

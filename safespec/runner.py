@@ -135,11 +135,11 @@ def certify_candidate(inp: Loaded, old, new_model, new_digest: str, *, cache, ru
     result fragment (certificate + per-class numbers + confusion + flips)."""
     from .certify import certify, confusion_matrix
     from .evaluate import evaluate, prediction_key
-    from .train import class_token_tensor
+    from .model import build_class_tokens
 
     plan = inp.plan
     held = _split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
-    tokens = class_token_tensor(old.tokenizer, plan.classes, plan.templates).to(device)
+    tokens = build_class_tokens(old.tokenizer, plan.classes, plan.templates).to(device)
     tau = plan.optimizer.constraint_tau
 
     def preds(model, digest):

@@ -17,6 +17,7 @@ to an uninterrupted one on CPU. The hot loop never synchronises with the device 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from .compile import Plan
 from .errors import RunError, atomic_write_bytes, atomic_write_text
 from .evaluate import PredictionCache, Predictions, evaluate, logits_losses, metric_values, prediction_key
+from .model import build_class_tokens, model_autocast
 from .progress import Progress
 
 METHODS = ("penalty", "lagrangian", "unconstrained", "replay", "wise-ft")
@@ -86,23 +88,8 @@ def beta_at(step: int, total: int, beta: float, schedule: str) -> float:
     return beta
 
 
-def class_token_tensor(tokenizer, classes, templates) -> torch.Tensor:
-    """(C, T, L) tokens: every template for every class, so each class goes through its own head."""
-    flat = [t.format(c) for c in classes for t in templates]
-    tok = tokenizer(flat)
-    return tok.view(len(classes), len(templates), -1)
-
-
 def _cpu_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _autocast(device: torch.device, precision: str):
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        dt = torch.bfloat16 if precision == "bf16" else torch.float16
-        return lambda: torch.autocast("cuda", dtype=dt)
-    return None
-
 
 
 # ------------------------------------------------------------------------------------------ constraints
@@ -194,7 +181,7 @@ class Trainer:
         self.log = log or (lambda s: None)
         self.tag = tag or self.method
         self.device = next(self.model.parameters()).device
-        self.autocast = _autocast(self.device, plan.model.precision)
+        self.autocast = functools.partial(model_autocast, self.device, plan.model.precision)
         self.tau = self.o.constraint_tau
 
         C = len(plan.classes)
@@ -209,7 +196,7 @@ class Trainer:
         if any(c.metric != self.metric for c in self.constraints):
             raise RunError("protect[*].constraint.metric: all capabilities must use the same metric in one run")
 
-        self.class_tokens = class_token_tensor(loaded.tokenizer, plan.classes, plan.templates).to(self.device)
+        self.class_tokens = build_class_tokens(loaded.tokenizer, plan.classes, plan.templates).to(self.device)
         self.old_state = _cpu_state(self.model)
         self.old_digest = loaded.digest
 
@@ -347,8 +334,7 @@ class Trainer:
             x_parts.append(self.data.store.bank[p_rows])
         x = torch.cat(x_parts).to(dev, non_blocking=True)
         nt = len(t_rows)
-        ctx = self.autocast() if self.autocast else _Null()
-        with ctx:
+        with self.autocast():
             text = self.model.class_text_features(self.class_tokens)
             feats = self.model.encode_image(x)
         feats, text = feats.float(), text.float()
@@ -557,14 +543,6 @@ class Trainer:
         if self.caption_tokens is not None:
             self.sog_u1, self.sog_u2, self.sog_seen = st["sog_u1"], st["sog_u2"], st["sog_seen"]
         self.log(f"resumed {self.tag} at step {self.step}/{self.o.steps}")
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _jsonable(x):

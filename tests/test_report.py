@@ -508,3 +508,12 @@ def test_trajectory_path_must_stay_in_the_run_directory(tmp_path: Path):
     result["training"]["trajectory"] = "../../etc/passwd"
     msg = _one_line_error(write_run(tmp_path / "run", result))
     assert "training.trajectory" in msg and "inside the run directory" in msg
+
+
+def test_a_certified_run_whose_target_missed_its_goal_is_marked_not_releasable(tmp_path):
+    result = make_result([(n, [(n, 400, 360, 2, 4)]) for n in ("bear", "cat", "cow")])
+    assert result["verdict"] == "certified"
+    result["target"]["goal_met"] = False
+    html = report.render_html(report.load_run(write_run(tmp_path / "run", result)))
+    assert 'class="banner goal-missed"' in html and "TARGET GOAL NOT MET" in html and "Not releasable" in html
+    assert "not releasable" in report.summary_text(result).splitlines()[0]

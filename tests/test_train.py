@@ -14,7 +14,8 @@ import torch
 from safespec.evaluate import PredictionCache, evaluate, metric_values
 from safespec.model import load_model
 from safespec.runner import load_inputs, make_train_data
-from safespec.train import Trainer, class_token_tensor
+from safespec.model import build_class_tokens
+from safespec.train import Trainer
 
 from world_spec import write_world_spec
 
