@@ -164,7 +164,7 @@ def test_demo_spec():
     assert Path(plan.model.checkpoint) == ROOT / "out" / "world" / "models" / "v1.safetensors"
     for split in SPLITS:
         assert Path(getattr(plan.data, split)) == ROOT / "out" / "world" / f"{split}.csv"
-    assert plan.optimizer.method == "penalty" and plan.report_dir == "out/demo"
+    assert plan.optimizer.method == "lagrangian" and plan.report_dir == "out/demo"
 
 
 @pytest.mark.parametrize("name, target, protected, beta, per_step", [
@@ -206,7 +206,7 @@ def test_example_without_its_data_names_the_paths_tried(tmp_path):
 
 def test_read_spec_data_is_plain_data():
     data = read_spec_data(ROOT / "specs" / "demo.yaml")
-    assert data["optimize"]["lr"] == pytest.approx(1e-4)
+    assert data["optimize"]["lr"] == pytest.approx(3e-5)
     assert json.loads(json.dumps(data)) == data
 
 

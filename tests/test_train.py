@@ -113,7 +113,7 @@ def test_trajectory_records_every_evaluation(world_inputs, tmp_path):
 
 
 def test_selection_falls_back_to_the_old_model_when_nothing_is_feasible(world_inputs, tmp_path, monkeypatch):
-    monkeypatch.setattr(Trainer, "validation_drops", lambda self, new, old: np.ones(len(self.constraints)))
+    monkeypatch.setattr(Trainer, "validation_drops", lambda self, new, old: (np.ones(len(self.constraints)),) * 2)
     trainer, outcome = _train(world_inputs, tmp_path, "penalty", steps=10, eval_every=5)
     assert outcome.fell_back_to_old and outcome.selected_step == 0
     assert all(torch.equal(outcome.state_dict[k], trainer.old_state[k]) for k in trainer.old_state)
@@ -130,6 +130,6 @@ def test_wise_ft_picks_the_largest_feasible_mixing_weight(world_inputs, tmp_path
 
 
 def test_baselines_select_by_the_target_alone(world_inputs, tmp_path, monkeypatch):
-    monkeypatch.setattr(Trainer, "validation_drops", lambda self, new, old: np.ones(len(self.constraints)))
+    monkeypatch.setattr(Trainer, "validation_drops", lambda self, new, old: (np.ones(len(self.constraints)),) * 2)
     _, outcome = _train(world_inputs, tmp_path, "unconstrained", steps=40, eval_every=20)
     assert not outcome.fell_back_to_old and outcome.selected_step > 0
