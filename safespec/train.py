@@ -439,8 +439,8 @@ class Trainer:
             if any(e["feasible"] and e["step"] > 0 for e in self.trajectory):
                 reason = "no feasible checkpoint improved the target on validation; the old model is kept"
         else:
-            among = ("among checkpoints that keep every capability within its tolerance on validation"
-                     if self.method in CONSTRAINED
+            among = (f"among checkpoints for which validation shows no capability beyond its tolerance "
+                     f"({SELECTION_CONFIDENCE:.0%} one-sided bound)" if self.method in CONSTRAINED
                      else "(a baseline: selected by the target alone)")
             reason = (f"step {self.best_step}: best validation accuracy on {self.plan.objective.target_class!r} "
                       f"({self.best_score:.3f}) {among}")
