@@ -277,9 +277,9 @@ def _literals_in(ann: Any) -> list[Any]:
     return [x for a in typing.get_args(ann) for x in _literals_in(a)]
 
 
-def _field_at(loc: Loc) -> FieldInfo | None:
-    """The field that the last key of ``loc`` names (None where unknown); list indices are skipped,
-    an item shares its list field's annotation."""
+def _walk(loc: Loc) -> tuple[FieldInfo | None, type[BaseModel] | None] | None:
+    """Follow ``loc`` through the spec models: the field its last key names and the model that field's
+    value is validated as (None where unknown); list indices are skipped, an item shares its list's field."""
     model: type[BaseModel] | None = Spec
     info: FieldInfo | None = None
     for part in loc:
@@ -292,23 +292,19 @@ def _field_at(loc: Loc) -> FieldInfo | None:
             return None
         inner = _models_in(info.annotation)
         model = inner[0] if inner else None
-    return info
+    return info, model
+
+
+def _field_at(loc: Loc) -> FieldInfo | None:
+    """The field that the last key of ``loc`` names (None where unknown)."""
+    found = _walk(loc)
+    return found[0] if found else None
 
 
 def _section_of(loc: Loc) -> type[BaseModel] | None:
     """The model that a mapping at ``loc`` is validated as."""
-    model: type[BaseModel] | None = Spec
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if model is None:
-            return None
-        info = _keys(model).get(part)
-        if info is None:
-            return None
-        inner = _models_in(info.annotation)
-        model = inner[0] if inner else None
-    return model
+    found = _walk(loc)
+    return found[1] if found else None
 
 
 def _all_keys() -> dict[str, list[str]]:
