@@ -10,6 +10,7 @@ cycle finished.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import platform
 import shutil
 import sys
@@ -96,7 +97,7 @@ class Loaded:
 
 def load_inputs(spec_path: Path, *, log: Callable[[str], None]) -> Loaded:
     from .data import check_disjoint, read_manifest
-    from .specfile import load_plan, spec_digest
+    from .specfile import load_plan
 
     spec, plan = load_plan(spec_path)
     manifests = {split: read_manifest(Path(getattr(plan.data, split)), plan.classes)
@@ -106,8 +107,9 @@ def load_inputs(spec_path: Path, *, log: Callable[[str], None]) -> Loaded:
     check_disjoint(manifests, pairs=[("heldout", "validation"), ("heldout", "protected"), ("heldout", "target"),
                                      ("validation", "protected"), ("validation", "target")])
     digests = {k: m.digest() for k, m in manifests.items()}
-    return Loaded(spec=spec, plan=plan, spec_path=spec_path, spec_text=Path(spec_path).read_text(encoding="utf-8"),
-                  spec_digest=spec_digest(spec_path), manifests=manifests, digests=digests)
+    raw = Path(spec_path).read_bytes()  # one read: the text the report shows is the text the digest names
+    return Loaded(spec=spec, plan=plan, spec_path=spec_path, spec_text=raw.decode("utf-8"),
+                  spec_digest="sha256:" + hashlib.sha256(raw).hexdigest(), manifests=manifests, digests=digests)
 
 
 def make_train_data(inp: Loaded, preprocess):
