@@ -131,42 +131,46 @@ _GATHER_BLOCK = 64  # rows per gathered matmul: bounds the (rows x width x rank)
 
 
 class _SortedGroups(torch.autograd.Function):
-    """``(h_i @ A[k_i]) @ B[k_i]`` for rows sorted by head, one segment at a time.
+    """``base + (h_i @ A[k_i]) @ B[k_i]`` per row, one segment of rows of the same head(s) at a time.
 
-    A segment is either all rows of one frequently used head (two matmuls) or a run of rows of rarely
-    used heads (their factors gathered per row). The backward is written by hand so that every gradient is
-    written once: autograd of the same ops zero-fills and scatters a full-size gradient of ``h`` and ``A``
-    per slice, index and concatenation, which cost as much as the projection itself.
+    ``order`` sorts the rows by head, or is None when they already are (the trainer's text batches:
+    target captions, then negatives; class prompts class by class), in which case no row is gathered or
+    scattered and each segment is added into the output in place. A segment is either all rows of one
+    frequently used head (two matmuls) or a run of rows of rarely used heads (their factors gathered per
+    row). The backward is written by hand so that every gradient is written once: autograd of the same ops
+    zero-fills and scatters a full-size gradient of ``h`` and ``A`` per slice, index and concatenation,
+    which cost as much as the projection itself.
     """
 
     @staticmethod
-    def forward(ctx, h, A, B, order, ids_sorted, segments):  # type: ignore[override]
-        hs = h.index_select(0, order)
+    def forward(ctx, h, A, B, base, order, ids_sorted, segments):  # type: ignore[override]
+        hs = h if order is None else h.index_select(0, order)
         u = hs.new_empty(hs.shape[0], A.shape[2])
-        ys = hs.new_empty(hs.shape[0], B.shape[2])
+        ys = base.clone() if order is None else hs.new_zeros(hs.shape[0], B.shape[2])
         for s, e, k in segments:
             if k >= 0:
                 torch.mm(hs[s:e], A[k], out=u[s:e])
-                torch.mm(u[s:e], B[k], out=ys[s:e])
+                ys[s:e].addmm_(u[s:e], B[k])
             else:
                 ks = ids_sorted[s:e]
                 u[s:e] = torch.bmm(hs[s:e].unsqueeze(1), A.index_select(0, ks)).squeeze(1)
-                ys[s:e] = torch.bmm(u[s:e].unsqueeze(1), B.index_select(0, ks)).squeeze(1)
+                ys[s:e] += torch.bmm(u[s:e].unsqueeze(1), B.index_select(0, ks)).squeeze(1)
         ctx.save_for_backward(hs, u, A, B, order, ids_sorted)
         ctx.segments = segments
-        return ys
+        return ys if order is None else base.index_add(0, order, ys)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):  # type: ignore[override]
         hs, u, A, B, order, ids_sorted = ctx.saved_tensors
         g = g.contiguous()
+        gs = g if order is None else g.index_select(0, order)
         need_h, need_a, need_b = ctx.needs_input_grad[:3]
         grad_hs = torch.empty_like(hs)
         grad_a = torch.zeros_like(A) if need_a else None
         grad_b = torch.zeros_like(B) if need_b else None
         for s, e, k in ctx.segments:
-            gk = g[s:e]
+            gk = gs[s:e]
             if k >= 0:  # each frequent head owns exactly one segment: its gradient is written, not added
                 t = gk @ B[k].T
                 if grad_b is not None:
@@ -182,8 +186,13 @@ class _SortedGroups(torch.autograd.Function):
                 if grad_a is not None:
                     grad_a.index_add_(0, ks, hs[s:e].unsqueeze(2) * t)
                 grad_hs[s:e] = torch.bmm(t, A.index_select(0, ks).transpose(1, 2)).squeeze(1)
-        grad_h = torch.empty_like(grad_hs).index_copy_(0, order, grad_hs) if need_h else None
-        return grad_h, grad_a, grad_b, None, None, None
+        if not need_h:
+            grad_h = None
+        elif order is None:
+            grad_h = grad_hs
+        else:
+            grad_h = torch.empty_like(grad_hs).index_copy_(0, order, grad_hs)
+        return grad_h, grad_a, grad_b, g if ctx.needs_input_grad[3] else None, None, None, None
 
 
 def _segments(heads: list[int], counts: list[int]) -> list[tuple[int, int, int]]:
@@ -212,11 +221,13 @@ def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids
                      base: torch.Tensor | None = None) -> torch.Tensor:
     """``base[i] + (h_i @ A[k_i]) @ B[k_i]`` for every row i (``base`` defaults to zeros), computed per head.
 
-    Rows are sorted by head once. When every head has the same number of rows (class prompts: each class
-    has the same templates) one batched matmul does all heads; otherwise each frequently used head (the
-    target's captions, the negatives) gets two matmuls and rarely used heads' rows share gathered ones
-    (:class:`_SortedGroups`). Nothing of size (rows x width x embed) is ever built, and the result is added
-    to ``base`` with one ``index_add``, so that ``B = 0`` returns ``base`` bit for bit.
+    The grouping is planned on the host from ``head_ids`` (pass them on the CPU, as safespec does, and no
+    device synchronisation happens here). Rows already in head order are used where they lie; otherwise
+    they are sorted once. When every head has the same number of rows (class prompts: each class has the
+    same templates) one batched matmul does all heads; otherwise each frequently used head (the target's
+    captions, the negatives) gets two matmuls and rarely used heads' rows share gathered ones
+    (:class:`_SortedGroups`). Nothing of size (rows x width x embed) is ever built, and ``B = 0`` returns
+    ``base`` bit for bit.
     """
     n = h.shape[0]
     if head_ids.shape != (n,):
@@ -225,23 +236,30 @@ def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids
         base = h.new_zeros(n, B.shape[-1])
     if n == 0:
         return base
-    ids_sorted, order = torch.sort(head_ids.to(h.device), stable=True)
+    ids = head_ids.detach().to("cpu", torch.long)
+    in_order = bool((ids[1:] >= ids[:-1]).all())
+    ids_sorted, order = (ids, None) if in_order else torch.sort(ids, stable=True)
     uniq, counts = torch.unique_consecutive(ids_sorted, return_counts=True)
     u_l, c_l = uniq.tolist(), counts.tolist()
     if u_l[0] < 0 or u_l[-1] >= A.shape[0]:
         raise ValueError(f"head ids must lie in [0, {A.shape[0]}), got {u_l[0]}..{u_l[-1]}")
+    dev = h.device
+    if order is not None:
+        order = order.to(dev, non_blocking=True)
     g = len(u_l)
     if g == 1:
         return base + (h @ A[u_l[0]]) @ B[u_l[0]]
     m = c_l[0]
     if all(c == m for c in c_l):
+        uniq = uniq.to(dev, non_blocking=True)
         Au, Bu = A.index_select(0, uniq), B.index_select(0, uniq)
-        ys = torch.bmm(torch.bmm(h.index_select(0, order).view(g, m, -1), Au), Bu).reshape(n, -1)
-    else:
-        # the hand-written backward runs in h's dtype: keep autocast (which would recast each matmul) out
-        with torch.autocast(h.device.type, enabled=False):
-            ys = _SortedGroups.apply(h, A.to(h.dtype), B.to(h.dtype), order, ids_sorted, _segments(u_l, c_l))
-    return base.index_add(0, order, ys.to(base.dtype))
+        hs = h if order is None else h.index_select(0, order)
+        ys = torch.bmm(torch.bmm(hs.view(g, m, -1), Au), Bu).reshape(n, -1)
+        return base + ys.to(base.dtype) if order is None else base.index_add(0, order, ys.to(base.dtype))
+    # the hand-written backward runs in h's dtype: keep autocast (which would recast each matmul) out
+    with torch.autocast(dev.type, enabled=False):
+        return _SortedGroups.apply(h, A.to(h.dtype), B.to(h.dtype), base.to(h.dtype), order,
+                                   ids_sorted.to(dev, non_blocking=True), _segments(u_l, c_l)).to(base.dtype)
 
 
 def naive_routed_projection(h: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -409,7 +427,7 @@ class HeadedCLIP(nn.Module):
         if self.heads is not None:
             if c != len(self.classes):
                 raise ValueError(f"{c} classes of prompts for a model with heads for {len(self.classes)} classes")
-            ids = torch.arange(c, device=flat.device).repeat_interleave(t)
+            ids = torch.arange(c).repeat_interleave(t)  # on the host: grouping them needs no device sync
         feats = self.encode_text(flat, ids, normalize=True)
         return F.normalize(feats.view(c, t, -1).mean(dim=1), dim=-1)
 

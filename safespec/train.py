@@ -315,7 +315,7 @@ class Trainer:
         # one-way contrastive loss anchored on target pairs (method.md section 4), SogCLR moving averages
         t = self.o.temperature
         rows = torch.cat([pos_idx, neg_idx])
-        heads = torch.full((len(rows),), self.model.negative_head, device=self.device, dtype=torch.long)
+        heads = torch.full((len(rows),), self.model.negative_head, dtype=torch.long)  # on the host: no sync
         heads[:pos_n] = self.plan.objective.target_index
         cap = self.model.encode_text(self.caption_tokens[rows], heads)
         xi, xn = feats_t[:pos_n], feats_t[pos_n:]

@@ -113,14 +113,15 @@ def test_gradients_reach_only_the_heads_that_were_used(headed):
     [2] * 32,                                                      # one head
     list(range(32)),                                               # one row per head
 ], ids=["equal", "skewed", "interleaved", "blocked", "single", "all-distinct"])
-def test_grouped_routing_equals_the_naive_per_sample_routing(ids):
+@pytest.mark.parametrize("shuffled", [True, False], ids=["shuffled", "in-head-order"])
+def test_grouped_routing_equals_the_naive_per_sample_routing(ids, shuffled):
     g = torch.Generator().manual_seed(0)
     n, width, embed, rank, k = len(ids), 24, 16, 3, 101
     h = torch.randn(n, width, generator=g, dtype=torch.float64, requires_grad=True)
     W = torch.randn(width, embed, generator=g, dtype=torch.float64)
     A = torch.randn(k, width, rank, generator=g, dtype=torch.float64, requires_grad=True)
     B = torch.randn(k, rank, embed, generator=g, dtype=torch.float64, requires_grad=True)
-    head_ids = torch.tensor(ids)[torch.randperm(n, generator=g)]
+    head_ids = torch.tensor(ids)[torch.randperm(n, generator=g)] if shuffled else torch.tensor(ids)
     ours = grouped_low_rank(h, A, B, head_ids, base=h @ W)
     ref = naive_routed_projection(h, W, A, B, head_ids)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
