@@ -1,0 +1,90 @@
+"""The benchmark harness at a tiny size: it runs, returns the structure RESULTS.md is rendered from, and
+its ratios are positive finite numbers. No test here asserts on speed: timings belong to `make bench`."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from world_spec import write_world_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is a top-level folder, not installed
+from bench import __main__ as bench_main  # noqa: E402
+from bench import overhead  # noqa: E402
+
+
+def _ratios(node):
+    """Every number under a 'ratio' key, however deep."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from (_leaves(v) if k == "ratio" else _ratios(v))
+
+
+def _leaves(node):
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _leaves(v)
+    else:
+        yield node
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _check(section: str, res: dict) -> None:
+    ratios = list(_ratios(res))
+    assert ratios and all(isinstance(r, float) and math.isfinite(r) and r > 0 for r in ratios), ratios
+    rows = overhead.goals(section, res)
+    assert rows and all(isinstance(met, bool) for *_, met in rows)
+    assert overhead.markdown(section, res)
+    json.dumps(res)  # what bench/results/<section>.json will hold
+
+
+def test_step_overhead_and_verify_on_the_small_world(small_world, tmp_path):
+    spec = write_world_spec(tmp_path, small_world, steps=30)
+    steps = overhead.step_overhead(spec, warmup=1, rounds=1, per_round=2)
+    assert set(steps["ratio"]) == {"penalty", "lagrangian"} and steps["optimizer_matches_trainer"]
+    _check("steps", steps)
+
+    verify = overhead.verify_throughput(spec, candidates=1, bare_repeats=1)
+    n = verify["heldout_images"]
+    # an empty cache evaluates both models; with the old model cached only the candidate; then nothing
+    assert verify["images_encoded"] == {"cold_cache": 2 * n, "old_model_cached": [n], "both_cached": 0}
+    assert verify["second_verify_evaluates_only_candidate"] is True
+    _check("verify", verify)
+
+
+def test_scaling_in_protected_classes_at_a_tiny_size():
+    res = overhead.scaling((2, 5), arch="safespec-micro-vit", classes_per_step=2, per_class=2, target_batch=4,
+                           images_per_class=2, warmup=1, rounds=1, per_round=1)
+    assert set(res["step_ms"]) == {"2", "5"} and set(res["ratio"]) == {"5_over_2"}
+    _check("scaling", res)
+
+
+def test_re_running_one_section_keeps_the_others(tmp_path):
+    """`--only` rewrites one section's JSON; RESULTS.md is rendered from every JSON present, and sections
+    without JSON (or written by hand) are kept as they were."""
+    results = tmp_path / "results"
+    results.mkdir()
+    old = ("# Benchmark results\n\nold preamble\n\n## " + bench_main.HEADINGS["heads"] + "\n\nheads text kept\n\n"
+           "## Status against the goals (read this first)\n\nwritten by hand\n")
+    (results / "demo.json").write_text(json.dumps({
+        "command": "safespec run x --quiet", "quick": True, "exit_code": 1, "wall_s": 12.0, "cpu_s": 20.0,
+        "peak_rss_mib": 500.0, "verdict": "not_certified", "training_seconds": 5.0, "methods": ["lagrangian"],
+        "prediction_cache": "empty at start", "cpus": 2, "load_average_before": [0.1], "load_average_after": [0.2],
+        "stderr_tail": [], "measured": {"date": "2000-01-01 00:00", "machine": "test machine", "quick": True}}))
+    text = bench_main.render(results, old)
+    assert "heads text kept" in text and "written by hand" in text and "old preamble" not in text
+    assert bench_main.HEADINGS["demo"] in text and "| 12.0 |" in text and "test machine" in text
+    # generated sections in their fixed order, then what was written by hand
+    assert text.index(bench_main.HEADINGS["demo"]) < text.index("heads text kept") < text.index("written by hand")
