@@ -72,6 +72,7 @@ def run(spec_path: Path = DEMO_SPEC, *, quick: bool = False, log=lambda s: None)
         "quick": quick, "exit_code": proc.returncode, "wall_s": round(wall, 1),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_mib": round(peak_mib, 1),
         "verdict": result["verdict"] if result else None,
+        "target_goal_met": result["target"]["goal_met"] if result else None,
         "training_seconds": result["training"]["seconds"] if result and result.get("training") else None,
         "methods": [result["method"], *[b["method"] for b in result["baselines"]]] if result else None,
         "prediction_cache": "empty at start", "cpus": os.cpu_count(),
@@ -89,10 +90,10 @@ def markdown(r: dict) -> str:
     lines = [f"`{r['command']}` in a subprocess, world built, prediction cache {r['prediction_cache']}; "
              f"{r['cpus']} cores, load average {r['load_average_before'][0]} before, "
              f"{r['load_average_after'][0]} after.", "",
-             "| wall s | CPU s | peak RSS MiB | exit code | verdict | training s (main method) | methods |",
-             "|---|---|---|---|---|---|---|",
+             "| wall s | CPU s | peak RSS MiB | exit code | verdict | target goal met | training s (main method) | methods |",
+             "|---|---|---|---|---|---|---|---|",
              f"| {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_mib']} | {r['exit_code']} | {r['verdict']} "
-             f"| {r['training_seconds']} | {', '.join(r['methods'] or [])} |"]
+             f"| {r['target_goal_met']} | {r['training_seconds']} | {', '.join(r['methods'] or [])} |"]
     if r["stderr_tail"]:
         lines += ["", "The run failed:", "", "```", *r["stderr_tail"], "```"]
     return "\n".join(lines)

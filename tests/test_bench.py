@@ -80,7 +80,7 @@ def test_re_running_one_section_keeps_the_others(tmp_path):
            "## Status against the goals (read this first)\n\nwritten by hand\n")
     (results / "demo.json").write_text(json.dumps({
         "command": "safespec run x --quiet", "quick": True, "exit_code": 1, "wall_s": 12.0, "cpu_s": 20.0,
-        "peak_rss_mib": 500.0, "verdict": "not_certified", "training_seconds": 5.0, "methods": ["lagrangian"],
+        "peak_rss_mib": 500.0, "verdict": "not_certified", "target_goal_met": False, "training_seconds": 5.0, "methods": ["lagrangian"],
         "prediction_cache": "empty at start", "cpus": 2, "load_average_before": [0.1], "load_average_after": [0.2],
         "stderr_tail": [], "measured": {"date": "2000-01-01 00:00", "machine": "test machine", "quick": True}}))
     text = bench_main.render(results, old)
