@@ -329,9 +329,10 @@ class SyntheticBank:
     def __getitem__(self, idx) -> torch.Tensor:
         return self.tensor.index_select(0, torch.as_tensor(np.asarray(idx, dtype=np.int64)))
 
-    def iter_batches(self, batch_size: int):
-        for s in range(0, len(self), batch_size):
-            idx = np.arange(s, min(s + batch_size, len(self)), dtype=np.int64)
+    def iter_batches(self, batch_size: int, start: int = 0, stop: int | None = None):
+        stop = len(self) if stop is None else min(stop, len(self))
+        for s in range(start, stop, batch_size):
+            idx = np.arange(s, min(s + batch_size, stop), dtype=np.int64)
             yield idx, self[idx]
 
 
