@@ -177,11 +177,27 @@ def _log(quiet: bool):
     return (lambda s: None) if quiet else (lambda s: click.echo(f"safespec: {s}", err=True))
 
 
-def _summarise(result: dict) -> int:
+def _distributed(quiet: bool) -> bool:
+    """Join torchrun's process group when launched by it. Returns whether this process logs: rank 0
+    unless ``--quiet``; the other ranks stay silent (their lines would repeat rank 0's)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return not quiet
+    from .distributed import setup
+
+    ctx = setup(log=_log(quiet))
+    return ctx.is_main and not quiet
+
+
+def _summarise(result: dict, show: bool = True) -> int:
     from .report import summary_text
 
-    click.echo(summary_text(result, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
+    if show:
+        click.echo(summary_text(result, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
     return EXIT_OK if release_ok(result) else EXIT_NOT_CERTIFIED
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def release_ok(result: dict) -> bool:
@@ -204,8 +220,10 @@ def run(spec: str, resume: bool, method: str | None, out: str | None, quiet: boo
     1 when not, 2 on bad input."""
     from .runner import run_cycle
 
-    result = run_cycle(spec, resume=resume, quiet=quiet, out=Path(out) if out else None, method=method, log=_log(quiet))
-    return _summarise(result)
+    talk = _distributed(quiet)
+    result = run_cycle(spec, resume=resume, quiet=not talk, out=Path(out) if out else None, method=method,
+                       log=_log(not talk))
+    return _summarise(result, show=_is_main())  # the summary is the result: printed even when quiet
 
 
 @main.command()
@@ -218,8 +236,9 @@ def verify(spec: str, candidate: str, out: str | None, quiet: bool) -> int:
     """Certify a model trained elsewhere against the spec's old model, without training."""
     from .runner import verify_candidate
 
-    result = verify_candidate(spec, candidate, out=Path(out) if out else None, log=_log(quiet))
-    return _summarise(result)
+    talk = _distributed(quiet)
+    result = verify_candidate(spec, candidate, out=Path(out) if out else None, log=_log(not talk))
+    return _summarise(result, show=_is_main())  # the summary is the result: printed even when quiet
 
 
 @main.command()

@@ -339,17 +339,20 @@ class ImageBank:
             return torch.empty((0, *self.item_shape))
         return torch.stack([self._data[int(i)] for i in ix])
 
-    def iter_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """``(indices, images)`` over the whole bank, in manifest order."""
-        n = len(self)
+    def iter_batches(self, batch_size: int, start: int = 0, stop: int | None = None
+                     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """``(indices, images)`` over rows ``[start, stop)`` of the bank (all of it by default), in
+        manifest order (a torchrun rank evaluates its own contiguous shard)."""
+        n = len(self) if stop is None else min(stop, len(self))
         if self.tensor is not None or self.num_workers <= 0:
-            for s in range(0, n, batch_size):
+            for s in range(start, n, batch_size):
                 idx = np.arange(s, min(s + batch_size, n), dtype=np.int64)
                 yield idx, self[idx]
             return
-        loader = torch.utils.data.DataLoader(self._data, batch_size=batch_size, shuffle=False,
+        data = self._data if (start, n) == (0, len(self)) else torch.utils.data.Subset(self._data, range(start, n))
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False,
                                              num_workers=self.num_workers)
-        s = 0
+        s = start
         for images in loader:
             idx = np.arange(s, s + len(images), dtype=np.int64)
             s += len(images)

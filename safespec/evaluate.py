@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .distributed import context as dist_context
 from .errors import atomic_write_bytes
 
 
@@ -79,6 +80,8 @@ def logits_losses(image_features: torch.Tensor, text_features: torch.Tensor, lab
 def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: float, *,
              batch_size: int = 256, device: str | torch.device = "cpu", autocast=None) -> Predictions:
     """Evaluate ``model`` (a HeadedCLIP) on every image of ``bank``; the text side is computed once."""
+    d = dist_context()
+    n = len(labels)
     was_training = model.training
     model.eval()
     try:
@@ -86,7 +89,8 @@ def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: f
         with ctx():
             text = model.class_text_features(class_tokens.to(device))
         preds, losses, margins = [], [], []
-        for idx, images in bank.iter_batches(batch_size):
+        batches = bank.iter_batches(batch_size, *d.bounds(n)) if d.active else bank.iter_batches(batch_size)
+        for idx, images in batches:
             y = torch.as_tensor(labels[idx], device=device)
             with ctx():
                 feats = model.encode_image(images.to(device, non_blocking=True))
@@ -96,7 +100,9 @@ def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: f
             margins.append(margin.float().cpu())
     finally:
         model.train(was_training)
-    cat = lambda xs, dt: torch.cat(xs).numpy().astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    # under torchrun each rank evaluated its contiguous shard; the gather trims the padding, so every
+    # rank holds exactly one prediction per image
+    cat = lambda xs, dt: d.gather_numpy(torch.cat(xs).numpy().astype(dt) if xs else np.zeros(0, dt), n)  # noqa: E731
     return Predictions(labels=np.asarray(labels, dtype=np.int64), preds=cat(preds, np.int64),
                        losses=cat(losses, np.float32), margins=cat(margins, np.float32))
 
@@ -126,17 +132,24 @@ class PredictionCache:
         return self.root / "predictions" / f"{key}.npz"
 
     def get_or_compute(self, key: str, compute) -> Predictions:
+        """The cached predictions, or ``compute()``'s (then stored). Under torchrun rank 0 looks and
+        broadcasts what it found, so every rank takes the same path through the collective evaluation."""
+        d = dist_context()
         p = self.path(key)
-        if p.exists():
+        out = None
+        if d.is_main and p.exists():
             try:
                 out = Predictions.from_npz(p)
-                self.hits += 1
-                return out
             except Exception:  # a corrupt cache entry is recomputed, never trusted
-                pass
+                out = None
+        out = d.broadcast_object(out)
+        if out is not None:
+            self.hits += 1
+            return out
         self.misses += 1
         out = compute()
-        atomic_write_bytes(p, out.to_npz_bytes())
+        if d.is_main:
+            atomic_write_bytes(p, out.to_npz_bytes())
         return out
 
 

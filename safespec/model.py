@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from . import __version__
 from ._compat import import_open_clip
 from .compile import ModelPlan
+from .distributed import context as dist_context
 from .errors import ModelError, atomic_write_bytes
 
 open_clip = import_open_clip()
@@ -77,9 +78,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if isinstance(device, torch.device):
         return device
     if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None and dist_context().active:
+            dev = torch.device("cuda", dist_context().local_rank)  # one GPU per torchrun process
     except (RuntimeError, TypeError) as e:
         raise ModelError(f"model.device: {device!r} is not a device (expected auto, cpu, cuda, cuda:N or mps)") from e
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import __version__
 from .compile import Plan
+from .distributed import context as dist_context
 from .errors import RunError, SafespecError, atomic_write_json
 
 OUTPUTS = ("result.json", "report.html", "junit.xml")
@@ -47,15 +48,19 @@ def versions() -> dict[str, str]:
 
 # ----------------------------------------------------------------------------------- run directory
 class RunDir:
-    """The run directory and its fail-closed state machine."""
+    """The run directory and its fail-closed state machine. Under torchrun only rank 0 writes it (the
+    other ranks compute the same result and return it, for their exit code)."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        self.writes = dist_context().is_main
 
     def start(self, command: str) -> None:
+        self.started = _now()
+        if not self.writes:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         self.clear_outputs()
-        self.started = _now()
         atomic_write_json(self.path / "state.json", {"state": "running", "started": self.started, "command": command})
 
     def clear_outputs(self) -> None:
@@ -64,11 +69,15 @@ class RunDir:
         shutil.rmtree(self.path / "flips", ignore_errors=True)
 
     def fail(self, reason: str) -> None:
+        if not self.writes:
+            return
         self.clear_outputs()
         atomic_write_json(self.path / "state.json", {"state": "failed", "reason": reason,
                                                      "started": getattr(self, "started", None), "failed": _now()})
 
     def complete(self, verdict: str) -> None:
+        if not self.writes:
+            return
         atomic_write_json(self.path / "state.json", {"state": "complete", "verdict": verdict,
                                                      "started": self.started, "finished": _now()})
 
@@ -169,7 +178,7 @@ def certify_candidate(inp: Loaded, old, new_model, new_digest: str, *, cache, ru
     out["per_class"] = per_class
     out["confusion"] = {"old": confusion_matrix(held.labels, p_old.preds, C).tolist(),
                         "new": confusion_matrix(held.labels, p_new.preds, C).tolist()}
-    out["flips"] = _flip_thumbnails(inp, p_old, p_new, run_dir) if thumbnails else []
+    out["flips"] = _flip_thumbnails(inp, p_old, p_new, run_dir) if thumbnails and dist_context().is_main else []
     return out
 
 
@@ -215,7 +224,8 @@ def _baseline_summary(method: str, frag: dict) -> dict:
 def _provenance(inp: Loaded, old, new_info: dict, command: str, started: str, seed: int | None) -> dict:
     return {"spec_digest": inp.spec_digest, "old_model": {"source": old.source, "digest": old.digest},
             "new_model": new_info, "data": dict(inp.digests), "seed": seed, "versions": versions(),
-            "command": command, "started": started, "finished": _now(), "host": platform.node()}
+            "command": command, "started": started, "finished": _now(), "host": platform.node(),
+            "processes": dist_context().world}
 
 
 def _spec_block(inp: Loaded) -> dict:
@@ -227,6 +237,8 @@ def _finish(rd: RunDir, result: dict, *, log) -> dict:
     from .report import render_report
 
     result["schema_version"] = 1
+    if not rd.writes:
+        return result
     atomic_write_json(rd.path / "result.json", result)
     render_report(rd.path, finishing=True)
     rd.complete(result["verdict"])
@@ -245,7 +257,7 @@ def run_cycle(spec_path: Path | str, *, resume: bool = False, quiet: bool = Fals
     import torch
 
     from .evaluate import PredictionCache
-    from .model import load_model, save_checkpoint
+    from .model import load_model, save_checkpoint, weights_digest
     from .train import Trainer
 
     spec_path = Path(spec_path)
@@ -271,8 +283,11 @@ def run_cycle(spec_path: Path | str, *, resume: bool = False, quiet: bool = Fals
             outcome = trainer.run(resume=resume)
             trainee.model.load_state_dict(outcome.state_dict)
             path = rd.path / "models" / f"{m}.safetensors"
-            digest = save_checkpoint(trainee.model, path, {"method": m, "spec": plan.name,
-                                                           "selected_step": str(outcome.selected_step)})
+            if rd.writes:
+                digest = save_checkpoint(trainee.model, path, {"method": m, "spec": plan.name,
+                                                               "selected_step": str(outcome.selected_step)})
+            else:
+                digest = weights_digest(trainee.model)
             log(f"{m}: {outcome.reason}")
             results[m] = certify_candidate(inp, old, trainee.model, digest, cache=cache, run_dir=rd.path,
                                            device=device, log=log, thumbnails=m == main_method)
@@ -291,7 +306,7 @@ def run_cycle(spec_path: Path | str, *, resume: bool = False, quiet: bool = Fals
                                       command, rd.started, plan.optimizer.seed),
         })
         traj = rd.path / f"trajectory-{main_method}.jsonl"
-        if traj.exists():
+        if rd.writes and traj.exists():
             shutil.copyfile(traj, rd.path / "trajectory.jsonl")
         return _finish(rd, result, log=log)
     except BaseException as exc:

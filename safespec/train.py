@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .compile import Plan
+from .distributed import context as dist_context
 from .errors import RunError, atomic_write_bytes, atomic_write_text
 from .evaluate import PredictionCache, Predictions, evaluate, logits_losses, metric_values, prediction_key
 from .model import build_class_tokens, model_autocast
@@ -92,6 +93,22 @@ def beta_at(step: int, total: int, beta: float, schedule: str) -> float:
 
 def _cpu_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class _Towers(torch.nn.Module):
+    """Everything a step encodes, in one forward call: DistributedDataParallel hooks the gradients of
+    the module it wraps through its forward, so the image batch, the class prompts and the captions go
+    through this one call (each rank passing its own shard of each)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, prompts, prompt_heads, captions=None, caption_heads=None):  # type: ignore[override]
+        img = self.model.encode_image(images)
+        txt = self.model.encode_text(prompts, prompt_heads, normalize=True)
+        cap = self.model.encode_text(captions, caption_heads) if captions is not None else None
+        return img, txt, cap
 
 
 # ------------------------------------------------------------------------------------------ constraints
@@ -183,6 +200,7 @@ class Trainer:
         self.log = log or (lambda s: None)
         self.tag = tag or self.method
         self.device = next(self.model.parameters()).device
+        self.dist = dist_context()
         self.autocast = functools.partial(model_autocast, self.device, plan.model.precision)
         self.tau = self.o.constraint_tau
 
@@ -199,6 +217,9 @@ class Trainer:
             raise RunError("protect[*].constraint.metric: all capabilities must use the same metric in one run")
 
         self.class_tokens = build_class_tokens(loaded.tokenizer, plan.classes, plan.templates).to(self.device)
+        c, t, _ = self.class_tokens.shape
+        self.prompt_tokens = self.class_tokens.reshape(c * t, -1)  # the class prompts, class by class
+        self.prompt_heads = torch.arange(c).repeat_interleave(t) if getattr(self.model, "heads", None) is not None else None
         self.old_state = _cpu_state(self.model)
         self.old_digest = loaded.digest
 
@@ -236,6 +257,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise RunError("model.freeze: every parameter is frozen; enable heads or train a tower")
+        self.towers = self.dist.wrap(_Towers(self.model), self.device)
         # fused AdamW: one kernel over all parameters (CPU and CUDA); on a 2-core CPU the per-parameter loop
         # of the default implementation costs as much as the forward pass of a tiny model
         self.opt = torch.optim.AdamW(params, lr=self.o.lr, weight_decay=self.o.weight_decay, fused=True)
@@ -252,7 +274,11 @@ class Trainer:
         clip = self.model.clip
         for name, p in clip.named_parameters():
             is_image = name.startswith("visual.")
-            if (is_image and "image" in towers) or (not is_image and name != "logit_scale" and "text" in towers):
+            if (is_image and "image" in towers) or (not is_image and "text" in towers):
+                p.requires_grad_(False)
+        for name in ("logit_scale", "logit_bias"):  # unused: the plan's tau sets the logits' temperature
+            p = getattr(clip, name, None)
+            if isinstance(p, torch.nn.Parameter):
                 p.requires_grad_(False)
 
     # ------------------------------------------------------------------ references and evaluation
@@ -308,16 +334,12 @@ class Trainer:
                 "feasible": bool(np.all(lower <= tol + 1e-12))}
 
     # ------------------------------------------------------------------ one step
-    def _target_objective(self, feats_t, text, yt, pos_n, pos_idx, neg_idx):
+    def _target_objective(self, feats_t, text, cap, yt, pos_n, pos_idx):
         if self.plan.objective.kind == "ce":
             logits = feats_t @ text.T / self.tau
             return F.cross_entropy(logits.float(), yt)
         # one-way contrastive loss anchored on target pairs (method.md section 4), SogCLR moving averages
         t = self.o.temperature
-        rows = torch.cat([pos_idx, neg_idx])
-        heads = torch.full((len(rows),), self.model.negative_head, dtype=torch.long)  # on the host: no sync
-        heads[:pos_n] = self.plan.objective.target_index
-        cap = self.model.encode_text(self.caption_tokens[rows], heads)
         xi, xn = feats_t[:pos_n], feats_t[pos_n:]
         ti, tn = cap[:pos_n], cap[pos_n:]
         sii = (xi * ti).sum(1, keepdim=True)
@@ -331,25 +353,57 @@ class Trainer:
             self.sog_seen[pos_idx] = True
         return (t * (g1 / self.sog_u1[pos_idx] + g2 / self.sog_u2[pos_idx])).mean()
 
+    def _shard(self, n: int) -> tuple[int, int, bool]:
+        """This rank's rows of an n-row part of the step, and whether the part is split across ranks (a
+        part with fewer rows than ranks is computed whole on every rank instead)."""
+        if self.dist.active and n >= self.dist.world:
+            return (*self.dist.bounds(n), True)
+        return 0, n, False
+
+    def _encode(self, t_rows: np.ndarray, p_rows: np.ndarray | None, caption_rows: torch.Tensor | None, pos_n: int):
+        """Image features of the target rows then the store rows, the class text features and (contrastive
+        objective) the caption features: each rank encodes its shard of each part, and the parts are
+        gathered whole on every rank."""
+        nt, npr = len(t_rows), (0 if p_rows is None else len(p_rows))
+        ilo, ihi, isplit = self._shard(nt + npr)
+        parts = [self.data.target.bank[t_rows[min(ilo, nt):min(ihi, nt)]]]
+        if p_rows is not None:
+            parts.append(self.data.store.bank[p_rows[max(ilo - nt, 0):max(ihi - nt, 0)]])
+        x = torch.cat(parts).to(self.device, non_blocking=True)
+        plo, phi, psplit = self._shard(self.prompt_tokens.shape[0])
+        heads = self.prompt_heads[plo:phi] if self.prompt_heads is not None else None
+        caps = cap_heads = None
+        if caption_rows is not None:
+            nc = len(caption_rows)
+            clo, chi, csplit = self._shard(nc)
+            cap_heads = torch.full((nc,), self.model.negative_head, dtype=torch.long)  # on the host: no sync
+            cap_heads[:pos_n] = self.plan.objective.target_index
+            caps, cap_heads = self.caption_tokens[caption_rows[clo:chi]], cap_heads[clo:chi]
+        with self.autocast():
+            img, txt, cap = self.towers(x, self.prompt_tokens[plo:phi], heads, caps, cap_heads)
+        gather = self.dist.gather_rows
+        img = gather(img, nt + npr) if isplit else img
+        txt = gather(txt, self.prompt_tokens.shape[0]) if psplit else txt
+        c, t, _ = self.class_tokens.shape
+        text = F.normalize(txt.view(c, t, -1).mean(dim=1), dim=-1)
+        if cap is not None:
+            cap = (gather(cap, nc) if csplit else cap).float()
+        return img.float(), text.float(), cap
+
     def train_step(self) -> torch.Tensor:
         o, dev = self.o, self.device
         pos, neg = self.target_sampler.sample()
         pos_idx = torch.as_tensor(pos, device=dev)
-        neg_idx = torch.as_tensor(neg, device=dev)
         t_rows = np.concatenate([pos, neg])
-        x_parts = [self.data.target.bank[t_rows]]
         constrained = self.method != "unconstrained"
-        if constrained:
-            p_rows, _ = self.prot_sampler.sample()
-            x_parts.append(self.data.store.bank[p_rows])
-        x = torch.cat(x_parts).to(dev, non_blocking=True)
+        p_rows = self.prot_sampler.sample()[0] if constrained else None
+        caption_rows = None
+        if self.plan.objective.kind != "ce":
+            caption_rows = torch.cat([pos_idx, torch.as_tensor(neg, device=dev)])
+        feats, text, cap = self._encode(t_rows, p_rows, caption_rows, len(pos))
         nt = len(t_rows)
-        with self.autocast():
-            text = self.model.class_text_features(self.class_tokens)
-            feats = self.model.encode_image(x)
-        feats, text = feats.float(), text.float()
         yt = self.target_labels[torch.as_tensor(t_rows, device=dev)]
-        loss = self._target_objective(feats[:nt], text, yt, len(pos), pos_idx, neg_idx)
+        loss = self._target_objective(feats[:nt], text, cap, yt, len(pos), pos_idx)
         if constrained:
             p_idx = torch.as_tensor(p_rows, device=dev)
             yp = self.store_labels[p_idx]
@@ -364,7 +418,8 @@ class Trainer:
                 diff = m_new.detach() - self.ref_store_metric[p_idx]
                 c = torch.zeros(K, device=dev).index_add_(0, k_of, diff) / counts.clamp(min=1) - self.slack
             weight = self.weights.update(c, present, self.step)
-            loss = loss + (weight * self.tau * mean_new)[present].sum() / present.sum().clamp(min=1)
+            # torch.where, not boolean indexing: indexing by a mask waits for the device to count it
+            loss = loss + torch.where(present, weight * self.tau * mean_new, 0.0).sum() / present.sum().clamp(min=1)
         loss.backward()
         self.opt.step()
         self.sched.step()
@@ -427,7 +482,7 @@ class Trainer:
         if eligible and v["target"] > self.best_score:
             self.best_step, self.best_score = self.step, v["target"]
             self.best_state = None if self.step == 0 else _cpu_state(self.model)
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.dist.is_main:
             atomic_write_text(self.run_dir / f"trajectory-{self.tag}.jsonl",
                               "".join(json.dumps(e) + "\n" for e in self.trajectory))
 
@@ -475,7 +530,7 @@ class Trainer:
         self.model.load_state_dict(state)
         reason = (f"largest mixing weight alpha={a:.2f} between the old model (0) and the unconstrained fine-tune (1) "
                   f"that keeps every constraint on validation")
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.dist.is_main:
             atomic_write_text(self.run_dir / f"trajectory-{self.tag}.jsonl",
                               "".join(json.dumps(e) + "\n" for e in self.trajectory))
         return TrainOutcome(method="wise-ft", state_dict=_cpu_state(self.model), selected_step=inner.step,
@@ -516,7 +571,7 @@ class Trainer:
         return st
 
     def save_state(self) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.dist.is_main:
             return
         st = self.state_dict()
         if self.best_state is not None:
