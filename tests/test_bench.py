@@ -56,7 +56,7 @@ def test_step_overhead_and_verify_on_the_small_world(small_world, tmp_path):
     assert set(steps["ratio"]) == {"penalty", "lagrangian"} and steps["optimizer_matches_trainer"]
     _check("steps", steps)
 
-    verify = overhead.verify_throughput(spec, candidates=1, bare_repeats=1)
+    verify = overhead.verify_throughput(spec, candidates=1, bare_repeats=1, cli=False)
     n = verify["heldout_images"]
     # an empty cache evaluates both models; with the old model cached only the candidate; then nothing
     assert verify["images_encoded"] == {"cold_cache": 2 * n, "old_model_cached": [n], "both_cached": 0}
