@@ -76,10 +76,56 @@ def logits_losses(image_features: torch.Tensor, text_features: torch.Tensor, lab
     return logits, losses, true - other
 
 
+def _batches(bank, n: int, batch_size: int, features: torch.Tensor | None):
+    """``(indices, images or None)`` over this rank's rows; with ``features`` no image is loaded."""
+    d = dist_context()
+    lo, hi = d.bounds(n)
+    if features is not None:
+        for s in range(lo, hi, batch_size):
+            yield np.arange(s, min(s + batch_size, hi), dtype=np.int64), None
+    else:
+        yield from (bank.iter_batches(batch_size, lo, hi) if d.active else bank.iter_batches(batch_size))
+
+
+@torch.no_grad()
+def image_features(model, bank, *, batch_size: int = 256, device: str | torch.device = "cpu",
+                   autocast=None) -> torch.Tensor:
+    """Normalised image features (N, D) of every image of ``bank``, float32 on the CPU, computed exactly as
+    :func:`evaluate` computes them (same batches, same precision), so that predictions from them are the
+    same bits."""
+    d = dist_context()
+    was_training = model.training
+    model.eval()
+    ctx = autocast if autocast is not None else contextlib.nullcontext
+    out = []
+    try:
+        for _, images in _batches(bank, len(bank), batch_size, None):
+            with ctx():
+                out.append(model.encode_image(images.to(device, non_blocking=True)).float().cpu())
+    finally:
+        model.train(was_training)
+    local = torch.cat(out) if out else torch.zeros(0, model.embed_dim)
+    return torch.as_tensor(d.gather_numpy(local.numpy(), len(bank)))
+
+
+def visual_digest(model) -> str:
+    """Digest of the image tower's weights alone: a fine-tune that froze its image tower shares this digest
+    (and so the cached image features) with its old model, whatever happened to its text side."""
+    from .model import tensor_digest
+
+    return tensor_digest({k: v for k, v in model.state_dict().items() if k.startswith("clip.visual.")})
+
+
+def feature_key(visual: str, data_digest: str, precision: str | None) -> str:
+    return PredictionCache.key(visual=visual, data=data_digest, precision=precision, what="image-features", v=1)
+
+
 @torch.no_grad()
 def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: float, *,
-             batch_size: int = 256, device: str | torch.device = "cpu", autocast=None) -> Predictions:
-    """Evaluate ``model`` (a HeadedCLIP) on every image of ``bank``; the text side is computed once."""
+             batch_size: int = 256, device: str | torch.device = "cpu", autocast=None,
+             features: torch.Tensor | None = None) -> Predictions:
+    """Evaluate ``model`` (a HeadedCLIP) on every image of ``bank``; the text side is computed once.
+    ``features`` (from :func:`image_features` of a model with the same image tower) replace the image pass."""
     d = dist_context()
     n = len(labels)
     was_training = model.training
@@ -89,11 +135,13 @@ def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: f
         with ctx():
             text = model.class_text_features(class_tokens.to(device))
         preds, losses, margins = [], [], []
-        batches = bank.iter_batches(batch_size, *d.bounds(n)) if d.active else bank.iter_batches(batch_size)
-        for idx, images in batches:
+        for idx, images in _batches(bank, n, batch_size, features):
             y = torch.as_tensor(labels[idx], device=device)
-            with ctx():
-                feats = model.encode_image(images.to(device, non_blocking=True))
+            if features is not None:
+                feats = features[torch.as_tensor(idx)].to(device, non_blocking=True)
+            else:
+                with ctx():
+                    feats = model.encode_image(images.to(device, non_blocking=True))
             logits, loss, margin = logits_losses(feats.float(), text.float(), y, tau)
             preds.append(logits.argmax(1).cpu())
             losses.append(loss.cpu())
@@ -131,16 +179,35 @@ class PredictionCache:
     def path(self, key: str) -> Path:
         return self.root / "predictions" / f"{key}.npz"
 
+    def features_path(self, key: str) -> Path:
+        return self.root / "features" / f"{key}.npy"
+
     def get_or_compute(self, key: str, compute) -> Predictions:
-        """The cached predictions, or ``compute()``'s (then stored). Under torchrun rank 0 looks and
-        broadcasts what it found, so every rank takes the same path through the collective evaluation."""
+        """The cached predictions, or ``compute()``'s (then stored)."""
+        return self._cached(self.path(key), Predictions.from_npz, lambda p: p.to_npz_bytes(), compute)
+
+    def features(self, key: str, compute) -> torch.Tensor:
+        """Cached image features (N, D), or ``compute()``'s (then stored)."""
+        def load(path: Path) -> torch.Tensor:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+
+        def dump(t: torch.Tensor) -> bytes:
+            import io
+            buf = io.BytesIO()
+            np.save(buf, t.numpy(), allow_pickle=False)
+            return buf.getvalue()
+
+        return self._cached(self.features_path(key), load, dump, compute)
+
+    def _cached(self, path: Path, load, dump, compute):
+        """Under torchrun rank 0 looks and broadcasts what it found, so every rank takes the same path
+        through the collective computation; a corrupt entry is recomputed, never trusted."""
         d = dist_context()
-        p = self.path(key)
         out = None
-        if d.is_main and p.exists():
+        if d.is_main and path.exists():
             try:
-                out = Predictions.from_npz(p)
-            except Exception:  # a corrupt cache entry is recomputed, never trusted
+                out = load(path)
+            except Exception:
                 out = None
         out = d.broadcast_object(out)
         if out is not None:
@@ -149,7 +216,7 @@ class PredictionCache:
         self.misses += 1
         out = compute()
         if d.is_main:
-            atomic_write_bytes(p, out.to_npz_bytes())
+            atomic_write_bytes(path, dump(out))
         return out
 
 

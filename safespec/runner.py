@@ -145,7 +145,7 @@ def certify_candidate(inp: Loaded, old, new_model, new_digest: str, *, cache, ru
     """Evaluate old and new on the held-out split (old cached by digest) and certify; returns the
     result fragment (certificate + per-class numbers + confusion + flips)."""
     from .certify import certify, confusion_matrix
-    from .evaluate import evaluate, prediction_key
+    from .evaluate import evaluate, feature_key, image_features, prediction_key, visual_digest
     from .model import build_class_tokens
 
     plan = inp.plan
@@ -153,10 +153,23 @@ def certify_candidate(inp: Loaded, old, new_model, new_digest: str, *, cache, ru
     tokens = build_class_tokens(old.tokenizer, plan.classes, plan.templates).to(device)
     tau = plan.optimizer.constraint_tau
 
+    # a new model that kept the old image tower (model.freeze: [image]) is evaluated from the old
+    # tower's held-out image features: one image pass serves both models, and later runs none
+    vis = visual_digest(old.model)
+    shared = visual_digest(new_model) == vis
+    features: list = []  # filled on first need: nothing is computed when both predictions are cached
+
+    def evaluate_(model):
+        if shared and not features:
+            features.append(cache.features(feature_key(vis, held.digest, "fp32"),
+                                           lambda: image_features(old.model, held.bank, device=device)))
+        return evaluate(model, tokens, held.bank, held.labels, tau, device=device,
+                        features=features[0] if shared else None)
+
     def preds(model, digest):
         key = prediction_key(digest, held.digest, plan.classes, plan.templates, tau,
                              heads=getattr(model, "heads", None) is not None)
-        return cache.get_or_compute(key, lambda: evaluate(model, tokens, held.bank, held.labels, tau, device=device))
+        return cache.get_or_compute(key, lambda: evaluate_(model))
 
     log("evaluating the old model on the held-out split")
     p_old = preds(old.model, old.digest)

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from .compile import Plan
 from .distributed import context as dist_context
 from .errors import RunError, atomic_write_bytes, atomic_write_text
-from .evaluate import PredictionCache, Predictions, evaluate, logits_losses, metric_values, prediction_key
+from .evaluate import (PredictionCache, Predictions, evaluate, feature_key, image_features, logits_losses,
+                       metric_values, prediction_key, visual_digest)
 from .model import build_class_tokens, model_autocast
 from .progress import Progress
 
@@ -105,7 +106,7 @@ class _Towers(torch.nn.Module):
         self.model = model
 
     def forward(self, images, prompts, prompt_heads, captions=None, caption_heads=None):  # type: ignore[override]
-        img = self.model.encode_image(images)
+        img = self.model.encode_image(images) if images is not None else None
         txt = self.model.encode_text(prompts, prompt_heads, normalize=True)
         cap = self.model.encode_text(captions, caption_heads) if captions is not None else None
         return img, txt, cap
@@ -223,6 +224,18 @@ class Trainer:
         self.old_state = _cpu_state(self.model)
         self.old_digest = loaded.digest
 
+        # a frozen image tower sees every image once: its features for the store, the target set and
+        # validation are computed (or read from the cache, keyed by the tower's digest) before training
+        self.image_frozen = "image" in plan.model.freeze
+        self._features: dict[int, torch.Tensor] = {}
+        if self.image_frozen:
+            vis = visual_digest(self.model)
+            for split in (data.store, data.target, data.validation):
+                key = feature_key(vis, split.digest, plan.model.precision)
+                feats = self.cache.features(key, functools.partial(
+                    image_features, self.model, split.bank, device=self.device, autocast=self.autocast))
+                self._features[id(split)] = feats.to(self.device)
+
         # the old model's references: per-sample metric on the store, predictions on validation
         self.ref_store = self._reference(data.store)
         self.ref_val = self._reference(data.validation)
@@ -289,7 +302,7 @@ class Trainer:
 
     def _evaluate(self, split: Split) -> Predictions:
         return evaluate(self.model, self.class_tokens, split.bank, split.labels, self.tau,
-                        device=self.device, autocast=self.autocast)
+                        device=self.device, autocast=self.autocast, features=self._features.get(id(split)))
 
     def constraint_values(self, new: Predictions, old: Predictions) -> np.ndarray:
         """Per capability: mean metric(new) - mean metric(old) - slack over the capability's images."""
@@ -365,11 +378,14 @@ class Trainer:
         objective) the caption features: each rank encodes its shard of each part, and the parts are
         gathered whole on every rank."""
         nt, npr = len(t_rows), (0 if p_rows is None else len(p_rows))
-        ilo, ihi, isplit = self._shard(nt + npr)
-        parts = [self.data.target.bank[t_rows[min(ilo, nt):min(ihi, nt)]]]
-        if p_rows is not None:
-            parts.append(self.data.store.bank[p_rows[max(ilo - nt, 0):max(ihi - nt, 0)]])
-        x = torch.cat(parts).to(self.device, non_blocking=True)
+        if self.image_frozen:  # cached features: an index, no image pass, nothing to shard
+            x, isplit = None, False
+        else:
+            ilo, ihi, isplit = self._shard(nt + npr)
+            parts = [self.data.target.bank[t_rows[min(ilo, nt):min(ihi, nt)]]]
+            if p_rows is not None:
+                parts.append(self.data.store.bank[p_rows[max(ilo - nt, 0):max(ihi - nt, 0)]])
+            x = torch.cat(parts).to(self.device, non_blocking=True)
         plo, phi, psplit = self._shard(self.prompt_tokens.shape[0])
         heads = self.prompt_heads[plo:phi] if self.prompt_heads is not None else None
         caps = cap_heads = None
@@ -382,7 +398,12 @@ class Trainer:
         with self.autocast():
             img, txt, cap = self.towers(x, self.prompt_tokens[plo:phi], heads, caps, cap_heads)
         gather = self.dist.gather_rows
-        img = gather(img, nt + npr) if isplit else img
+        if self.image_frozen:
+            img = self._features[id(self.data.target)][torch.as_tensor(t_rows, device=self.device)]
+            if p_rows is not None:
+                img = torch.cat([img, self._features[id(self.data.store)][torch.as_tensor(p_rows, device=self.device)]])
+        elif isplit:
+            img = gather(img, nt + npr)
         txt = gather(txt, self.prompt_tokens.shape[0]) if psplit else txt
         c, t, _ = self.class_tokens.shape
         text = F.normalize(txt.view(c, t, -1).mean(dim=1), dim=-1)

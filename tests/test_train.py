@@ -133,3 +133,40 @@ def test_baselines_select_by_the_target_alone(world_inputs, tmp_path, monkeypatc
     monkeypatch.setattr(Trainer, "validation_drops", lambda self, new, old: (np.ones(len(self.constraints)),) * 2)
     _, outcome = _train(world_inputs, tmp_path, "unconstrained", steps=40, eval_every=20)
     assert not outcome.fell_back_to_old and outcome.selected_step > 0
+
+
+def _frozen_image_plan(inp):
+    return dataclasses.replace(inp.plan, model=dataclasses.replace(inp.plan.model, freeze=("image",)))
+
+
+def test_a_frozen_image_tower_is_encoded_once_and_cached_by_its_digest(world_inputs, tmp_path, monkeypatch):
+    plan = _frozen_image_plan(world_inputs)
+    cache = PredictionCache(tmp_path / "cache")
+    old = load_model(plan.model, plan.classes)
+    data = make_train_data(world_inputs, old.preprocess)
+    # the cached features give the same predictions, to the bit, as the image pass they replace
+    tokens = build_class_tokens(old.tokenizer, plan.classes, plan.templates)
+    direct = evaluate(old.model, tokens, data.validation.bank, data.validation.labels, 0.05)
+    Trainer(plan, old, data, cache=cache, quiet=True)
+    assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 3  # store, target, validation
+    from safespec.evaluate import feature_key, visual_digest
+    feats = cache.features(feature_key(visual_digest(old.model), data.validation.digest, plan.model.precision),
+                           lambda: pytest.fail("the validation features were not cached"))
+    via = evaluate(old.model, tokens, data.validation.bank, data.validation.labels, 0.05, features=feats)
+    assert np.array_equal(direct.preds, via.preds) and np.array_equal(direct.losses, via.losses)
+
+    # training and selection then never run the image tower, and a second trainer reads the cache
+    torch.manual_seed(0)
+    trainee = load_model(plan.model, plan.classes)
+    misses = cache.misses
+    trainer = Trainer(plan, trainee, data, cache=cache, quiet=True)
+    assert cache.misses == misses
+    visual_before = {k: v.clone() for k, v in trainee.model.state_dict().items() if k.startswith("clip.visual.")}
+    monkeypatch.setattr(trainee.model.clip, "encode_image", lambda *a, **k: pytest.fail("image tower ran"))
+    plan_short = dataclasses.replace(plan, optimizer=dataclasses.replace(plan.optimizer, steps=20, eval_every=10))
+    trainer.plan, trainer.o = plan_short, plan_short.optimizer
+    outcome = trainer.run()
+    assert outcome.steps == 20 and len(outcome.trajectory) == 3
+    assert trainer.trajectory[-1]["u"] != trainer.trajectory[0]["u"]  # the text side did train
+    after = trainee.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in visual_before.items())
