@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -116,15 +117,10 @@ def _environment() -> dict:
 def _bare_step(model, opt, class_tokens, batches, autocast, tau: float, device) -> Callable[[], None]:
     """The floor of a training step: the passes over the same images and prompts that any fine-tuning
     of this model needs, and nothing safespec adds (no sampler, constraints, multipliers, scheduler)."""
-    it = iter(())
+    it = itertools.cycle(batches)
 
     def step():
-        nonlocal it
-        try:
-            x_parts, y = next(it)
-        except StopIteration:
-            it = iter(batches)
-            x_parts, y = next(it)
+        x_parts, y = next(it)
         x = torch.cat([bank[rows] for bank, rows in x_parts]).to(device, non_blocking=True)
         with autocast():
             text = model.class_text_features(class_tokens)
