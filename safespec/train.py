@@ -432,7 +432,8 @@ class Trainer:
             m_new = metric_values(ce, margin, self.metric)
             k_of = self.cap_of_class[yp]
             K = len(self.constraints)
-            counts = torch.bincount(k_of, minlength=K).float()
+            # index_add, not bincount: bincount on a GPU reads the largest value back to size its output
+            counts = torch.zeros(K, device=dev).index_add_(0, k_of, torch.ones_like(m_new, dtype=torch.float32))
             present = counts > 0
             mean_new = torch.zeros(K, device=dev).index_add_(0, k_of, m_new) / counts.clamp(min=1)
             with torch.no_grad():

@@ -170,3 +170,40 @@ def test_a_frozen_image_tower_is_encoded_once_and_cached_by_its_digest(world_inp
     assert trainer.trajectory[-1]["u"] != trainer.trajectory[0]["u"]  # the text side did train
     after = trainee.model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in visual_before.items())
+
+
+def test_a_training_step_never_reads_a_device_value_back(world_inputs, tmp_path):
+    """On a GPU, reading a value back (``.item()``, ``bool()``, boolean-mask indexing, ``nonzero``,
+    ``bincount``) stalls the host until the device catches up. The step may only read the head ids, which
+    live on the host (int64, one per prompt or caption); a float read-back (a loss, a u_k, a multiplier) or
+    a mask of the batch would fail here."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "_unique2", "unique_consecutive",
+               "unique_dim", "repeat_interleave"}
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in syncing:
+                t = args[0]
+                seen.append((name, t.dtype, tuple(t.shape)))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    plan = world_inputs.plan
+    for method in ("penalty", "lagrangian"):
+        old = load_model(plan.model, plan.classes)
+        trainer = Trainer(plan, old, make_train_data(world_inputs, old.preprocess), method=method,
+                          cache=PredictionCache(tmp_path / "cache"), quiet=True)
+        trainer.train_step()  # warm-up outside the watch
+        seen.clear()
+        with Watch():
+            trainer.train_step()
+            trainer.train_step()
+        prompts = trainer.prompt_tokens.shape[0]
+        host_ids = {(prompts,), (prompts - 1,)}  # the class prompts' head ids (and their pairwise comparison)
+        assert seen, "the watch saw nothing: the check itself is broken"
+        bad = [s for s in seen if s[1] != torch.int64 and s[1] != torch.bool or s[2] not in host_ids | {()}]
+        assert not bad, bad
