@@ -14,7 +14,9 @@ import csv
 import difflib
 import hashlib
 import io
+import json
 import os
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -103,27 +105,78 @@ class Manifest:
             h.update(line.encode())
             h.update(file_digest(r.path).encode())
             h.update(b"\n")
+        _DIGEST_STORE.flush()
         return "sha256:" + h.hexdigest()
 
 
-_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+def cache_root() -> Path:
+    """Where safespec keeps what it can recompute (predictions, image features, file digests)."""
+    return Path(os.environ.get("SAFESPEC_CACHE_DIR", Path.home() / ".cache" / "safespec"))
+
+
+class _DigestStore:
+    """File digests that outlive the process, so that a second ``safespec verify`` does not hash every
+    image again. An entry is valid only while the file's (size, mtime_ns, ctime_ns, inode) are unchanged:
+    rewriting a file changes its ctime, which no user can set back, so a re-dated file still misses."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.entries: dict[str, list] = {}
+        self.dirty = False
+
+    def _open(self) -> None:
+        path = cache_root() / "file-digests.json"
+        if path != self.path:
+            self.path, self.dirty = path, False
+            try:
+                self.entries = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def get(self, key: str, sig: list) -> str | None:
+        self._open()
+        e = self.entries.get(key)
+        return e[-1] if e is not None and e[:-1] == sig else None
+
+    def put(self, key: str, sig: list, digest: str) -> None:
+        self._open()
+        self.entries[key] = [*sig, digest]
+        self.dirty = True
+
+    def flush(self) -> None:
+        if self.dirty and self.path is not None:
+            from .errors import atomic_write_text  # noqa: PLC0415
+
+            try:
+                atomic_write_text(self.path, json.dumps(self.entries, separators=(",", ":")))
+            except OSError:
+                pass  # a read-only cache only costs the next run the hashing
+            self.dirty = False
+
+
+_DIGEST_STORE = _DigestStore()
+_FILE_DIGESTS: dict[tuple, str] = {}
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes, cached by (resolved path, size, mtime_ns)."""
+    """Hex SHA-256 of a file's bytes, cached in memory and on disk by (absolute path, size, mtime_ns,
+    ctime_ns, inode)."""
     p = Path(path)
     try:
         st = p.stat()
     except OSError as e:
         raise DataError(f"{p}: cannot read file: {e.strerror or e}") from None
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    d = _FILE_DIGESTS.get(key)
+    key = os.fspath(p) if p.is_absolute() else str(p.resolve())  # manifest records are resolved already
+    sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    d = _FILE_DIGESTS.get((key, *sig)) or _DIGEST_STORE.get(key, sig)
     if d is None:
         h = hashlib.sha256()
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-        d = _FILE_DIGESTS[key] = h.hexdigest()
+        d = h.hexdigest()
+        _DIGEST_STORE.put(key, sig, d)
+    _FILE_DIGESTS[(key, *sig)] = d
     return d
 
 
@@ -164,6 +217,7 @@ def _read_csv(src: Path, classes: tuple[str, ...]) -> Manifest:
     except OSError as e:
         raise DataError(f"{src}: cannot read manifest: {e.strerror or e}") from None
     base = src.parent.resolve()
+    folders: dict[Path, Path] = {}  # resolved once per folder, not once per image (a resolve is a syscall per component)
     rows = csv.reader(io.StringIO(text, newline=""))
     records: list[Record] = []
     header: list[str] | None = None
@@ -186,10 +240,10 @@ def _read_csv(src: Path, classes: tuple[str, ...]) -> Manifest:
                 raise DataError(f"{src}:row {n}: malformed row: empty path")
             if label not in index:
                 raise _unknown_label(f"{src}:row {n}", label, classes)
-            p = Path(rel)
-            resolved = (p if p.is_absolute() else base / p).resolve()
-            if not resolved.is_file():
-                raise DataError(f"{src}:row {n}: image not found: {resolved} "
+            full = Path(rel) if Path(rel).is_absolute() else base / rel
+            resolved = _resolve_file(full, folders)
+            if resolved is None:
+                raise DataError(f"{src}:row {n}: image not found: {full.resolve()} "
                                 "(paths are relative to the manifest's folder)")
             caption = row[2].strip() if len(header) == 3 and row[2].strip() else None
             records.append(Record(resolved, index[label], caption, n))
@@ -200,6 +254,22 @@ def _read_csv(src: Path, classes: tuple[str, ...]) -> Manifest:
     if not records:
         raise DataError(f"{src}: empty manifest: a header but no images")
     return Manifest(src, classes, tuple(records))
+
+
+def _resolve_file(p: Path, folders: dict[Path, Path]) -> Path | None:
+    """``p.resolve()`` when ``p`` is a regular file (or a link to one), else None."""
+    folder = folders.get(p.parent)
+    if folder is None:
+        folder = folders[p.parent] = p.parent.resolve()
+    cand = folder / p.name
+    try:
+        mode = os.lstat(cand).st_mode
+    except OSError:
+        return None
+    if stat.S_ISLNK(mode):
+        cand = cand.resolve()
+        return cand if cand.is_file() else None
+    return cand if stat.S_ISREG(mode) else None
 
 
 def _read_folder(src: Path, classes: tuple[str, ...]) -> Manifest:

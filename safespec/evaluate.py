@@ -156,7 +156,9 @@ def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: f
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SAFESPEC_CACHE_DIR", Path.home() / ".cache" / "safespec"))
+    from .data import cache_root
+
+    return cache_root()
 
 
 class PredictionCache:

@@ -42,3 +42,21 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> World:
     # one thread: on a 2-core machine shared with other busy processes, two torch threads that wait for
     # each other can be 10-50x slower than one
     return build_world(root, SMALL_WORLD, progress=False, log=lambda *_: None, threads=1)
+
+
+def pytest_configure(config):
+    """Caches (predictions, image features, file digests) go to a folder of this test session, never to the
+    user's ~/.cache: tests must not depend on, or leave behind, what earlier runs cached."""
+    import os
+    import tempfile
+
+    if "SAFESPEC_CACHE_DIR" not in os.environ:
+        config._safespec_cache = os.environ["SAFESPEC_CACHE_DIR"] = tempfile.mkdtemp(prefix="safespec-test-cache-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    folder = getattr(config, "_safespec_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -331,3 +332,38 @@ def test_file_digest_is_cached_by_size_and_mtime(tmp_path: Path):
     assert d == file_digest(p)
     import hashlib
     assert d == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_file_digests_persist_across_processes_until_the_file_changes(tmp_path, monkeypatch):
+    from safespec import data as data_mod
+
+    monkeypatch.setenv("SAFESPEC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_mod, "_DIGEST_STORE", data_mod._DigestStore())
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"one")
+    real = data_mod.file_digest(f)
+    data_mod._DIGEST_STORE.flush()
+    store = tmp_path / "cache" / "file-digests.json"
+    entries = json.loads(store.read_text())
+    assert entries[str(f)][-1] == real
+    # a new process (empty memory) takes the stored digest: prove it by planting a marker there
+    entries[str(f)][-1] = "planted"
+    store.write_text(json.dumps(entries))
+    monkeypatch.setattr(data_mod, "_FILE_DIGESTS", {})
+    monkeypatch.setattr(data_mod, "_DIGEST_STORE", data_mod._DigestStore())
+    assert data_mod.file_digest(f) == "planted"
+    # rewriting the file with the same size and setting its mtime back still misses (its ctime moved)
+    st = f.stat()
+    f.write_bytes(b"two")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert data_mod.file_digest(f) == hashlib.sha256(b"two").hexdigest()
+
+
+def test_manifest_paths_through_a_symlink_resolve_to_the_file(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "img" / "x.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "img" / "x.png")
+    (tmp_path / "m.csv").write_text("path,label\nlink.png,cat\nimg/../img/x.png,dog\n")
+    m = read_manifest(tmp_path / "m.csv", ["cat", "dog"])
+    assert [r.path for r in m.records] == [(tmp_path / "img" / "x.png").resolve()] * 2
