@@ -105,10 +105,14 @@ class _Towers(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, prompts, prompt_heads, captions=None, caption_heads=None):  # type: ignore[override]
+    def forward(self, images, prompts, prompt_heads, captions=None, caption_heads=None, *,
+                hidden: bool = False):  # type: ignore[override]
+        """``hidden``: the text inputs are the frozen text tower's outputs; only the projection and the
+        heads run."""
         img = self.model.encode_image(images) if images is not None else None
-        txt = self.model.encode_text(prompts, prompt_heads, normalize=True)
-        cap = self.model.encode_text(captions, caption_heads) if captions is not None else None
+        text = (lambda h, ids: F.normalize(self.model.project_text(h, ids), dim=-1)) if hidden else self.model.encode_text
+        txt = text(prompts, prompt_heads)
+        cap = text(captions, caption_heads) if captions is not None else None
         return img, txt, cap
 
 
@@ -271,6 +275,16 @@ class Trainer:
         if not params:
             raise RunError("model.freeze: every parameter is frozen; enable heads or train a tower")
         self.towers = self.dist.wrap(_Towers(self.model), self.device)
+        # a frozen text tower: the prompts' and captions' pooled features before the projection never
+        # change, so they are computed once; a step then runs only the projection and the heads, and its
+        # cost no longer grows with the number of classes' prompts
+        self.text_frozen = "text" in plan.model.freeze
+        self.prompt_inputs, self.caption_inputs = self.prompt_tokens, self.caption_tokens
+        if self.text_frozen:
+            with torch.no_grad(), self.autocast():
+                self.prompt_inputs = self.model.text_hidden(self.prompt_tokens)
+                if self.caption_tokens is not None:
+                    self.caption_inputs = self.model.text_hidden(self.caption_tokens)
         # fused AdamW: one kernel over all parameters (CPU and CUDA); on a 2-core CPU the per-parameter loop
         # of the default implementation costs as much as the forward pass of a tiny model
         self.opt = torch.optim.AdamW(params, lr=self.o.lr, weight_decay=self.o.weight_decay, fused=True)
@@ -386,7 +400,7 @@ class Trainer:
             if p_rows is not None:
                 parts.append(self.data.store.bank[p_rows[max(ilo - nt, 0):max(ihi - nt, 0)]])
             x = torch.cat(parts).to(self.device, non_blocking=True)
-        plo, phi, psplit = self._shard(self.prompt_tokens.shape[0])
+        plo, phi, psplit = self._shard(self.prompt_inputs.shape[0])
         heads = self.prompt_heads[plo:phi] if self.prompt_heads is not None else None
         caps = cap_heads = None
         if caption_rows is not None:
@@ -394,9 +408,9 @@ class Trainer:
             clo, chi, csplit = self._shard(nc)
             cap_heads = torch.full((nc,), self.model.negative_head, dtype=torch.long)  # on the host: no sync
             cap_heads[:pos_n] = self.plan.objective.target_index
-            caps, cap_heads = self.caption_tokens[caption_rows[clo:chi]], cap_heads[clo:chi]
+            caps, cap_heads = self.caption_inputs[caption_rows[clo:chi]], cap_heads[clo:chi]
         with self.autocast():
-            img, txt, cap = self.towers(x, self.prompt_tokens[plo:phi], heads, caps, cap_heads)
+            img, txt, cap = self.towers(x, self.prompt_inputs[plo:phi], heads, caps, cap_heads, hidden=self.text_frozen)
         gather = self.dist.gather_rows
         if self.image_frozen:
             img = self._features[id(self.data.target)][torch.as_tensor(t_rows, device=self.device)]
@@ -404,7 +418,7 @@ class Trainer:
                 img = torch.cat([img, self._features[id(self.data.store)][torch.as_tensor(p_rows, device=self.device)]])
         elif isplit:
             img = gather(img, nt + npr)
-        txt = gather(txt, self.prompt_tokens.shape[0]) if psplit else txt
+        txt = gather(txt, self.prompt_inputs.shape[0]) if psplit else txt
         c, t, _ = self.class_tokens.shape
         text = F.normalize(txt.view(c, t, -1).mean(dim=1), dim=-1)
         if cap is not None:

@@ -207,3 +207,25 @@ def test_a_training_step_never_reads_a_device_value_back(world_inputs, tmp_path)
         assert seen, "the watch saw nothing: the check itself is broken"
         bad = [s for s in seen if s[1] != torch.int64 and s[1] != torch.bool or s[2] not in host_ids | {()}]
         assert not bad, bad
+
+
+def test_a_frozen_text_tower_runs_only_the_heads_per_step(world_inputs, tmp_path, monkeypatch):
+    plan = dataclasses.replace(world_inputs.plan, model=dataclasses.replace(world_inputs.plan.model,
+                                                                              freeze=("image", "text")))
+    plan = dataclasses.replace(plan, optimizer=dataclasses.replace(plan.optimizer, steps=15, eval_every=15))
+    torch.manual_seed(0)
+    trainee = load_model(plan.model, plan.classes)
+    trainer = Trainer(plan, trainee, make_train_data(world_inputs, trainee.preprocess),
+                      cache=PredictionCache(tmp_path / "cache"), quiet=True)
+    # the class text features from the cached hidden states are those of the full text tower, to the bit
+    with torch.no_grad():
+        _, txt, _ = trainer.towers(None, trainer.prompt_inputs, trainer.prompt_heads, hidden=True)
+        assert torch.equal(txt, trainee.model.encode_text(trainer.prompt_tokens, trainer.prompt_heads))
+    monkeypatch.setattr(trainee.model, "text_hidden", lambda *a, **k: pytest.fail("text tower ran in a step"))
+    heads_before = trainee.model.heads.B.detach().clone()
+    frozen = {k: v.clone() for k, v in trainee.model.state_dict().items() if not k.startswith("heads.")}
+    for _ in range(3):
+        trainer.train_step()
+    assert not torch.equal(trainee.model.heads.B, heads_before)  # the heads learn...
+    after = trainee.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())  # ...and nothing else moves
