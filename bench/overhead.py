@@ -355,7 +355,7 @@ class SyntheticBank:
 
 
 def synthetic_plan(n_protected: int, *, arch: str, classes_per_step: int, per_class: int, target_batch: int,
-                   rank: int = 8):
+                   rank: int = 8, freeze: tuple[str, ...] = ()):
     """A plan with ``n_protected`` protected classes (each its own constraint, as in the demo) plus one
     target, the demo's optimizer settings otherwise."""
     from safespec.compile import compile_spec
@@ -366,7 +366,7 @@ def synthetic_plan(n_protected: int, *, arch: str, classes_per_step: int, per_cl
         "safespec": 1, "name": f"scaling-{n_protected}",
         # the weights come from create_model, never from this file: a spec needs to name one
         "model": {"arch": arch, "checkpoint": "random-init.safetensors", "heads": {"enabled": True, "rank": rank},
-                  "device": "cpu"},
+                  "device": "cpu", "freeze": list(freeze)},
         "classes": {"names": names},
         "data": {k: f"{k}.csv" for k in ("protected", "target", "validation", "heldout")},
         "protect": [{"classes": "others", "each": True, "tolerance": 0.03}],
@@ -412,7 +412,21 @@ def _text_side(trainer, *, warmup: int, rounds: int, per_round: int) -> dict:
 def scaling(counts=(5, 50, 365), *, arch: str = "safespec-tiny-vit", classes_per_step: int = 5, per_class: int = 10,
             target_batch: int = 64, images_per_class: int = 10, warmup: int = 5, rounds: int = 6,
             per_round: int = 10, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Penalty step time against the number of protected classes, the per-step batch held fixed."""
+    """Penalty step time against the number of protected classes, the per-step batch held fixed: with
+    every tower trained (each step encodes every class's prompts, so the text side grows with the
+    classes) and with the text tower frozen (its prompt features cached; a step runs only the heads)."""
+    env = _environment()
+    out = {}
+    for variant, freeze in (("all_trained", ()), ("text_frozen", ("text",))):
+        out[variant] = _scaling(counts, freeze=freeze, arch=arch, classes_per_step=classes_per_step,
+                                per_class=per_class, target_batch=target_batch, images_per_class=images_per_class,
+                                warmup=warmup, rounds=rounds, per_round=per_round, log=log)
+    return {"variants": out, "ratio": out["all_trained"]["ratio"], "ratio_text_frozen": out["text_frozen"]["ratio"],
+            **env, "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _scaling(counts, *, freeze, arch, classes_per_step, per_class, target_batch, images_per_class, warmup, rounds,
+             per_round, log) -> dict:
     from safespec.evaluate import PredictionCache
     from safespec.model import create_model
     from safespec.train import Trainer
@@ -422,26 +436,27 @@ def scaling(counts=(5, 50, 365), *, arch: str = "safespec-tiny-vit", classes_per
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:
             plan = synthetic_plan(n, arch=arch, classes_per_step=classes_per_step, per_class=per_class,
-                                  target_batch=target_batch)
+                                  target_batch=target_batch, freeze=freeze)
             loaded = create_model(arch, plan.classes, heads=True, rank=plan.model.rank, seed=0)
             size = loaded.model.clip.visual.image_size
             shape = (3, *((size, size) if isinstance(size, int) else size))
             data = _synthetic_data(plan, shape, images_per_class, target_batch, seed=n)
             trainers[n] = Trainer(plan, loaded, data, method="penalty", cache=PredictionCache(Path(tmp)), quiet=True)
-    log(f"scaling: timing penalty steps with {list(counts)} protected classes")
+    log(f"scaling: timing penalty steps with {list(counts)} protected classes (frozen: {list(freeze) or 'none'})")
     device = trainers[counts[0]].device
     steps = _interleaved({str(n): tr.train_step for n, tr in trainers.items()}, warmup=warmup, rounds=rounds,
                          per_round=per_round, device=device)
     step_ms = {k: _summary(v) for k, v in steps.items()}
     text_ms = {str(n): _text_side(tr, warmup=2, rounds=max(2, rounds // 2), per_round=per_round)
-               for n, tr in trainers.items()}
+               for n, tr in trainers.items()} if not freeze else None
     lo, hi = str(counts[0]), str(counts[-1])
     return {
         "arch": arch, "protected_classes": list(counts),
         "batch": {"target": target_batch, "protected_classes": classes_per_step, "per_class": per_class},
         "images": f"synthetic, {shape[1]}x{shape[2]}", "step_ms": step_ms, "class_text_forward_backward_ms": text_ms,
         "ratio": {f"{hi}_over_{lo}": _ratio(step_ms[hi], step_ms[lo])},
-        "text_share_of_step": {k: round(text_ms[k]["median_ms"] / step_ms[k]["median_ms"], 3) for k in step_ms},
+        "text_share_of_step": {k: round(text_ms[k]["median_ms"] / step_ms[k]["median_ms"], 3)
+                               for k in step_ms} if text_ms else None,
         **env, "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -453,15 +468,20 @@ def goals(section: str, r: dict) -> list[tuple[str, float, str, bool]]:
         return [(f"{m} step / bare step", v["median"], f"<= {GOALS['steps']}", v["median"] <= GOALS["steps"])
                 for m, v in r["ratio"].items()]
     if section == "verify":
-        v = r["ratio"]["verify_over_bare"]
-        return [("verify images/s / bare inference images/s", v, f">= {GOALS['verify']}", v >= GOALS["verify"]),
+        # the bare loop reads the same image files as verify does: decoding is part of inference over images
+        v = r["ratio"]["verify_over_bare_with_decode"]
+        return [("verify images/s / bare inference (decode + model) images/s", v, f">= {GOALS['verify']}",
+                 v >= GOALS["verify"]),
                 ("second verify evaluates only the candidate", r["second_verify_evaluates_only_candidate"], "true",
                  bool(r["second_verify_evaluates_only_candidate"]))]
     if section == "scaling":
-        (k, v), = r["ratio"].items()
-        hi, lo = k.split("_over_")
-        return [(f"penalty step, {hi} / {lo} protected classes", v["median"], f"<= {GOALS['scaling']}",
-                 v["median"] <= GOALS["scaling"])]
+        rows = []
+        for variant, what in (("all_trained", "every tower trained"), ("text_frozen", "text tower frozen")):
+            (k, v), = r["variants"][variant]["ratio"].items()
+            hi, lo = k.split("_over_")
+            rows.append((f"penalty step, {hi} / {lo} protected classes, {what}", v["median"],
+                         f"<= {GOALS['scaling']}", v["median"] <= GOALS["scaling"]))
+        return rows
     raise KeyError(section)
 
 
@@ -502,15 +522,19 @@ def markdown(section: str, r: dict) -> str:
             lines += ["", "The verify process failed:", "", "```", *cli["stderr_tail"], "```"]
         return "\n".join(lines)
     if section == "scaling":
-        b = r["batch"]
-        lines = [f"{r['arch']}, {r['images']}, batch: {b['target']} target + {b['protected_classes']} x "
+        v0 = r["variants"]["all_trained"]
+        b = v0["batch"]
+        lines = [f"{v0['arch']}, {v0['images']}, batch: {b['target']} target + {b['protected_classes']} x "
                  f"{b['per_class']} protected images, penalty method; {r['torch_threads']} torch threads, load "
                  f"average {r['load_average_before'][0]} before, {r['load_average_after'][0]} after.", "",
-                 "| protected classes | step median ms | step min ms | class_text_features fwd+bwd median ms "
-                 "| text share of step |", "|---|---|---|---|---|"]
-        for k, s in r["step_ms"].items():
-            lines.append(f"| {k} | {s['median_ms']} | {s['min_ms']} | "
-                         f"{r['class_text_forward_backward_ms'][k]['median_ms']} | {r['text_share_of_step'][k]} |")
+                 "| towers | protected classes | step median ms | step min ms | class_text_features fwd+bwd median ms "
+                 "| text share of step |", "|---|---|---|---|---|---|"]
+        for variant, v in r["variants"].items():
+            for k, st in v["step_ms"].items():
+                text = v["class_text_forward_backward_ms"]
+                lines.append(f"| {variant.replace('_', ' ')} | {k} | {st['median_ms']} | {st['min_ms']} | "
+                             f"{text[k]['median_ms'] if text else '(cached)'} | "
+                             f"{v['text_share_of_step'][k] if text else ''} |")
         return "\n".join(lines)
     raise KeyError(section)
 

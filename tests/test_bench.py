@@ -67,7 +67,9 @@ def test_step_overhead_and_verify_on_the_small_world(small_world, tmp_path):
 def test_scaling_in_protected_classes_at_a_tiny_size():
     res = overhead.scaling((2, 5), arch="safespec-micro-vit", classes_per_step=2, per_class=2, target_batch=4,
                            images_per_class=2, warmup=1, rounds=1, per_round=1)
-    assert set(res["step_ms"]) == {"2", "5"} and set(res["ratio"]) == {"5_over_2"}
+    assert set(res["variants"]) == {"all_trained", "text_frozen"}
+    assert all(set(v["step_ms"]) == {"2", "5"} for v in res["variants"].values())
+    assert set(res["ratio"]) == set(res["ratio_text_frozen"]) == {"5_over_2"}
     _check("scaling", res)
 
 
