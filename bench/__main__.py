@@ -26,17 +26,18 @@ RESULTS = ROOT / "bench" / "results"
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 SPEC = ROOT / "specs" / "demo.yaml"
 
-SECTIONS = ("steps", "verify", "scaling", "demo", "heads", "quality")
+SECTIONS = ("steps", "verify", "scaling", "frozen", "demo", "heads", "quality")
 HEADINGS = {
     "steps": "Step overhead: constrained training step / bare forward+backward",
     "verify": "Certification throughput: `safespec verify` / bare inference loop",
     "scaling": "Scaling in the number of protected classes",
+    "frozen": "Frozen towers: cached features against encoding every step",
     "demo": "The demo: `safespec run specs/demo.yaml`, world cached",
     "heads": "Task-dependent heads: routed projection / plain projection",
     "quality": "Quality on the demo world (held-out, 400 images per class)",
 }
 GOALS_HEADING = "Goals"
-NEEDS_WORLD = {"steps", "verify", "demo", "quality"}
+NEEDS_WORLD = {"steps", "verify", "frozen", "demo", "quality"}
 
 
 def machine() -> str:

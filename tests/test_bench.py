@@ -90,3 +90,23 @@ def test_re_running_one_section_keeps_the_others(tmp_path):
     assert bench_main.HEADINGS["demo"] in text and "| 12.0 |" in text and "test machine" in text
     # generated sections in their fixed order, then what was written by hand
     assert text.index(bench_main.HEADINGS["demo"]) < text.index("heads text kept") < text.index("written by hand")
+
+
+def test_frozen_tower_speedup_on_the_small_world(small_world, tmp_path):
+    spec = write_world_spec(tmp_path, small_world, steps=30)
+    res = overhead.frozen_towers(spec, warmup=1, rounds=1, per_round=1)
+    assert set(res["step_ms"]) == {"all trained", "image frozen, encoded every step", "image frozen, features cached",
+                                   "image and text frozen, cached"}
+    assert all(v > 0 for v in res["speedup"].values())
+    assert overhead.goals("frozen", res) == [] and overhead.markdown("frozen", res)
+    json.dumps(res)
+
+
+def test_the_prepared_gpu_script_runs_on_a_cpu_at_a_tiny_size():
+    from bench import gpu
+
+    res = gpu.run(arch="safespec-micro-vit", target_batch=4, classes=3, per_class=2, images_per_class=2, warmup=1,
+                  rounds=1, per_round=1, device="cpu")
+    assert res["device"] == "cpu" and res["precision"] == "fp32" and res["host_syncs_in_step"] is None
+    r = res["ratio"]["penalty"]
+    assert all(math.isfinite(v) and v > 0 for v in r.values())
