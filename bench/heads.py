@@ -59,8 +59,8 @@ def _scenario(head_ids: torch.Tensor, *, width: int, embed: int, rank: int, num_
     def plain():
         return h @ W
 
-    def routed():
-        return grouped_low_rank(h, A, B, head_ids, base=h @ W)
+    def routed():  # as HeadedCLIP.project_text calls it: the plain projection is a temporary, added to in place
+        return grouped_low_rank(h, A, B, head_ids, base=h @ W, inplace=True)
 
     def naive_fn():
         return naive_routed_projection(h, W, A, B, head_ids)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -146,10 +147,15 @@ class _SortedGroups(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, A, B, base, order, ids_sorted, segments):  # type: ignore[override]
+    def forward(ctx, h, A, B, base, order, ids_sorted, segments, inplace):  # type: ignore[override]
         hs = h if order is None else h.index_select(0, order)
         u = hs.new_empty(hs.shape[0], A.shape[2])
-        ys = base.clone() if order is None else hs.new_zeros(hs.shape[0], B.shape[2])
+        if order is None:
+            ys = base if inplace else base.clone()
+            if inplace:
+                ctx.mark_dirty(base)
+        else:
+            ys = hs.new_zeros(hs.shape[0], B.shape[2])
         for s, e, k in segments:
             if k >= 0:
                 torch.mm(hs[s:e], A[k], out=u[s:e])
@@ -195,7 +201,7 @@ class _SortedGroups(torch.autograd.Function):
             grad_h = grad_hs
         else:
             grad_h = torch.empty_like(grad_hs).index_copy_(0, order, grad_hs)
-        return grad_h, grad_a, grad_b, g if ctx.needs_input_grad[3] else None, None, None, None
+        return grad_h, grad_a, grad_b, g if ctx.needs_input_grad[3] else None, None, None, None, None
 
 
 def _segments(heads: list[int], counts: list[int]) -> list[tuple[int, int, int]]:
@@ -221,7 +227,7 @@ def _segments(heads: list[int], counts: list[int]) -> list[tuple[int, int, int]]
 
 
 def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids: torch.Tensor,
-                     base: torch.Tensor | None = None) -> torch.Tensor:
+                     base: torch.Tensor | None = None, *, inplace: bool = False) -> torch.Tensor:
     """``base[i] + (h_i @ A[k_i]) @ B[k_i]`` for every row i (``base`` defaults to zeros), computed per head.
 
     The grouping is planned on the host from ``head_ids`` (pass them on the CPU, as safespec does, and no
@@ -230,7 +236,8 @@ def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids
     same templates) one batched matmul does all heads; otherwise each frequently used head (the target's
     captions, the negatives) gets two matmuls and rarely used heads' rows share gathered ones
     (:class:`_SortedGroups`). Nothing of size (rows x width x embed) is ever built, and ``B = 0`` returns
-    ``base`` bit for bit.
+    ``base`` bit for bit. ``inplace``: ``base`` is a temporary of the caller's (the plain projection) and may
+    be updated in place and returned, which saves a copy of it.
     """
     n = h.shape[0]
     if head_ids.shape != (n,):
@@ -239,30 +246,32 @@ def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids
         base = h.new_zeros(n, B.shape[-1])
     if n == 0:
         return base
-    ids = head_ids.detach().to("cpu", torch.long)
-    in_order = bool((ids[1:] >= ids[:-1]).all())
-    ids_sorted, order = (ids, None) if in_order else torch.sort(ids, stable=True)
-    uniq, counts = torch.unique_consecutive(ids_sorted, return_counts=True)
-    u_l, c_l = uniq.tolist(), counts.tolist()
+    # planned in numpy: a few small torch ops here cost as much as the low-rank matmuls themselves
+    ids = head_ids.detach().to("cpu", torch.long).numpy()
+    order_np = None if (np.diff(ids) >= 0).all() else np.argsort(ids, kind="stable")
+    ids_np = ids if order_np is None else ids[order_np]
+    starts = np.flatnonzero(np.r_[True, ids_np[1:] != ids_np[:-1]])
+    u_l, c_l = ids_np[starts].tolist(), np.diff(np.r_[starts, n]).tolist()
     if u_l[0] < 0 or u_l[-1] >= A.shape[0]:
         raise ValueError(f"head ids must lie in [0, {A.shape[0]}), got {u_l[0]}..{u_l[-1]}")
     dev = h.device
-    if order is not None:
-        order = order.to(dev, non_blocking=True)
+    order = None if order_np is None else torch.from_numpy(order_np).to(dev, non_blocking=True)
+    ids_sorted = torch.from_numpy(ids_np)
     g = len(u_l)
     if g == 1:
         return base + (h @ A[u_l[0]]) @ B[u_l[0]]
     m = c_l[0]
     if all(c == m for c in c_l):
-        uniq = uniq.to(dev, non_blocking=True)
+        uniq = torch.tensor(u_l, device=dev)
         Au, Bu = A.index_select(0, uniq), B.index_select(0, uniq)
         hs = h if order is None else h.index_select(0, order)
         ys = torch.bmm(torch.bmm(hs.view(g, m, -1), Au), Bu).reshape(n, -1)
         return base + ys.to(base.dtype) if order is None else base.index_add(0, order, ys.to(base.dtype))
     # the hand-written backward runs in h's dtype: keep autocast (which would recast each matmul) out
-    with torch.autocast(dev.type, enabled=False):
+    with torch.autocast(dev.type, enabled=False) if torch.is_autocast_enabled(dev.type) else contextlib.nullcontext():
         return _SortedGroups.apply(h, A.to(h.dtype), B.to(h.dtype), base.to(h.dtype), order,
-                                   ids_sorted.to(dev, non_blocking=True), _segments(u_l, c_l)).to(base.dtype)
+                                   ids_sorted.to(dev, non_blocking=True), _segments(u_l, c_l),
+                                   inplace and base.dtype == h.dtype).to(base.dtype)
 
 
 def naive_routed_projection(h: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -295,9 +304,10 @@ class LowRankHeads(nn.Module):
     def rank(self) -> int:
         return self.A.shape[2]
 
-    def forward(self, h: torch.Tensor, head_ids: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, head_ids: torch.Tensor, base: torch.Tensor | None = None, *,
+                inplace: bool = False) -> torch.Tensor:
         """``base + (h @ A_k) @ B_k`` per row (see :func:`grouped_low_rank`)."""
-        return grouped_low_rank(h, self.A.to(h.dtype), self.B.to(h.dtype), head_ids, base)
+        return grouped_low_rank(h, self.A.to(h.dtype), self.B.to(h.dtype), head_ids, base, inplace=inplace)
 
 
 class HeadedCLIP(nn.Module):
@@ -407,7 +417,7 @@ class HeadedCLIP(nn.Module):
             plain = h @ proj
         if self.heads is None or head_ids is None:
             return plain
-        return self.heads(h, head_ids, base=plain)
+        return self.heads(h, head_ids, base=plain, inplace=True)  # plain is ours: no copy of it
 
     def encode_text(self, tokens: torch.Tensor, head_ids: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:

@@ -114,7 +114,8 @@ def test_gradients_reach_only_the_heads_that_were_used(headed):
     list(range(32)),                                               # one row per head
 ], ids=["equal", "skewed", "interleaved", "blocked", "single", "all-distinct"])
 @pytest.mark.parametrize("shuffled", [True, False], ids=["shuffled", "in-head-order"])
-def test_grouped_routing_equals_the_naive_per_sample_routing(ids, shuffled):
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_grouped_routing_equals_the_naive_per_sample_routing(ids, shuffled, inplace):
     g = torch.Generator().manual_seed(0)
     n, width, embed, rank, k = len(ids), 24, 16, 3, 101
     h = torch.randn(n, width, generator=g, dtype=torch.float64, requires_grad=True)
@@ -122,7 +123,7 @@ def test_grouped_routing_equals_the_naive_per_sample_routing(ids, shuffled):
     A = torch.randn(k, width, rank, generator=g, dtype=torch.float64, requires_grad=True)
     B = torch.randn(k, rank, embed, generator=g, dtype=torch.float64, requires_grad=True)
     head_ids = torch.tensor(ids)[torch.randperm(n, generator=g)] if shuffled else torch.tensor(ids)
-    ours = grouped_low_rank(h, A, B, head_ids, base=h @ W)
+    ours = grouped_low_rank(h, A, B, head_ids, base=h @ W, inplace=inplace)
     ref = naive_routed_projection(h, W, A, B, head_ids)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
     w = torch.randn(n, embed, generator=g, dtype=torch.float64)
