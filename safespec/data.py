@@ -88,10 +88,22 @@ class Manifest:
         return (self.source if self.is_folder else self.source.parent).resolve()
 
     def relpath(self, p: Path) -> str:
+        base = str(self.base_dir)
+        s = os.fspath(p)
+        if s.startswith(base + os.sep):  # the common case, without building Path objects
+            return s[len(base) + 1:].replace(os.sep, "/")
         try:
             return p.relative_to(self.base_dir).as_posix()
         except ValueError:
             return p.as_posix()
+
+    @cached_property
+    def file_digests(self) -> tuple[str, ...]:
+        """Every image's SHA-256, in record order (read once per manifest: the digest and the overlap
+        check both need them)."""
+        out = tuple(file_digest(r.path) for r in self.records)
+        _DIGEST_STORE.flush()
+        return out
 
     def digest(self) -> str:
         """``sha256:`` over the classes, every record (path relative to the manifest, label, caption) and
@@ -100,12 +112,11 @@ class Manifest:
         h = hashlib.sha256()
         h.update(b"safespec-manifest-v1\0")
         h.update(("\0".join(self.classes) + "\0\0").encode())
-        for r in self.records:
+        for r, d in zip(self.records, self.file_digests):
             line = f"{self.relpath(r.path)}\t{self.classes[r.label]}\t{r.caption if r.caption is not None else ''}\t"
             h.update(line.encode())
-            h.update(file_digest(r.path).encode())
+            h.update(d.encode())
             h.update(b"\n")
-        _DIGEST_STORE.flush()
         return "sha256:" + h.hexdigest()
 
 
@@ -216,8 +227,8 @@ def _read_csv(src: Path, classes: tuple[str, ...]) -> Manifest:
         raise DataError(f"{src}: not a UTF-8 text file ({e.reason} at byte {e.start}); expected a CSV manifest") from None
     except OSError as e:
         raise DataError(f"{src}: cannot read manifest: {e.strerror or e}") from None
-    base = src.parent.resolve()
-    folders: dict[Path, Path] = {}  # resolved once per folder, not once per image (a resolve is a syscall per component)
+    base = str(src.parent.resolve())
+    folders: dict[str, str] = {}  # resolved once per folder, not once per image (a resolve is a syscall per component)
     rows = csv.reader(io.StringIO(text, newline=""))
     records: list[Record] = []
     header: list[str] | None = None
@@ -240,10 +251,10 @@ def _read_csv(src: Path, classes: tuple[str, ...]) -> Manifest:
                 raise DataError(f"{src}:row {n}: malformed row: empty path")
             if label not in index:
                 raise _unknown_label(f"{src}:row {n}", label, classes)
-            full = Path(rel) if Path(rel).is_absolute() else base / rel
+            full = os.path.join(base, rel)  # an absolute rel stays as it is
             resolved = _resolve_file(full, folders)
             if resolved is None:
-                raise DataError(f"{src}:row {n}: image not found: {full.resolve()} "
+                raise DataError(f"{src}:row {n}: image not found: {Path(full).resolve()} "
                                 "(paths are relative to the manifest's folder)")
             caption = row[2].strip() if len(header) == 3 and row[2].strip() else None
             records.append(Record(resolved, index[label], caption, n))
@@ -256,20 +267,21 @@ def _read_csv(src: Path, classes: tuple[str, ...]) -> Manifest:
     return Manifest(src, classes, tuple(records))
 
 
-def _resolve_file(p: Path, folders: dict[Path, Path]) -> Path | None:
-    """``p.resolve()`` when ``p`` is a regular file (or a link to one), else None."""
-    folder = folders.get(p.parent)
+def _resolve_file(p: str, folders: dict[str, str]) -> Path | None:
+    """``Path(p).resolve()`` when ``p`` is a regular file (or a link to one), else None."""
+    parent, name = os.path.split(p)
+    folder = folders.get(parent)
     if folder is None:
-        folder = folders[p.parent] = p.parent.resolve()
-    cand = folder / p.name
+        folder = folders[parent] = os.path.realpath(parent)
+    cand = os.path.join(folder, name)
     try:
         mode = os.lstat(cand).st_mode
     except OSError:
         return None
     if stat.S_ISLNK(mode):
-        cand = cand.resolve()
-        return cand if cand.is_file() else None
-    return cand if stat.S_ISREG(mode) else None
+        target = Path(cand).resolve()
+        return target if target.is_file() else None
+    return Path(cand) if stat.S_ISREG(mode) and name not in ("", ".", "..") else None
 
 
 def _read_folder(src: Path, classes: tuple[str, ...]) -> Manifest:
@@ -320,7 +332,7 @@ def check_disjoint(manifests: Mapping[str, Manifest], pairs: Iterable[tuple[str,
     for name in {n for p in todo for n in p}:
         m = manifests[name]
         by_path[name] = {r.path: i for i, r in enumerate(m.records)}
-        by_content[name] = {file_digest(r.path): i for i, r in enumerate(m.records)}
+        by_content[name] = {d: i for i, d in enumerate(m.file_digests)}
     for a, b in todo:
         ma, mb = manifests[a], manifests[b]
         same = [(i, by_path[b][r.path], "the same file") for i, r in enumerate(ma.records) if r.path in by_path[b]]

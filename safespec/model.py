@@ -148,25 +148,12 @@ class _SortedGroups(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, A, B, base, order, ids_sorted, segments, inplace):  # type: ignore[override]
-        hs = h if order is None else h.index_select(0, order)
-        u = hs.new_empty(hs.shape[0], A.shape[2])
-        if order is None:
-            ys = base if inplace else base.clone()
-            if inplace:
-                ctx.mark_dirty(base)
-        else:
-            ys = hs.new_zeros(hs.shape[0], B.shape[2])
-        for s, e, k in segments:
-            if k >= 0:
-                torch.mm(hs[s:e], A[k], out=u[s:e])
-                ys[s:e].addmm_(u[s:e], B[k])
-            else:
-                ks = ids_sorted[s:e]
-                u[s:e] = torch.bmm(hs[s:e].unsqueeze(1), A.index_select(0, ks)).squeeze(1)
-                ys[s:e] += torch.bmm(u[s:e].unsqueeze(1), B.index_select(0, ks)).squeeze(1)
+        if order is None and inplace:
+            ctx.mark_dirty(base)
+        out, hs, u = _grouped_forward(h, A, B, base, order, ids_sorted, segments, inplace)
         ctx.save_for_backward(hs, u, A, B, order, ids_sorted)
         ctx.segments = segments
-        return ys if order is None else base.index_add(0, order, ys)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -202,6 +189,26 @@ class _SortedGroups(torch.autograd.Function):
         else:
             grad_h = torch.empty_like(grad_hs).index_copy_(0, order, grad_hs)
         return grad_h, grad_a, grad_b, g if ctx.needs_input_grad[3] else None, None, None, None, None
+
+
+def _grouped_forward(h, A, B, base, order, ids_sorted, segments, inplace):
+    """The forward of :class:`_SortedGroups`; also run alone when no gradient is wanted (evaluation), which
+    spares the autograd bookkeeping. Returns the output and what the backward needs (sorted h, h @ A)."""
+    hs = h if order is None else h.index_select(0, order)
+    u = hs.new_empty(hs.shape[0], A.shape[2])
+    if order is None:
+        ys = base if inplace else base.clone()
+    else:
+        ys = hs.new_zeros(hs.shape[0], B.shape[2])
+    for s, e, k in segments:
+        if k >= 0:
+            torch.mm(hs[s:e], A[k], out=u[s:e])
+            ys[s:e].addmm_(u[s:e], B[k])
+        else:
+            ks = ids_sorted[s:e]
+            u[s:e] = torch.bmm(hs[s:e].unsqueeze(1), A.index_select(0, ks)).squeeze(1)
+            ys[s:e] += torch.bmm(u[s:e].unsqueeze(1), B.index_select(0, ks)).squeeze(1)
+    return (ys if order is None else base.index_add(0, order, ys)), hs, u
 
 
 def _segments(heads: list[int], counts: list[int]) -> list[tuple[int, int, int]]:
@@ -268,10 +275,12 @@ def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids
         ys = torch.bmm(torch.bmm(hs.view(g, m, -1), Au), Bu).reshape(n, -1)
         return base + ys.to(base.dtype) if order is None else base.index_add(0, order, ys.to(base.dtype))
     # the hand-written backward runs in h's dtype: keep autocast (which would recast each matmul) out
+    args = (h, A.to(h.dtype), B.to(h.dtype), base.to(h.dtype), order, ids_sorted.to(dev, non_blocking=True),
+            _segments(u_l, c_l), inplace and base.dtype == h.dtype)
     with torch.autocast(dev.type, enabled=False) if torch.is_autocast_enabled(dev.type) else contextlib.nullcontext():
-        return _SortedGroups.apply(h, A.to(h.dtype), B.to(h.dtype), base.to(h.dtype), order,
-                                   ids_sorted.to(dev, non_blocking=True), _segments(u_l, c_l),
-                                   inplace and base.dtype == h.dtype).to(base.dtype)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
+            return _SortedGroups.apply(*args).to(base.dtype)
+        return _grouped_forward(*args)[0].to(base.dtype)
 
 
 def naive_routed_projection(h: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
