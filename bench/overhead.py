@@ -253,7 +253,7 @@ def verify_throughput(spec_path: Path = DEMO_SPEC, *, candidates: int = 3, bare_
     images/s. A last verify of an already verified candidate finds both cached. These run in this process,
     where the image-file digests are memoised after the first call; ``cli`` also times one
     ``safespec verify`` process (old model cached), which pays for its imports and every file digest."""
-    from safespec.data import ImageBank
+    from safespec.data import ImageBank, decode_workers
     from safespec.model import build_class_tokens, load_model, model_autocast
     from safespec.runner import load_inputs, verify_candidate
 
@@ -296,7 +296,7 @@ def verify_throughput(spec_path: Path = DEMO_SPEC, *, candidates: int = 3, bare_
         held_manifest = inp.manifests["heldout"]
         n = len(held_manifest)
         t = time.perf_counter()
-        bank = ImageBank(held_manifest, old.preprocess)
+        bank = ImageBank(held_manifest, old.preprocess, num_workers=decode_workers())  # decoded as verify decodes
         decode_s = time.perf_counter() - t
         cand = load_model(dataclasses.replace(plan.model, pretrained=None, checkpoint=str(paths[1])), plan.classes)
     cand.model.eval()  # as evaluate() runs it

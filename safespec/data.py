@@ -166,6 +166,15 @@ class _DigestStore:
 
 
 _DIGEST_STORE = _DigestStore()
+
+
+def decode_workers() -> int:
+    """Threads for decoding images: one per core this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
 _FILE_DIGESTS: dict[tuple, str] = {}
 
 
@@ -374,14 +383,16 @@ class ImageBank:
     """Decoded, preprocessed images of a manifest, addressable by index.
 
     Small data (the demo world, most protected stores of a few thousand images) is decoded once into one
-    tensor, so a training step costs an index, not a decode. Large data is decoded on demand, optionally
-    by DataLoader workers in :meth:`iter_batches`. ``preload=None`` picks by size."""
+    tensor, so a training step costs an index, not a decode. Large data is decoded on demand.
+    ``preload=None`` picks by size. ``num_workers > 1`` decodes with that many threads (the preload, each
+    batch of large data, and in :meth:`iter_batches` the next batch while the caller uses this one)."""
 
     def __init__(self, manifest: Manifest, preprocess: Callable[[Image.Image], torch.Tensor], *,
                  preload: bool | None = None, num_workers: int = 0, progress: Callable[[int], Any] | None = None):
         self.manifest = manifest
         self.preprocess = preprocess
         self.num_workers = num_workers
+        self._pool = None
         self._data = _ImageDataset(manifest, preprocess)
         if len(manifest) == 0:
             raise DataError(f"{manifest.source}: empty manifest: no images to load")
@@ -393,10 +404,16 @@ class ImageBank:
         if preload:
             t = torch.empty((len(manifest), *self.item_shape), dtype=first.dtype)
             t[0] = first
-            for i in range(1, len(manifest)):
-                t[i] = self._data[i]
-                if progress is not None:
-                    progress(i)
+            rest = range(1, len(manifest))
+            try:
+                images = map(self._data.__getitem__, rest) if self.num_workers <= 1 else self._decoder().map(
+                    self._data.__getitem__, rest)
+                for i, img in zip(rest, images):
+                    t[i] = img
+                    if progress is not None:
+                        progress(i)
+            finally:
+                self._close_pool()  # preloaded (or failed): no decoding after this
             self.tensor = t
 
     @property
@@ -419,26 +436,45 @@ class ImageBank:
             return self.tensor.index_select(0, ix)
         if ix.numel() == 0:
             return torch.empty((0, *self.item_shape))
-        return torch.stack([self._data[int(i)] for i in ix])
+        rows = ix.tolist()
+        if self.num_workers > 1 and len(rows) > 1:
+            return torch.stack(list(self._decoder().map(self._data.__getitem__, rows)))
+        return torch.stack([self._data[i] for i in rows])
+
+    def _decoder(self):
+        """Threads that decode images: PIL's decoders and the tensor transforms release the GIL, so threads
+        use every core, and an error is re-raised in the caller as it was raised (a one-line DataError)."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="safespec-decode")
+        return self._pool
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def iter_batches(self, batch_size: int, start: int = 0, stop: int | None = None
                      ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """``(indices, images)`` over rows ``[start, stop)`` of the bank (all of it by default), in
         manifest order (a torchrun rank evaluates its own contiguous shard)."""
         n = len(self) if stop is None else min(stop, len(self))
-        if self.tensor is not None or self.num_workers <= 0:
-            for s in range(start, n, batch_size):
-                idx = np.arange(s, min(s + batch_size, n), dtype=np.int64)
+        batches = [np.arange(s, min(s + batch_size, n), dtype=np.int64) for s in range(start, n, batch_size)]
+        if self.tensor is not None or self.num_workers <= 1:
+            for idx in batches:
                 yield idx, self[idx]
             return
-        data = self._data if (start, n) == (0, len(self)) else torch.utils.data.Subset(self._data, range(start, n))
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False,
-                                             num_workers=self.num_workers)
-        s = start
-        for images in loader:
-            idx = np.arange(s, s + len(images), dtype=np.int64)
-            s += len(images)
-            yield idx, images
+        # large data: the next batch is decoded (by the decoding threads) while the caller uses this one
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="safespec-prefetch") as ahead:
+            pending = ahead.submit(self.__getitem__, batches[0]) if batches else None
+            for k, idx in enumerate(batches):
+                images = pending.result()
+                if k + 1 < len(batches):
+                    pending = ahead.submit(self.__getitem__, batches[k + 1])
+                yield idx, images
 
 
 # ------------------------------------------------------------------------------------------ samplers

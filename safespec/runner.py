@@ -131,11 +131,11 @@ def make_train_data(inp: Loaded, preprocess):
 
 
 def _split(manifest, preprocess, digest: str):
-    from .data import ImageBank
+    from .data import ImageBank, decode_workers
     from .train import Split
 
     captions = [r.caption for r in manifest.records]
-    return Split(bank=ImageBank(manifest, preprocess), labels=manifest.labels, digest=digest,
+    return Split(bank=ImageBank(manifest, preprocess, num_workers=decode_workers()), labels=manifest.labels, digest=digest,
                  captions=captions if any(c for c in captions) else None)
 
 

@@ -136,20 +136,24 @@ def test_image_bank_indexing_and_batches(csv_data: Path, preload: bool):
     assert seen == [0, 1, 2, 3, 4]
 
 
-def test_image_bank_lazy_with_workers(csv_data: Path):
-    bank = ImageBank(read_manifest(csv_data, CLASSES), to_tensor, preload=False, num_workers=1)
+@pytest.mark.parametrize("preload", [False, True])
+def test_image_bank_decoding_threads_give_the_same_images(csv_data: Path, preload: bool):
+    bank = ImageBank(read_manifest(csv_data, CLASSES), to_tensor, preload=preload, num_workers=3)
     ref = ImageBank(read_manifest(csv_data, CLASSES), to_tensor, preload=True)
-    got = torch.cat([b for _, b in bank.iter_batches(3)])
+    got = torch.cat([b for _, b in bank.iter_batches(2)])  # the next batch is decoded ahead
     assert torch.equal(got, ref.tensor)
+    assert torch.equal(bank[[4, 0, 2]], ref.tensor[[4, 0, 2]])
+    assert [i.tolist() for i, _ in bank.iter_batches(2, 1, 4)] == [[1, 2], [3]]
 
 
 @pytest.mark.parametrize("preload", [True, False])
-def test_corrupt_image_names_manifest_row_and_image(csv_data: Path, preload: bool):
+@pytest.mark.parametrize("workers", [0, 3])
+def test_corrupt_image_names_manifest_row_and_image(csv_data: Path, preload: bool, workers: int):
     bad = csv_data.parent / "img" / "3.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     m = read_manifest(csv_data, CLASSES)
     with pytest.raises(DataError) as e:
-        bank = ImageBank(m, to_tensor, preload=preload)
+        bank = ImageBank(m, to_tensor, preload=preload, num_workers=workers)
         bank[np.arange(5)]
     msg = str(e.value)
     assert msg.startswith(f"{csv_data}:row 5: cannot read image {bad.resolve()}")
