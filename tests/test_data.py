@@ -137,18 +137,25 @@ def test_image_bank_indexing_and_batches(csv_data: Path, preload: bool):
 
 
 @pytest.mark.parametrize("preload", [False, True])
-def test_image_bank_decoding_threads_give_the_same_images(csv_data: Path, preload: bool):
+def test_image_bank_decoding_threads_give_the_same_images(csv_data: Path, preload: bool, monkeypatch):
+    monkeypatch.setattr("safespec.data.THREADED_MIN_PIXELS", 0)  # the test images are tiny
     bank = ImageBank(read_manifest(csv_data, CLASSES), to_tensor, preload=preload, num_workers=3)
     ref = ImageBank(read_manifest(csv_data, CLASSES), to_tensor, preload=True)
     got = torch.cat([b for _, b in bank.iter_batches(2)])  # the next batch is decoded ahead
     assert torch.equal(got, ref.tensor)
     assert torch.equal(bank[[4, 0, 2]], ref.tensor[[4, 0, 2]])
     assert [i.tolist() for i, _ in bank.iter_batches(2, 1, 4)] == [[1, 2], [3]]
+    assert bank.threads == 3
+
+
+def test_small_images_decode_without_threads(csv_data: Path):
+    assert ImageBank(read_manifest(csv_data, CLASSES), to_tensor, num_workers=3).threads == 0
 
 
 @pytest.mark.parametrize("preload", [True, False])
 @pytest.mark.parametrize("workers", [0, 3])
-def test_corrupt_image_names_manifest_row_and_image(csv_data: Path, preload: bool, workers: int):
+def test_corrupt_image_names_manifest_row_and_image(csv_data: Path, preload: bool, workers: int, monkeypatch):
+    monkeypatch.setattr("safespec.data.THREADED_MIN_PIXELS", 0)
     bad = csv_data.parent / "img" / "3.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     m = read_manifest(csv_data, CLASSES)
