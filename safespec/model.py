@@ -556,7 +556,22 @@ def _transforms(clip: nn.Module) -> tuple[Callable, Callable]:
 def _tokenizer(name: str | None, model_cfg: dict | None, context_length: int) -> Callable:
     """open_clip's tokenizer for the model, always at the model's own context length. Built-in names go
     through open_clip (which picks e.g. SigLIP's tokenizer by name); anything else is built from the
-    model's config, so that a hub model or a checkpoint needs no hub access to tokenize."""
+    model's config, so that a hub model or a checkpoint needs no hub access to tokenize. Built once per
+    (name, config, length): reading the BPE vocabulary costs about as much as building a small model, and
+    a run or a verify loads two models with the same tokenizer."""
+    key = (name, json.dumps(model_cfg, sort_keys=True, default=str), context_length)
+    with _TOKENIZER_LOCK:
+        tok = _TOKENIZERS.get(key)
+        if tok is None:
+            tok = _TOKENIZERS[key] = _build_tokenizer(name, model_cfg, context_length)
+    return tok
+
+
+_TOKENIZERS: dict[tuple, Callable] = {}
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def _build_tokenizer(name: str | None, model_cfg: dict | None, context_length: int) -> Callable:
     try:
         if name and not name.startswith(("hf-hub:", "local-dir:")) and open_clip.get_model_config(name) is not None:
             with _quiet_open_clip():
