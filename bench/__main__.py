@@ -101,28 +101,23 @@ def _quality_markdown(q: dict) -> str:
             f"of the {len(q['classes']) - 1} protected classes.\n\n" + quality.table(q))
 
 
-def goals(section: str, r: dict) -> list:
+def _renderers(section: str) -> tuple:
+    """(goals, markdown) of a section: bench/overhead.py's sections render themselves; demo, heads and
+    quality here (quality has no goal row: it is judged from its table)."""
     from . import demo, overhead
 
     if section in overhead.SECTIONS:
-        return overhead.goals(section, r)
-    if section == "demo":
-        return demo.goals(r)
-    if section == "heads":
-        return _heads_goals(r)
-    return []  # quality: judged from its table
+        return (lambda r: overhead.goals(section, r)), (lambda r: overhead.markdown(section, r))
+    return {"demo": (demo.goals, demo.markdown), "heads": (_heads_goals, _heads_markdown),
+            "quality": ((lambda r: []), _quality_markdown)}[section]
+
+
+def goals(section: str, r: dict) -> list:
+    return _renderers(section)[0](r)
 
 
 def markdown(section: str, r: dict) -> str:
-    from . import demo, overhead
-
-    if section in overhead.SECTIONS:
-        return overhead.markdown(section, r)
-    if section == "demo":
-        return demo.markdown(r)
-    if section == "heads":
-        return _heads_markdown(r)
-    return _quality_markdown(r)
+    return _renderers(section)[1](r)
 
 
 def _split_sections(text: str) -> list[tuple[str, str]]:
