@@ -438,20 +438,30 @@ class HeadedCLIP(nn.Module):
             feats = self.project_text(self.text_hidden(tokens), head_ids)
         return F.normalize(feats, dim=-1) if normalize else feats
 
-    def class_text_features(self, class_tokens: torch.Tensor) -> torch.Tensor:
-        """(C, T, L) prompt tokens -> (C, D): every template of class c through head c, each prompt
-        normalised, averaged over templates, renormalised."""
+    def class_prompts(self, class_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(C, T, L) prompt tokens -> the (C*T, L) prompts class by class and their head ids (class c's
+        templates through head c; None without heads). The ids live on the host: grouping them needs no
+        device sync."""
         if class_tokens.dim() != 3:
             raise ValueError(f"class tokens must be (classes, templates, length), got {tuple(class_tokens.shape)}")
         c, t, length = class_tokens.shape
-        flat = class_tokens.reshape(c * t, length)
         ids = None
         if self.heads is not None:
             if c != len(self.classes):
                 raise ValueError(f"{c} classes of prompts for a model with heads for {len(self.classes)} classes")
-            ids = torch.arange(c).repeat_interleave(t)  # on the host: grouping them needs no device sync
-        feats = self.encode_text(flat, ids, normalize=True)
-        return F.normalize(feats.view(c, t, -1).mean(dim=1), dim=-1)
+            ids = torch.arange(c).repeat_interleave(t)
+        return class_tokens.reshape(c * t, length), ids
+
+    @staticmethod
+    def pool_templates(prompt_features: torch.Tensor, classes: int) -> torch.Tensor:
+        """Normalised per-prompt features, class by class -> (C, D): averaged over templates, renormalised."""
+        return F.normalize(prompt_features.view(classes, -1, prompt_features.shape[-1]).mean(dim=1), dim=-1)
+
+    def class_text_features(self, class_tokens: torch.Tensor) -> torch.Tensor:
+        """(C, T, L) prompt tokens -> (C, D): every template of class c through head c, each prompt
+        normalised, averaged over templates, renormalised."""
+        flat, ids = self.class_prompts(class_tokens)
+        return self.pool_templates(self.encode_text(flat, ids, normalize=True), class_tokens.shape[0])
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
                 head_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -222,9 +222,7 @@ class Trainer:
             raise RunError("protect[*].constraint.metric: all capabilities must use the same metric in one run")
 
         self.class_tokens = build_class_tokens(loaded.tokenizer, plan.classes, plan.templates).to(self.device)
-        c, t, _ = self.class_tokens.shape
-        self.prompt_tokens = self.class_tokens.reshape(c * t, -1)  # the class prompts, class by class
-        self.prompt_heads = torch.arange(c).repeat_interleave(t) if getattr(self.model, "heads", None) is not None else None
+        self.prompt_tokens, self.prompt_heads = self.model.class_prompts(self.class_tokens)
         self.old_state = _cpu_state(self.model)
         self.old_digest = loaded.digest
 
@@ -419,8 +417,7 @@ class Trainer:
         elif isplit:
             img = gather(img, nt + npr)
         txt = gather(txt, self.prompt_inputs.shape[0]) if psplit else txt
-        c, t, _ = self.class_tokens.shape
-        text = F.normalize(txt.view(c, t, -1).mean(dim=1), dim=-1)
+        text = self.model.pool_templates(txt, len(self.plan.classes))
         if cap is not None:
             cap = (gather(cap, nc) if csplit else cap).float()
         return img.float(), text.float(), cap
@@ -518,6 +515,9 @@ class Trainer:
         if eligible and v["target"] > self.best_score:
             self.best_step, self.best_score = self.step, v["target"]
             self.best_state = None if self.step == 0 else _cpu_state(self.model)
+        self._write_trajectory()
+
+    def _write_trajectory(self) -> None:
         if self.run_dir is not None and self.dist.is_main:
             atomic_write_text(self.run_dir / f"trajectory-{self.tag}.jsonl",
                               "".join(json.dumps(e) + "\n" for e in self.trajectory))
@@ -566,9 +566,7 @@ class Trainer:
         self.model.load_state_dict(state)
         reason = (f"largest mixing weight alpha={a:.2f} between the old model (0) and the unconstrained fine-tune (1) "
                   f"that keeps every constraint on validation")
-        if self.run_dir is not None and self.dist.is_main:
-            atomic_write_text(self.run_dir / f"trajectory-{self.tag}.jsonl",
-                              "".join(json.dumps(e) + "\n" for e in self.trajectory))
+        self._write_trajectory()
         return TrainOutcome(method="wise-ft", state_dict=_cpu_state(self.model), selected_step=inner.step,
                             fell_back_to_old=a == 0, reason=reason, trajectory=self.trajectory,
                             steps=inner.step, seconds=inner.seconds, validation={"alpha": a})
