@@ -147,11 +147,13 @@ class _DigestStore:
                 self.entries = json.loads(path.read_text())
             except (OSError, ValueError):
                 self.entries = {}
+            if not isinstance(self.entries, dict):  # a damaged store is a cache miss, never an error
+                self.entries = {}
 
     def get(self, key: str, sig: list) -> str | None:
         self._open()
         e = self.entries.get(key)
-        return e[-1] if e is not None and e[:-1] == sig else None
+        return e[-1] if isinstance(e, list) and e[:-1] == sig and isinstance(e[-1], str) else None
 
     def put(self, key: str, sig: list, digest: str) -> None:
         self._open()

@@ -378,3 +378,17 @@ def test_manifest_paths_through_a_symlink_resolve_to_the_file(tmp_path):
     (tmp_path / "m.csv").write_text("path,label\nlink.png,cat\nimg/../img/x.png,dog\n")
     m = read_manifest(tmp_path / "m.csv", ["cat", "dog"])
     assert [r.path for r in m.records] == [(tmp_path / "img" / "x.png").resolve()] * 2
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"x": 3}', "not json", '{"PATH": 7}', '{"PATH": [1, 2]}'])
+def test_a_damaged_digest_store_is_a_cache_miss(tmp_path, monkeypatch, content):
+    from safespec import data as data_mod
+
+    monkeypatch.setenv("SAFESPEC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_mod, "_DIGEST_STORE", data_mod._DigestStore())
+    monkeypatch.setattr(data_mod, "_FILE_DIGESTS", {})
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"one")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "file-digests.json").write_text(content.replace("PATH", json.dumps(str(f))[1:-1]))
+    assert data_mod.file_digest(f) == hashlib.sha256(b"one").hexdigest()
