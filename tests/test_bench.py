@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,3 +111,23 @@ def test_the_prepared_gpu_script_runs_on_a_cpu_at_a_tiny_size():
     assert res["device"] == "cpu" and res["precision"] == "fp32" and res["host_syncs_in_step"] is None
     r = res["ratio"]["penalty"]
     assert all(math.isfinite(v) and v > 0 for v in r.values())
+
+
+def test_the_shift_frontier_is_exact_on_a_hand_made_problem():
+    """Target 0. Its two images need a shift over 0.5 and over 2.0; a class-1 image flips to the target
+    past 1.0, a class-2 image past 3.0. With no drop allowed the best is the first target image alone
+    (shift just over 0.5); with any drop allowed, both target images at class 1's expense, class 2 kept."""
+    from bench.quality import frontier_from_logits
+
+    logits = np.array([
+        [0.0, 0.5, -9.0],  # target image, gap 0.5 to class 1
+        [0.0, -9.0, 2.0],  # target image, gap 2.0 to class 2
+        [1.0, 2.0, -9.0],  # class 1 image, target 1.0 below
+        [-1.0, -9.0, 2.0],  # class 2 image, target 3.0 below
+    ])
+    labels = np.array([0, 0, 1, 2])
+    f = {r["budget_pt"]: r for r in frontier_from_logits(logits, labels, 0, budgets=(0, 100))}
+    assert f[0]["target_gain"] == pytest.approx(0.5) and f[0]["worst_change"] == 0.0
+    assert 0.5 <= f[0]["shift"] < 1.0  # reported to 3 decimals: just over 0.5
+    assert f[100]["target_gain"] == pytest.approx(1.0) and f[100]["worst_change"] == pytest.approx(-1.0)
+    assert f[100]["shift"] == pytest.approx(2.0)  # the smallest shift that gains both: class 2 is kept
