@@ -249,7 +249,7 @@ class OptimizeSpec(_Strict):
     batch: BatchSpec = Field(default_factory=BatchSpec, description="Batch sizes and the class-balanced protected batch.")
     gamma: float = Field(0.8, gt=0.0, le=1.0, description="Moving-average weight of the constraint estimates u_k (and the contrastive inner means).")
     constraint_tau: float = Field(0.05, gt=0.0, description="Temperature of the zero-shot logits in the constraints.")
-    temperature: float = Field(0.05, gt=0.0, description="Temperature of the contrastive target objective.")
+    temperature: float = Field(0.05, gt=0.0, description="Temperature of the target objective: the contrastive loss, or the logits of the CE objective (kept apart from constraint_tau, so softening the constraints does not soften the target).")
     penalty: PenaltySpec = Field(default_factory=PenaltySpec, description="Settings of method 'penalty'.")
     lagrangian: LagrangianSpec = Field(default_factory=LagrangianSpec, description="Settings of method 'lagrangian'.")
     wise_ft: WiseFTSpec = Field(default_factory=WiseFTSpec, alias="wise-ft", description="Settings of the 'wise-ft' baseline.")

@@ -361,7 +361,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _target_objective(self, feats_t, text, cap, yt, pos_n, pos_idx):
         if self.plan.objective.kind == "ce":
-            logits = feats_t @ text.T / self.tau
+            logits = feats_t @ text.T / self.o.temperature
             return F.cross_entropy(logits.float(), yt)
         # one-way contrastive loss anchored on target pairs (method.md section 4), SogCLR moving averages
         t = self.o.temperature

@@ -225,3 +225,22 @@ def test_a_frozen_text_tower_runs_only_the_heads_per_step(world_inputs, tmp_path
     assert not torch.equal(trainee.model.heads.B, heads_before)  # the heads learn...
     after = trainee.model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in frozen.items())  # ...and nothing else moves
+
+
+def test_the_ce_target_follows_its_own_temperature_not_the_constraints(world_inputs, tmp_path):
+    """Softening the constraints (constraint_tau) must not soften the target: the CE objective's logits use
+    optimize.temperature."""
+    plan = world_inputs.plan
+    plan = dataclasses.replace(plan, objective=dataclasses.replace(plan.objective, kind="ce"))
+
+    def first_loss(**opt):
+        torch.manual_seed(0)
+        p = dataclasses.replace(plan, optimizer=dataclasses.replace(plan.optimizer, **opt))
+        old = load_model(p.model, p.classes)
+        trainer = Trainer(p, old, make_train_data(world_inputs, old.preprocess), method="unconstrained",
+                          cache=PredictionCache(tmp_path / "cache"), quiet=True)
+        return float(trainer.train_step())
+
+    base = first_loss(constraint_tau=0.05, temperature=0.05)
+    assert first_loss(constraint_tau=0.5, temperature=0.05) == base
+    assert first_loss(constraint_tau=0.05, temperature=0.5) != pytest.approx(base, rel=1e-3)
