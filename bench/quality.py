@@ -40,17 +40,16 @@ def _row(name, seed, classes, target, acc_old, acc_new, cert=None, seconds=None,
             "certified": cert, "seconds": seconds, **(extra or {})}
 
 
-def shift_frontier(model, tokens, bank, labels: np.ndarray, tau: float, target: int,
+def shift_frontier(model, tokens, features, labels: np.ndarray, tau: float, target: int,
                    budgets=(1, 2, 3)) -> list[dict]:
     """For each budget (points of the worst protected class's held-out drop), the largest target gain that
-    raising v1's target logit by one constant buys without exceeding the budget."""
+    raising v1's target logit by one constant buys without exceeding the budget. ``features``: v1's image
+    features of the split (the pass that evaluated v1, not a second one)."""
     import torch
-
-    from safespec.evaluate import image_features
 
     with torch.no_grad():
         text = model.class_text_features(tokens).float()
-        logits = (image_features(model, bank).float() @ text.T / tau).numpy()
+    logits = (features.float() @ text.T / tau).numpy()
     return frontier_from_logits(logits, np.asarray(labels), target, budgets)
 
 
@@ -87,7 +86,7 @@ def run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print) -> d
     import torch
 
     from safespec.certify import certify
-    from safespec.evaluate import PredictionCache, evaluate
+    from safespec.evaluate import PredictionCache, evaluate, image_features
     from safespec.model import load_model
     from safespec.runner import _split, load_inputs, make_train_data
     from safespec.model import build_class_tokens
@@ -101,9 +100,10 @@ def run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print) -> d
     held = _split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
     tokens = build_class_tokens(old.tokenizer, plan0.classes, plan0.templates)
     tau = plan0.optimizer.constraint_tau
-    p_old = evaluate(old.model, tokens, held.bank, held.labels, tau)
+    held_features = image_features(old.model, held.bank)
+    p_old = evaluate(old.model, tokens, held.bank, held.labels, tau, features=held_features)
     acc_old = p_old.per_class_accuracy(C)
-    frontier = shift_frontier(old.model, tokens, held.bank, held.labels, tau, t)
+    frontier = shift_frontier(old.model, tokens, held_features, held.labels, tau, t)
     log(json.dumps({"shift_frontier": frontier}))
     cache = PredictionCache()
     rows = []

@@ -131,3 +131,16 @@ def test_the_shift_frontier_is_exact_on_a_hand_made_problem():
     assert 0.5 <= f[0]["shift"] < 1.0  # reported to 3 decimals: just over 0.5
     assert f[100]["target_gain"] == pytest.approx(1.0) and f[100]["worst_change"] == pytest.approx(-1.0)
     assert f[100]["shift"] == pytest.approx(2.0)  # the smallest shift that gains both: class 2 is kept
+
+
+def test_the_quality_harness_reports_each_method_and_the_frontier_on_the_small_world(small_world, tmp_path):
+    from bench import quality
+
+    spec = write_world_spec(tmp_path, small_world, steps=4, eval_every=2, warmup_steps=1)
+    res = quality.run(spec, [0], ["unconstrained"], oracle=False, log=lambda s: None)
+    (row,) = res["rows"]
+    assert row["method"] == "unconstrained" and row["target_old"] == pytest.approx(res["v1_accuracy"][4])
+    assert [f["budget_pt"] for f in res["shift_frontier"]] == [1, 2, 3]
+    gains = [f["target_gain"] for f in res["shift_frontier"]]
+    assert gains == sorted(gains) and all(f["worst_change"] >= -f["budget_pt"] / 100 - 1e-9 for f in res["shift_frontier"])
+    assert "Shift frontier" in quality.table(res)
