@@ -63,8 +63,11 @@ def run(*, arch: str = "ViT-B-16", target_batch: int = 256, classes: int = 6, pe
             for _ in range(3):
                 trainer.train_step()
             syncs = "none"
-        except RuntimeError as e:
-            syncs = str(e).splitlines()[0]
+        except RuntimeError as e:  # name the line of safespec that synchronised, not only the error
+            import traceback
+            ours = [f for f in traceback.extract_tb(e.__traceback__) if "safespec" in f.filename]
+            where = f" at {Path(ours[-1].filename).name}:{ours[-1].lineno}: {ours[-1].line}" if ours else ""
+            syncs = str(e).splitlines()[0] + where
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return {

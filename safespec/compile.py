@@ -35,7 +35,7 @@ class Constraint:
     name: str
     classes: tuple[str, ...]
     class_indices: tuple[int, ...]
-    metric: str  # "loss" | "smooth-accuracy"
+    metric: str  # "loss" | "smooth-accuracy" | "distill"
     slack: float  # training right-hand side eps_k, in the metric's units
     tolerance: float  # certificate non-inferiority margin, in held-out accuracy
     confidence: float
@@ -104,6 +104,8 @@ class OptimizerPlan:
     wise_ft_grid: int
     eval_every: int
     checkpoint_every: int
+    calibrate_target: bool = False
+    calibration_max_drop: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,12 @@ def compile_spec(spec: Spec) -> Plan:
         raise PlanError("optimize.eval_every",
                         f"must be at most steps ({o.steps}) (got {o.eval_every}); checkpoint selection needs "
                         f"at least one evaluation during training")
+    if o.calibrate.target_offset:
+        tightest = min(constraints, key=lambda c: c.tolerance)
+        if o.calibrate.max_drop > tightest.tolerance:
+            raise PlanError("optimize.calibrate.max_drop",
+                            f"{o.calibrate.max_drop} exceeds the tolerance of {tightest.name!r} ({tightest.tolerance}); "
+                            f"the offset would be allowed drops the certificate cannot accept")
     m = spec.model
     if set(m.freeze) == {"image", "text"} and not m.heads.enabled:
         raise PlanError("model.freeze", "both towers are frozen and the heads are disabled: nothing would be trained")
@@ -217,6 +225,7 @@ def compile_spec(spec: Spec) -> Plan:
             beta=o.penalty.beta, beta_schedule=o.penalty.schedule, penalty_form=o.penalty.form,
             multiplier_lr=o.lagrangian.multiplier_lr, rho=o.lagrangian.rho, max_multiplier=o.lagrangian.max_multiplier,
             wise_ft_grid=o.wise_ft.grid, eval_every=o.eval_every, checkpoint_every=o.checkpoint_every,
+            calibrate_target=o.calibrate.target_offset, calibration_max_drop=o.calibrate.max_drop,
         ),
         certify=CertifyPlan(confidence=spec.certify.confidence, require=spec.certify.require),
         report_dir=str(spec.report.dir),

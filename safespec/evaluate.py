@@ -31,6 +31,7 @@ class Predictions:
     preds: np.ndarray  # int64 (N,)
     losses: np.ndarray  # float32 (N,) cross-entropy of the zero-shot logits (cos / tau)
     margins: np.ndarray  # float32 (N,) true-class logit minus the best other logit
+    log_probs: np.ndarray | None = None  # float32 (N, C), only when asked for (the 'distill' metric)
 
     @property
     def correct(self) -> np.ndarray:
@@ -47,18 +48,31 @@ class Predictions:
     def to_npz_bytes(self) -> bytes:
         import io
         buf = io.BytesIO()
-        np.savez(buf, labels=self.labels, preds=self.preds, losses=self.losses, margins=self.margins)
+        extra = {} if self.log_probs is None else {"log_probs": self.log_probs}
+        np.savez(buf, labels=self.labels, preds=self.preds, losses=self.losses, margins=self.margins, **extra)
         return buf.getvalue()
 
     @classmethod
     def from_npz(cls, path: Path) -> "Predictions":
         with np.load(path, allow_pickle=False) as z:
-            return cls(labels=z["labels"], preds=z["preds"], losses=z["losses"], margins=z["margins"])
+            return cls(labels=z["labels"], preds=z["preds"], losses=z["losses"], margins=z["margins"],
+                       log_probs=z["log_probs"] if "log_probs" in z.files else None)
+
+
+def kl_from_old(old_log_probs, new_log_probs):
+    """Per-sample KL(old || new) of two rows of class log-probabilities: the 'distill' metric."""
+    if isinstance(new_log_probs, np.ndarray):
+        old = np.asarray(old_log_probs, dtype=np.float64)
+        return (np.exp(old) * (old - new_log_probs)).sum(1)
+    return F.kl_div(new_log_probs, old_log_probs, log_target=True, reduction="none").sum(1)
 
 
 def metric_values(pred_losses: torch.Tensor | np.ndarray, margins, metric: str):
     """Per-sample value of a constraint metric: 'loss' is the CE itself, 'smooth-accuracy' a sigmoid of
-    the negative margin (a differentiable error rate)."""
+    the negative margin (a differentiable error rate). ('distill' compares two models' whole predictions:
+    :func:`kl_from_old`.)"""
+    if metric == "distill":
+        raise ValueError("the 'distill' metric is a divergence between two models: use kl_from_old")
     if metric == "loss":
         return pred_losses
     if isinstance(margins, np.ndarray):
@@ -67,9 +81,11 @@ def metric_values(pred_losses: torch.Tensor | np.ndarray, margins, metric: str):
 
 
 def logits_losses(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
-                  tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zero-shot logits, per-sample CE and true-minus-best-other margins for a batch."""
-    logits = image_features @ text_features.T / tau
+                  tau: float, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero-shot logits ``(cos + bias) / tau`` (``bias``: the model's calibrated class offsets, if any),
+    per-sample CE and true-minus-best-other margins for a batch."""
+    sims = image_features @ text_features.T
+    logits = (sims if bias is None else sims + bias.to(sims.dtype)) / tau
     losses = F.cross_entropy(logits.float(), labels, reduction="none")
     true = logits.gather(1, labels[:, None]).squeeze(1)
     other = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
@@ -123,9 +139,10 @@ def feature_key(visual: str, data_digest: str, precision: str | None) -> str:
 @torch.no_grad()
 def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: float, *,
              batch_size: int = 256, device: str | torch.device = "cpu", autocast=None,
-             features: torch.Tensor | None = None) -> Predictions:
+             features: torch.Tensor | None = None, log_probs: bool = False) -> Predictions:
     """Evaluate ``model`` (a HeadedCLIP) on every image of ``bank``; the text side is computed once.
-    ``features`` (from :func:`image_features` of a model with the same image tower) replace the image pass."""
+    ``features`` (from :func:`image_features` of a model with the same image tower) replace the image pass;
+    ``log_probs`` keeps every image's class log-probabilities (N x C) as well."""
     d = dist_context()
     n = len(labels)
     was_training = model.training
@@ -134,7 +151,7 @@ def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: f
         ctx = autocast if autocast is not None else contextlib.nullcontext
         with ctx():
             text = model.class_text_features(class_tokens.to(device))
-        preds, losses, margins = [], [], []
+        preds, losses, margins, lps = [], [], [], []
         for idx, images in _batches(bank, n, batch_size, features):
             y = torch.as_tensor(labels[idx], device=device)
             if features is not None:
@@ -142,17 +159,22 @@ def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: f
             else:
                 with ctx():
                     feats = model.encode_image(images.to(device, non_blocking=True))
-            logits, loss, margin = logits_losses(feats.float(), text.float(), y, tau)
+            logits, loss, margin = logits_losses(feats.float(), text.float(), y, tau, model.class_bias)
             preds.append(logits.argmax(1).cpu())
             losses.append(loss.cpu())
             margins.append(margin.float().cpu())
+            if log_probs:
+                lps.append(F.log_softmax(logits.float(), 1).cpu())
     finally:
         model.train(was_training)
     # under torchrun each rank evaluated its contiguous shard; the gather trims the padding, so every
     # rank holds exactly one prediction per image
     cat = lambda xs, dt: d.gather_numpy(torch.cat(xs).numpy().astype(dt) if xs else np.zeros(0, dt), n)  # noqa: E731
+    lp = None
+    if log_probs:  # (rows, C) even on a rank without rows, so that the gather's shapes agree
+        lp = d.gather_numpy(torch.cat(lps).numpy() if lps else np.zeros((0, text.shape[0]), np.float32), n)
     return Predictions(labels=np.asarray(labels, dtype=np.int64), preds=cat(preds, np.int64),
-                       losses=cat(losses, np.float32), margins=cat(margins, np.float32))
+                       losses=cat(losses, np.float32), margins=cat(margins, np.float32), log_probs=lp)
 
 
 def default_cache_dir() -> Path:
@@ -223,6 +245,7 @@ class PredictionCache:
 
 
 def prediction_key(model_digest: str, data_digest: str, classes: Sequence[str], templates: Sequence[str],
-                   tau: float, heads: bool) -> str:
+                   tau: float, heads: bool, log_probs: bool = False) -> str:
+    extra = {"log_probs": True} if log_probs else {}  # keys of existing caches stay as they were
     return PredictionCache.key(model=model_digest, data=data_digest, classes=list(classes),
-                               templates=list(templates), tau=tau, heads=heads, v=1)
+                               templates=list(templates), tau=tau, heads=heads, v=1, **extra)

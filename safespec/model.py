@@ -269,7 +269,7 @@ def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids
         return base + (h @ A[u_l[0]]) @ B[u_l[0]]
     m = c_l[0]
     if all(c == m for c in c_l):
-        uniq = torch.tensor(u_l, device=dev)
+        uniq = torch.tensor(u_l).to(dev, non_blocking=True)  # a blocking copy would sync the stream
         Au, Bu = A.index_select(0, uniq), B.index_select(0, uniq)
         hs = h if order is None else h.index_select(0, order)
         ys = torch.bmm(torch.bmm(hs.view(g, m, -1), Au), Bu).reshape(n, -1)
@@ -337,6 +337,33 @@ class HeadedCLIP(nn.Module):
         self.tokenizer_name = tokenizer_name
         if heads is not None and heads.num_heads != len(self.classes) + 1:
             raise ValueError(f"{heads.num_heads} heads for {len(self.classes)} classes (need classes + 1)")
+
+    # -- the calibrated decision offsets
+    @property
+    def class_bias(self) -> torch.Tensor | None:
+        """Per-class offsets added to the cosine similarities before the temperature, ``(cos + bias) / tau``
+        (the target's offset chosen on validation, optimize.calibrate), or None. A buffer only while set, so
+        a model without one has exactly the state dict, and so the digest, it always had."""
+        return self._buffers.get("class_bias")
+
+    def set_class_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is None or not bool(torch.any(bias != 0)):
+            self._buffers.pop("class_bias", None)
+            return
+        if bias.shape != (len(self.classes),):
+            raise ValueError(f"class bias must have shape ({len(self.classes)},), got {tuple(bias.shape)}")
+        dev = next(self.clip.parameters()).device
+        # straight into _buffers: register_buffer refuses a name that the property above already holds
+        self._buffers["class_bias"] = bias.detach().to(dev, torch.float32).clone()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """As nn.Module's, with the optional class bias set (or cleared) from the state."""
+        sd = dict(state_dict)
+        bias = sd.pop("class_bias", None)
+        self.set_class_bias(None)
+        result = super().load_state_dict(sd, strict=strict, assign=assign)
+        self.set_class_bias(bias)
+        return result
 
     # -- structure
     @property
@@ -873,7 +900,7 @@ def _split_state(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     if any(k.startswith("clip.") for k in sd):
         clip_sd = {k[len("clip."):]: v for k, v in sd.items() if k.startswith("clip.")}
         heads = {k: v for k, v in sd.items() if k.startswith("heads.")}
-        other = sorted(k for k in sd if not k.startswith(("clip.", "heads.")))
+        other = sorted(k for k in sd if not k.startswith(("clip.", "heads.")) and k != "class_bias")
         if other:
             raise ModelError(f"unexpected tensors in a safespec checkpoint: {', '.join(other[:5])}")
         return clip_sd, (heads or None)
@@ -928,9 +955,21 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
     desc = f"checkpoint {path}"
     if heads_sd is None and mp.heads:
         desc += " (no heads: fresh task-dependent heads added, B = 0)"
-    return _finish(clip, classes, arch=mp.arch, model_cfg=model_cfg, tokenizer_name=tokenizer_name,
-                   heads_state=heads_sd, heads=mp.heads, rank=mp.rank, seed=seed, device=device,
-                   precision=mp.precision, source=desc)
+    bias = sd.get("class_bias")
+    if bias is not None:
+        if bias.shape != (len(classes),):
+            raise ModelError(f"classes: {path} has class offsets for {bias.shape[0] if bias.dim() else 0} classes but "
+                             f"the spec lists {len(classes)}")
+        if not torch.isfinite(bias).all():
+            raise ModelError(f"model.checkpoint: {path} has non-finite class offsets")
+        desc += " (with calibrated class offsets)"
+    loaded = _finish(clip, classes, arch=mp.arch, model_cfg=model_cfg, tokenizer_name=tokenizer_name,
+                     heads_state=heads_sd, heads=mp.heads, rank=mp.rank, seed=seed, device=device,
+                     precision=mp.precision, source=desc)
+    if bias is not None:
+        loaded.model.set_class_bias(bias)
+        loaded.refresh_digest()
+    return loaded
 
 
 def _short(names: Sequence[str], n: int = 6) -> str:
@@ -1009,7 +1048,9 @@ class ZeroShotClassifier:
         if x.dim() == 4:
             with model_autocast(self.device, self.precision):
                 x = self.model.encode_image(x.to(self.device))
-        return zero_shot_logits(x.float(), text_features.float().to(x.device), self.tau)
+        logits = zero_shot_logits(x.float(), text_features.float().to(x.device), self.tau)
+        bias = self.model.class_bias
+        return logits if bias is None else logits + bias.to(logits.device) / self.tau
 
     @torch.no_grad()
     def predict_batches(self, batches: Iterable[Any]) -> ZeroShotOutput:

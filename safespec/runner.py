@@ -311,7 +311,7 @@ def run_cycle(spec_path: Path | str, *, resume: bool = False, quiet: bool = Fals
         result.update({
             "spec": _spec_block(inp), "method": main_method, "classes": list(plan.classes),
             "selection": {"step": outcome.selected_step, "reason": outcome.reason,
-                          "fell_back_to_old": outcome.fell_back_to_old},
+                          "fell_back_to_old": outcome.fell_back_to_old, **outcome.validation},
             "training": {"steps": outcome.steps, "seconds": round(outcome.seconds, 2),
                          "trajectory": "trajectory.jsonl"},
             "baselines": [_baseline_summary(m, results[m]) for m in results if m != main_method],

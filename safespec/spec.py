@@ -150,8 +150,16 @@ class DataSpec(_Strict):
 class ConstraintSpec(_Strict):
     """The training constraint that enforces a capability: L_k(new) - L_k(old) <= slack."""
 
-    metric: Literal["loss", "smooth-accuracy"] = Field("loss", description="'loss': mean cross-entropy on the store (the paper); 'smooth-accuracy': a sigmoid-margin accuracy proxy.")
-    slack: float = Field(0.0, ge=0.0, le=10.0, description="Allowed increase of the metric over the old model's value, in the metric's units (0 = strict).")
+    metric: Literal["loss", "smooth-accuracy", "distill"] = Field("loss", description="'loss': mean cross-entropy on the store (the paper); 'smooth-accuracy': a sigmoid-margin accuracy proxy; 'distill': the KL divergence from the old model's class probabilities (at optimize.constraint_tau) to the new one's, which moves when a memorised image's whole prediction moves, not only its true class.")
+    slack: float = Field(0.0, ge=0.0, le=10.0, description="Allowed increase of the metric over the old model's value, in the metric's units (0 = strict; 'distill' needs a slack > 0, in nats).")
+
+    @model_validator(mode="after")
+    def _distill_slack(self) -> "ConstraintSpec":
+        # KL(old || new) is 0 only at the old model itself: a strict 'distill' constraint would forbid every
+        # change, so it fails here rather than as a run that never moves
+        if self.metric == "distill" and self.slack <= 0.0:
+            raise _rule(("slack",), "metric 'distill' bounds the divergence from the old model, which is 0 only for the old model itself; give a slack > 0 (nats per image, e.g. 0.02)")
+        return self
 
 
 class ProtectSpec(_Strict):
@@ -235,6 +243,13 @@ class WiseFTSpec(_Strict):
     grid: int = Field(11, ge=2, le=101, description="Mixing weights tried between the old model (0) and the fine-tune (1).")
 
 
+class CalibrateSpec(_Strict):
+    """The target's decision offset, chosen on validation at every evaluation (safespec.calibrate)."""
+
+    target_offset: bool = Field(False, description="Choose an offset of the target's logit on validation at every evaluation, and select checkpoints by the target accuracy it gives (constrained methods only; the baselines are left as trained).")
+    max_drop: float = Field(0.01, ge=0.0, le=1.0, description="Largest validation accuracy drop (paired point estimate) any capability may show at the chosen offset; keep it below the tolerance, since about 100 validation images per class move by several points on flips alone.")
+
+
 class OptimizeSpec(_Strict):
     """The optimizer: the paper's penalty method, exact multipliers, or a baseline, with the paper's defaults."""
 
@@ -253,6 +268,7 @@ class OptimizeSpec(_Strict):
     penalty: PenaltySpec = Field(default_factory=PenaltySpec, description="Settings of method 'penalty'.")
     lagrangian: LagrangianSpec = Field(default_factory=LagrangianSpec, description="Settings of method 'lagrangian'.")
     wise_ft: WiseFTSpec = Field(default_factory=WiseFTSpec, alias="wise-ft", description="Settings of the 'wise-ft' baseline.")
+    calibrate: CalibrateSpec = Field(default_factory=CalibrateSpec, description="The target's decision offset, chosen on validation.")
     eval_every: int = Field(100, ge=1, description="Evaluate on the validation split every N steps (checkpoint selection).")
     checkpoint_every: int = Field(100, ge=1, description="Save the resumable training state every N steps.")
 

@@ -31,11 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .calibrate import target_offset
 from .compile import Plan
 from .distributed import context as dist_context
 from .errors import RunError, atomic_write_bytes, atomic_write_text
-from .evaluate import (PredictionCache, Predictions, evaluate, feature_key, image_features, logits_losses,
-                       metric_values, prediction_key, visual_digest)
+from .evaluate import (PredictionCache, Predictions, evaluate, feature_key, image_features, kl_from_old,
+                       logits_losses, metric_values, prediction_key, visual_digest)
 from .model import build_class_tokens, model_autocast
 from .progress import Progress
 
@@ -43,7 +44,7 @@ METHODS = ("penalty", "lagrangian", "unconstrained", "replay", "wise-ft")
 CONSTRAINED = ("penalty", "lagrangian")
 #: Selection rejects a checkpoint when validation shows a drop beyond tolerance at this one-sided confidence.
 SELECTION_CONFIDENCE = 0.8
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the calibrated target offset is part of the state
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -90,6 +91,12 @@ def beta_at(step: int, total: int, beta: float, schedule: str) -> float:
     if schedule == "cosine":
         return beta * 0.5 * (1.0 - math.cos(math.pi * step / max(1, total)))
     return beta
+
+
+def _index(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host index rows on ``device`` without waiting: a blocking host-to-device copy synchronises the
+    stream, and a step must never wait for the GPU (bench/gpu.py checks this in CUDA's sync-debug mode)."""
+    return torch.from_numpy(np.asarray(rows)).to(device, non_blocking=True)
 
 
 def _cpu_state(model) -> dict[str, torch.Tensor]:
@@ -239,10 +246,18 @@ class Trainer:
                 self._features[id(split)] = feats.to(self.device)
 
         # the old model's references: per-sample metric on the store, predictions on validation
+        # ('distill': the old model's class log-probabilities of every store image, N x C, instead)
+        self.distill = self.metric == "distill"
+        # the target's decision offset, chosen on validation at every evaluation (constrained methods only)
+        self.calibrate = self.o.calibrate_target and self.method in CONSTRAINED
         self.ref_store = self._reference(data.store)
         self.ref_val = self._reference(data.validation)
-        self.ref_store_metric = torch.as_tensor(
-            metric_values(self.ref_store.losses, self.ref_store.margins, self.metric), device=self.device)
+        if self.distill:
+            self.ref_store_logp = torch.as_tensor(self.ref_store.log_probs, device=self.device)
+            self.ref_store_metric = torch.zeros(len(data.store.labels), device=self.device)  # KL(old || old)
+        else:
+            self.ref_store_metric = torch.as_tensor(
+                metric_values(self.ref_store.losses, self.ref_store.margins, self.metric), device=self.device)
 
         # samplers: store rows of protected classes only; target rows split into positives/negatives
         protected = sorted({i for c in self.constraints for i in c.class_indices})
@@ -290,7 +305,7 @@ class Trainer:
             self.opt, lambda s: lr_factor(s, self.o.warmup_steps, self.o.steps))
         self.step = 0
         self.trajectory: list[dict] = []
-        self.best_step, self.best_score, self.best_state = 0, -math.inf, None
+        self.best_step, self.best_score, self.best_state, self.best_offset = 0, -math.inf, None, 0.0
         self.seconds = 0.0
 
     def _freeze(self, towers) -> None:
@@ -309,17 +324,21 @@ class Trainer:
     # ------------------------------------------------------------------ references and evaluation
     def _reference(self, split: Split) -> Predictions:
         key = prediction_key(self.old_digest, split.digest, self.plan.classes, self.plan.templates, self.tau,
-                             heads=getattr(self.model, "heads", None) is not None)
+                             heads=getattr(self.model, "heads", None) is not None, log_probs=self.distill)
         return self.cache.get_or_compute(key, lambda: self._evaluate(split))
 
-    def _evaluate(self, split: Split) -> Predictions:
+    def _evaluate(self, split: Split, log_probs: bool | None = None) -> Predictions:
         return evaluate(self.model, self.class_tokens, split.bank, split.labels, self.tau,
-                        device=self.device, autocast=self.autocast, features=self._features.get(id(split)))
+                        device=self.device, autocast=self.autocast, features=self._features.get(id(split)),
+                        log_probs=self.distill if log_probs is None else log_probs)
 
     def constraint_values(self, new: Predictions, old: Predictions) -> np.ndarray:
         """Per capability: mean metric(new) - mean metric(old) - slack over the capability's images."""
-        m_new = metric_values(new.losses, new.margins, self.metric)
-        m_old = metric_values(old.losses, old.margins, self.metric)
+        if self.distill:
+            m_new, m_old = kl_from_old(old.log_probs, new.log_probs), np.zeros(len(old.labels))
+        else:
+            m_new = metric_values(new.losses, new.margins, self.metric)
+            m_old = metric_values(old.losses, old.margins, self.metric)
         out = np.zeros(len(self.constraints))
         for k, c in enumerate(self.constraints):
             mask = np.isin(new.labels, c.class_indices)
@@ -349,19 +368,31 @@ class Trainer:
         where flips alone move a class by several points: a rule on the point estimate rejected nearly every
         checkpoint of good runs, and a strict loss rule rejected all of them. The held-out certificate, not
         selection, is what guards the release."""
-        new = self._evaluate(self.data.validation) if self.step > 0 else self.ref_val
+        val = self.data.validation
+        new = self._evaluate(val, log_probs=self.distill or self.calibrate) if self.step > 0 else self.ref_val
+        if self.calibrate and new.log_probs is None:  # the old model at step 0: its logits, once
+            new = self._evaluate(val, log_probs=True)
         cons = self.constraint_values(new, self.ref_val)
         drops, lower = self.validation_drops(new, self.ref_val)
         acc = new.per_class_accuracy(len(self.plan.classes))
         t = self.plan.objective.target_index
         tol = np.array([c.tolerance for c in self.constraints])
-        return {"constraints": cons, "drops": drops, "accuracy": acc, "target": float(acc[t]),
-                "feasible": bool(np.all(lower <= tol + 1e-12))}
+        out = {"constraints": cons, "drops": drops, "accuracy": acc, "target": float(acc[t]), "score": float(acc[t]),
+               "offset": 0.0, "feasible": bool(np.all(lower <= tol + 1e-12))}
+        if self.calibrate:
+            cal = target_offset(new.log_probs, val.labels, self.ref_val.correct, t,
+                                [c.class_indices for c in self.constraints], self.o.calibration_max_drop)
+            # logits were at temperature tau: the offset in cosine units is offset * tau
+            out.update(score=cal.target_accuracy, offset=cal.offset * self.tau, feasible=cal.feasible,
+                       calibrated_drops=np.asarray(cal.drops))
+        return out
 
     # ------------------------------------------------------------------ one step
     def _target_objective(self, feats_t, text, cap, yt, pos_n, pos_idx):
         if self.plan.objective.kind == "ce":
-            logits = feats_t @ text.T / self.o.temperature
+            sims = feats_t @ text.T
+            bias = self.model.class_bias
+            logits = (sims if bias is None else sims + bias) / self.o.temperature
             return F.cross_entropy(logits.float(), yt)
         # one-way contrastive loss anchored on target pairs (method.md section 4), SogCLR moving averages
         t = self.o.temperature
@@ -411,9 +442,9 @@ class Trainer:
             img, txt, cap = self.towers(x, self.prompt_inputs[plo:phi], heads, caps, cap_heads, hidden=self.text_frozen)
         gather = self.dist.gather_rows
         if self.image_frozen:
-            img = self._features[id(self.data.target)][torch.as_tensor(t_rows, device=self.device)]
+            img = self._features[id(self.data.target)][_index(t_rows, self.device)]
             if p_rows is not None:
-                img = torch.cat([img, self._features[id(self.data.store)][torch.as_tensor(p_rows, device=self.device)]])
+                img = torch.cat([img, self._features[id(self.data.store)][_index(p_rows, self.device)]])
         elif isplit:
             img = gather(img, nt + npr)
         txt = gather(txt, self.prompt_inputs.shape[0]) if psplit else txt
@@ -425,22 +456,27 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         o, dev = self.o, self.device
         pos, neg = self.target_sampler.sample()
-        pos_idx = torch.as_tensor(pos, device=dev)
+        pos_idx = _index(pos, dev)
         t_rows = np.concatenate([pos, neg])
         constrained = self.method != "unconstrained"
         p_rows = self.prot_sampler.sample()[0] if constrained else None
         caption_rows = None
         if self.plan.objective.kind != "ce":
-            caption_rows = torch.cat([pos_idx, torch.as_tensor(neg, device=dev)])
+            caption_rows = torch.cat([pos_idx, _index(neg, dev)])
         feats, text, cap = self._encode(t_rows, p_rows, caption_rows, len(pos))
         nt = len(t_rows)
-        yt = self.target_labels[torch.as_tensor(t_rows, device=dev)]
+        yt = self.target_labels[_index(t_rows, dev)]
         loss = self._target_objective(feats[:nt], text, cap, yt, len(pos), pos_idx)
         if constrained:
-            p_idx = torch.as_tensor(p_rows, device=dev)
+            p_idx = _index(p_rows, dev)
             yp = self.store_labels[p_idx]
-            _, ce, margin = logits_losses(feats[nt:], text, yp, self.tau)
-            m_new = metric_values(ce, margin, self.metric)
+            logits, ce, margin = logits_losses(feats[nt:], text, yp, self.tau, self.model.class_bias)
+            if self.method == "replay":  # the regulariser baseline: plain CE on the store, no reference
+                m_new = ce
+            elif self.distill:
+                m_new = kl_from_old(self.ref_store_logp[p_idx], F.log_softmax(logits.float(), 1))
+            else:
+                m_new = metric_values(ce, margin, self.metric)
             k_of = self.cap_of_class[yp]
             K = len(self.constraints)
             # index_add, not bincount: bincount on a GPU reads the largest value back to size its output
@@ -506,16 +542,28 @@ class Trainer:
             "val_accuracy": {c: (None if math.isnan(a) else float(a)) for c, a in zip(self.plan.classes, v["accuracy"])},
             "feasible": v["feasible"],
         }
+        if self.calibrate:
+            entry.update(target_offset=v["offset"], target_calibrated=v["score"],
+                         val_drop_calibrated=dict(zip(names, map(float, v["calibrated_drops"]))))
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
         self.trajectory.append(entry)
         # constrained methods select among checkpoints that keep every constraint on validation; the
         # baselines select by the target alone, so that they show what the constraints buy
         eligible = v["feasible"] or self.method not in CONSTRAINED
-        if eligible and v["target"] > self.best_score:
-            self.best_step, self.best_score = self.step, v["target"]
-            self.best_state = None if self.step == 0 else _cpu_state(self.model)
+        if eligible and v["score"] > self.best_score:
+            self.best_step, self.best_score, self.best_offset = self.step, v["score"], v["offset"]
+            state = self.old_state if self.step == 0 else _cpu_state(self.model)
+            self.best_state = self._with_offset(state, v["offset"]) if (self.step > 0 or v["offset"]) else None
         self._write_trajectory()
+
+    def _with_offset(self, state: dict[str, torch.Tensor], offset: float) -> dict[str, torch.Tensor]:
+        """``state`` with ``offset`` (cosine units) added to the target's class bias."""
+        if not offset:
+            return state
+        bias = state.get("class_bias", torch.zeros(len(self.plan.classes))).detach().to("cpu", torch.float32).clone()
+        bias[self.plan.objective.target_index] += offset
+        return {**state, "class_bias": bias}
 
     def _write_trajectory(self) -> None:
         if self.run_dir is not None and self.dist.is_main:
@@ -535,10 +583,17 @@ class Trainer:
                      else "(a baseline: selected by the target alone)")
             reason = (f"step {self.best_step}: best validation accuracy on {self.plan.objective.target_class!r} "
                       f"({self.best_score:.3f}) {among}")
+            if self.calibrate:
+                reason = (f"step {self.best_step}{' (the old model)' if self.best_step == 0 else ''}, with the "
+                          f"{self.plan.objective.target_class!r} logit offset by {self.best_offset:+.4f} (cosine units): "
+                          f"best calibrated validation accuracy on the target ({self.best_score:.3f}) among the "
+                          f"checkpoints and offsets that keep every capability's validation drop within "
+                          f"{self.o.calibration_max_drop:.1%}")
         state = self.old_state if fell_back else self.best_state
         return TrainOutcome(method=self.method, state_dict=state, selected_step=self.best_step,
                             fell_back_to_old=fell_back, reason=reason, trajectory=list(self.trajectory),
-                            steps=self.step, seconds=self.seconds)
+                            steps=self.step, seconds=self.seconds,
+                            validation={"target_offset": self.best_offset} if self.calibrate else {})
 
     # ------------------------------------------------------------------ wise-ft
     def _run_wise_ft(self, *, resume: bool) -> TrainOutcome:
@@ -597,7 +652,7 @@ class Trainer:
             "weights": self.weights.state_dict(), "loss_sum": self.loss_sum, "loss_count": self.loss_count,
             "prot_sampler": json.dumps(self.prot_sampler.state_dict(), default=_jsonable),
             "target_sampler": json.dumps(self.target_sampler.state_dict(), default=_jsonable),
-            "trajectory": json.dumps(self.trajectory), "best_step": self.best_step, "best_score": self.best_score,
+            "trajectory": json.dumps(self.trajectory), "best_step": self.best_step, "best_score": self.best_score, "best_offset": self.best_offset,
             "seconds": self.seconds, "torch_rng": torch.get_rng_state(),
         }
         if self.caption_tokens is not None:
@@ -635,7 +690,7 @@ class Trainer:
         self.prot_sampler.load_state_dict(json.loads(st["prot_sampler"], object_hook=_unjson))
         self.target_sampler.load_state_dict(json.loads(st["target_sampler"], object_hook=_unjson))
         self.trajectory = json.loads(st["trajectory"])
-        self.best_step, self.best_score = st["best_step"], st["best_score"]
+        self.best_step, self.best_score, self.best_offset = st["best_step"], st["best_score"], st["best_offset"]
         self.best_state = st.get("best_state")
         self.step, self.seconds = st["step"], st["seconds"]
         torch.set_rng_state(st["torch_rng"])

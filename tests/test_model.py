@@ -493,3 +493,52 @@ def test_grouped_routing_under_autocast_keeps_the_base_dtype():
         out = grouped_low_rank(h, A, B, ids, base=base)
     assert out.dtype == base.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), naive_routed_projection(h, W, A, B, ids), rtol=0.05, atol=0.1)
+
+
+# ------------------------------------------------------------------------------------------ class offsets
+def test_a_class_bias_shifts_the_logits_round_trips_and_is_absent_by_default(headed, images, tmp_path):
+    """The calibrated offset is part of the model: it moves exactly its class's logit by bias / tau, is saved
+    and loaded with the checkpoint (and its digest), and a model without one keeps its old state dict."""
+    model = HeadedCLIP(headed.model.clip, CLASSES, arch=ARCH, model_cfg=headed.model.model_cfg, tokenizer_name=ARCH)
+    model.add_heads(rank=4, seed=5)
+    before = weights_digest(model)
+    assert model.class_bias is None and "class_bias" not in model.state_dict()
+    model.set_class_bias(torch.zeros(len(CLASSES)))  # an all-zero offset is no offset
+    assert model.class_bias is None and weights_digest(model) == before
+    zs = ZeroShotClassifier(model, headed.tokenizer, TEMPLATES, tau=0.05)
+    with torch.no_grad():
+        plain = zs.logits(images)
+        model.set_class_bias(torch.tensor([0.0, 0.0, -0.1, 0.0]))
+        shifted = zs.logits(images)
+    torch.testing.assert_close(shifted - plain, torch.tensor([0.0, 0.0, -2.0, 0.0]).expand_as(plain), rtol=0, atol=1e-4)
+    digest = save_checkpoint(model, tmp_path / "v2.safetensors")
+    assert digest != before
+    loaded = load_model(plan(checkpoint=str(tmp_path / "v2.safetensors")), CLASSES)
+    assert loaded.digest == digest and "calibrated class offsets" in loaded.source
+    torch.testing.assert_close(loaded.model.class_bias, model.class_bias)
+    # load_state_dict sets and clears it with the state, as for any other tensor of the model
+    sd = model.state_dict()
+    model.load_state_dict({k: v for k, v in sd.items() if k != "class_bias"})
+    assert model.class_bias is None
+    model.load_state_dict(sd)
+    assert model.class_bias is not None
+    with pytest.raises(ValueError, match="shape"):
+        model.set_class_bias(torch.ones(3))
+
+
+def test_class_offsets_for_other_classes_are_refused(headed, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "v2.safetensors"
+    model = HeadedCLIP(headed.model.clip, CLASSES, arch=ARCH, model_cfg=headed.model.model_cfg, tokenizer_name=ARCH)
+    model.add_heads(rank=4, seed=5)
+    model.set_class_bias(torch.tensor([0.0, 0.1, 0.0, 0.0]))
+    save_checkpoint(model, path)
+    meta = load_checkpoint(path)[1]
+    sd = load_file(path)
+    sd["class_bias"] = torch.zeros(7)
+    sd["class_bias"][0] = 1.0
+    save_file(sd, path, metadata={"safespec": __import__("json").dumps(meta)})
+    with pytest.raises(ModelError) as e:
+        load_model(plan(checkpoint=str(path)), CLASSES)
+    assert "class offsets for 7 classes" in one_line(e)

@@ -244,3 +244,84 @@ def test_the_ce_target_follows_its_own_temperature_not_the_constraints(world_inp
     base = first_loss(constraint_tau=0.05, temperature=0.05)
     assert first_loss(constraint_tau=0.5, temperature=0.05) == base
     assert first_loss(constraint_tau=0.05, temperature=0.5) != pytest.approx(base, rel=1e-3)
+
+
+def _with_distill(inp, slack=0.02):
+    plan = inp.plan
+    cons = tuple(dataclasses.replace(c, metric="distill", slack=slack) for c in plan.constraints)
+    return dataclasses.replace(inp, plan=dataclasses.replace(plan, constraints=cons))
+
+
+def _store_kl(trainer):
+    """Exact per-capability mean KL(old || new) over the whole store, from a fresh evaluation."""
+    from safespec.evaluate import kl_from_old
+
+    new = evaluate(trainer.model, trainer.class_tokens, trainer.data.store.bank, trainer.data.store.labels,
+                   trainer.tau, log_probs=True)
+    kl = kl_from_old(trainer.ref_store.log_probs, new.log_probs)
+    return {c.name: float(kl[np.isin(new.labels, c.class_indices)].mean()) for c in trainer.constraints}
+
+
+def test_the_distill_constraint_bounds_the_stores_divergence_from_the_old_model(world_inputs, tmp_path):
+    """metric 'distill': the reference is the old model's whole prediction (N x C log-probabilities), the
+    constraint value at step 0 is exactly -slack, and training keeps the store's KL near its slack where
+    the unconstrained baseline's predictions move far away."""
+    inp = _with_distill(world_inputs)
+    cache = PredictionCache(tmp_path / "cache")
+    lag, _ = _train(inp, tmp_path, "lagrangian", cache=cache)
+    base, _ = _train(inp, tmp_path, "unconstrained", cache=cache)
+    assert lag.ref_store.log_probs.shape == (len(lag.data.store.labels), len(inp.plan.classes))
+    np.testing.assert_allclose(list(lag.trajectory[0]["constraints"].values()), -0.02, atol=1e-6)
+    kept, moved = _store_kl(lag), _store_kl(base)
+    assert max(kept.values()) <= 0.1, kept  # the slack is 0.02; store-wide values run a little above
+    assert max(moved.values()) >= 1.0, moved
+    assert any(not torch.equal(v, lag.old_state[k]) for k, v in lag.model.state_dict().items())
+
+
+def test_kl_from_old_agrees_between_numpy_and_torch_and_is_zero_on_itself():
+    from safespec.evaluate import kl_from_old
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.log_softmax(torch.randn(6, 5, generator=g), 1)
+    b = torch.log_softmax(torch.randn(6, 5, generator=g), 1)
+    t = kl_from_old(a, b)
+    np.testing.assert_allclose(kl_from_old(a.numpy(), b.numpy()), t.numpy(), rtol=1e-5)
+    assert torch.all(t > 0)
+    np.testing.assert_allclose(kl_from_old(a, a).numpy(), 0.0, atol=1e-6)
+
+
+def test_calibrated_selection_keeps_every_capability_within_max_drop_on_validation(world_inputs, tmp_path):
+    """optimize.calibrate: at every evaluation the target's offset is chosen on validation; the selected model
+    carries its offset, and re-evaluating it shows exactly the recorded calibrated accuracy with every
+    capability's drop within max_drop. Resume reaches the same selection."""
+    kw = dict(steps=40, eval_every=10, checkpoint_every=10, calibrate_target=True, calibration_max_drop=0.05)
+    trainer, out = _train(world_inputs, tmp_path, "lagrangian", run_dir=tmp_path / "a", **kw)
+    entries = [e for e in trainer.trajectory if "target_offset" in e]
+    assert len(entries) == len(trainer.trajectory) == 5
+    offset = out.validation["target_offset"]
+    sel = next(e for e in trainer.trajectory if e["step"] == out.selected_step)
+    assert sel["target_offset"] == offset and not out.fell_back_to_old
+    assert all(d <= 0.05 + 1e-12 for d in sel["val_drop_calibrated"].values())
+    assert sel["target_calibrated"] >= max(e["target_calibrated"] for e in entries if e["feasible"]) - 1e-12
+    assert ("class_bias" in out.state_dict) == (offset != 0.0)
+
+    # the selected model, evaluated afresh, is what selection saw
+    trainer.model.load_state_dict(out.state_dict)
+    t = trainer.plan.objective.target_index
+    val = trainer.data.validation
+    new = evaluate(trainer.model, trainer.class_tokens, val.bank, val.labels, trainer.tau)
+    assert new.per_class_accuracy(len(trainer.plan.classes))[t] == pytest.approx(sel["target_calibrated"])
+    drops, _ = trainer.validation_drops(new, trainer.ref_val)
+    assert drops.max() <= 0.05 + 1e-12
+
+    _train(world_inputs, tmp_path, "lagrangian", run_dir=tmp_path / "b", stop_after=20, **kw)
+    _, resumed = _train(world_inputs, tmp_path, "lagrangian", run_dir=tmp_path / "b", resume=True, **kw)
+    assert resumed.selected_step == out.selected_step and resumed.validation == out.validation
+    assert all(torch.equal(out.state_dict[k], resumed.state_dict[k]) for k in out.state_dict)
+
+
+def test_calibration_leaves_the_baselines_as_trained(world_inputs, tmp_path):
+    trainer, out = _train(world_inputs, tmp_path, "unconstrained", steps=20, eval_every=10,
+                          calibrate_target=True, calibration_max_drop=0.05)
+    assert out.validation == {} and "class_bias" not in out.state_dict
+    assert all("target_offset" not in e for e in trainer.trajectory)
