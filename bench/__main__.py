@@ -66,7 +66,7 @@ def measure(section: str, *, quick: bool, log) -> dict:
         return heads.run()
     if section == "quality":
         return quality.run(SPEC, [0] if quick else [0, 1, 2], ["penalty", "lagrangian", "unconstrained", "replay", "wise-ft"],
-                           oracle=not quick, log=log)
+                           oracle=not quick, overrides=None if quick else quality.QUALITY_OVERRIDES, log=log)
     raise KeyError(section)
 
 

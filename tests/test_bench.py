@@ -137,8 +137,13 @@ def test_the_quality_harness_reports_each_method_and_the_frontier_on_the_small_w
     from bench import quality
 
     spec = write_world_spec(tmp_path, small_world, steps=4, eval_every=2, warmup_steps=1)
-    res = quality.run(spec, [0], ["unconstrained"], oracle=False, log=lambda s: None)
+    # overrides apply to a temporary spec beside the original (relative data paths), which is removed after
+    res = quality.run(spec, [0], ["unconstrained"], oracle=False, log=lambda s: None,
+                      overrides={"optimize.steps": 6, "optimize.eval_every": 3})
+    assert res["overrides"] == {"optimize.steps": 6, "optimize.eval_every": 3}
+    assert sorted(p.name for p in spec.parent.iterdir() if p.name.startswith(".quality-")) == []
     (row,) = res["rows"]
+    assert row["selected_step"] in (3, 6)  # the original spec evaluates at steps 2 and 4
     assert row["method"] == "unconstrained" and row["target_old"] == pytest.approx(res["v1_accuracy"][4])
     assert [f["budget_pt"] for f in res["shift_frontier"]] == [1, 2, 3]
     gains = [f["target_gain"] for f in res["shift_frontier"]]
