@@ -97,8 +97,12 @@ def _quality_markdown(q: dict) -> str:
     from . import quality
 
     t = q["classes"].index(q["target"])
-    return (f"v1 (the old model): {q['target']} {q['v1_accuracy'][t]:.3f}; Δ = new − v1 held-out accuracy of each "
-            f"of the {len(q['classes']) - 1} protected classes.\n\n" + quality.table(q))
+    spec = Path(q["spec"]).name
+    over = ", ".join(f"`{k}: {v}`" for k, v in (q.get("overrides") or {}).items())
+    return (f"Spec: `specs/{spec}`" + (f" with {over}" if over else "") + f"; the method changes per row, the rest is "
+            f"the spec's. v1 (the old model): {q['target']} {q['v1_accuracy'][t]:.3f}; Δ = new − v1 held-out accuracy "
+            f"of each of the {len(q['classes']) - 1} protected classes; the offset is the calibrated target offset "
+            f"(cosine units) where the spec asks for one.\n\n" + quality.table(q))
 
 
 def _renderers(section: str) -> tuple:

@@ -160,7 +160,8 @@ def _run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print) -> 
             n_cert = sum(c["status"] == "certified" for c in cert.to_dict()["capabilities"])
             row = _row(method, seed, plan.classes, t, acc_old, p_new.per_class_accuracy(C), n_cert,
                        round(time.perf_counter() - t0, 1),
-                       {"selected_step": outcome.selected_step, "fell_back": outcome.fell_back_to_old})
+                       {"selected_step": outcome.selected_step, "fell_back": outcome.fell_back_to_old,
+                        "target_offset": outcome.validation.get("target_offset")})
             rows.append(row)
             log(json.dumps(row))
     if oracle:
@@ -198,14 +199,17 @@ def _oracle(inp, plan, acc_old, *, log) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = ["| method | seed | dog v1 → new | min Δ protected | mean Δ protected | drops >1/>2/>3 pt | certified (of 9) | worst class | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seed | dog v1 → new | min Δ protected | mean Δ protected | drops >1/>2/>3 pt | certified (of 9) | worst class | selected step (offset) | s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         d = r["drops_gt"]
+        sel = "" if r.get("selected_step") is None else str(r["selected_step"])
+        if r.get("target_offset") is not None:
+            sel += f" ({r['target_offset']:+.4f})"
         lines.append(f"| {r['method']} | {'' if r['seed'] is None else r['seed']} "
                      f"| {r['target_old']:.3f} → {r['target_new']:.3f} | {100 * r['min_change']:+.2f} pt "
                      f"| {100 * r['mean_change']:+.2f} pt | {d['1']}/{d['2']}/{d['3']} "
-                     f"| {'' if r['certified'] is None else r['certified']} | {r['worst_class']} | {r['seconds']} |")
+                     f"| {'' if r['certified'] is None else r['certified']} | {r['worst_class']} | {sel} | {r['seconds']} |")
     if res.get("shift_frontier"):
         lines += ["", "Shift frontier (v1 with only its target logit raised, shift chosen on held-out):", "",
                   "| worst protected drop within | target gain | shift (logit units) |", "|---|---|---|"]
