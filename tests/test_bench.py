@@ -149,3 +149,25 @@ def test_the_quality_harness_reports_each_method_and_the_frontier_on_the_small_w
     gains = [f["target_gain"] for f in res["shift_frontier"]]
     assert gains == sorted(gains) and all(f["worst_change"] >= -f["budget_pt"] / 100 - 1e-9 for f in res["shift_frontier"])
     assert "Shift frontier" in quality.table(res)
+
+
+def test_the_sweep_analysis_picks_the_best_offset_that_validation_allows(tmp_path):
+    """bench.sweep --analyse: among (checkpoint, offset) pairs whose protected classes all stay within
+    max_drop on validation, the best validation target wins; its held-out numbers are reported."""
+    from bench.sweep import analyse
+
+    def point(b, dog, per):  # [offset, target change, worst change, per-class changes, flips]
+        return [b, dog, min(x for i, x in enumerate(per) if i != 1), per, []]
+
+    trace = [
+        {"step": 50, "val_curve": [point(0.0, 0.30, [-0.05, 0.30, 0.0]), point(-1.0, 0.20, [-0.01, 0.20, 0.0])],
+         "held_curve": [[0.0, 0.28, -0.06, []], [-1.0, 0.18, -0.02, []]]},
+        {"step": 100, "val_curve": [point(0.0, 0.25, [-0.02, 0.25, 0.0]), point(-1.0, 0.10, [0.0, 0.10, 0.0])],
+         "held_curve": [[0.0, 0.24, -0.04, []], [-1.0, 0.09, -0.01, []]]},
+    ]
+    f = tmp_path / "sweep.jsonl"
+    f.write_text(json.dumps({"variant": "v", "seed": 0, "target_index": 1, "trace": trace}) + "\n")
+    (line,) = analyse(f, max_drop=0.01)
+    assert "step 50 b-1.0: +0.180 / -2.00 pt" in line and line.endswith("<- bar")  # +0.18 within 3 points
+    (line,) = analyse(f, max_drop=0.0)
+    assert "step 100 b-1.0: +0.090 / -1.00 pt" in line and not line.endswith("<- bar")
