@@ -412,8 +412,12 @@ def _training_charts(traj: list[dict[str, Any]], selected: Any) -> dict[str, Any
         return charts
     target = [(t["step"], t.get("target_metric")) for t in traj]
     if any(is_number(y) for _, y in target):
-        charts["target"] = line_chart([{"label": "target metric", "points": target, "dots": len(traj) <= 40}],
-                                      width=480, height=210, vline=vline, y_label="target metric")
+        lines = [{"label": "target metric", "points": target, "dots": len(traj) <= 40}]
+        calibrated = [(t["step"], t.get("target_calibrated")) for t in traj]
+        if any(is_number(y) for _, y in calibrated):  # optimize.calibrate: the selection score beside the raw one
+            lines.append({"label": "with the calibrated offset", "points": calibrated, "color": "#1a7f37",
+                          "dots": len(traj) <= 40})
+        charts["target"] = line_chart(lines, width=480, height=210, vline=vline, y_label="target metric")
     loss = [(t["step"], t.get("train_loss")) for t in traj]
     if any(is_number(y) for _, y in loss):
         charts["loss"] = line_chart([{"label": "training loss", "points": loss, "color": "#6e7781"}],

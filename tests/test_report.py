@@ -517,3 +517,13 @@ def test_a_certified_run_whose_target_missed_its_goal_is_marked_not_releasable(t
     html = report.render_html(report.load_run(write_run(tmp_path / "run", result)))
     assert 'class="banner goal-missed"' in html and "TARGET GOAL NOT MET" in html and "Not releasable" in html
     assert "not releasable" in report.summary_text(result).splitlines()[0]
+
+
+def test_a_calibrated_run_charts_its_selection_score_beside_the_raw_target():
+    from safespec.report import _training_charts
+
+    traj = [{"step": s, "target_metric": 0.3 + s / 1000, "train_loss": 1.0} for s in (0, 100, 200)]
+    assert len(_training_charts(traj, 100)["target"]["series"]) == 1
+    calibrated = [dict(t, target_calibrated=t["target_metric"] - 0.05, target_offset=-0.01) for t in traj]
+    series = _training_charts(calibrated, 100)["target"]["series"]
+    assert [s["label"] for s in series] == ["target metric", "with the calibrated offset"]
