@@ -367,7 +367,11 @@ class Trainer:
         bound of its paired accuracy drop exceeds the tolerance). Validation has about 100 images per class,
         where flips alone move a class by several points: a rule on the point estimate rejected nearly every
         checkpoint of good runs, and a strict loss rule rejected all of them. The held-out certificate, not
-        selection, is what guards the release."""
+        selection, is what guards the release.
+
+        With ``optimize.calibrate.target_offset`` the target's offset is chosen here too, and the checkpoint
+        is feasible when some offset keeps every capability's validation drop within ``max_drop``; its
+        score is the target accuracy at that offset."""
         val = self.data.validation
         new = self._evaluate(val, log_probs=self.distill or self.calibrate) if self.step > 0 else self.ref_val
         if self.calibrate and new.log_probs is None:  # the old model at step 0: its logits, once
@@ -652,7 +656,8 @@ class Trainer:
             "weights": self.weights.state_dict(), "loss_sum": self.loss_sum, "loss_count": self.loss_count,
             "prot_sampler": json.dumps(self.prot_sampler.state_dict(), default=_jsonable),
             "target_sampler": json.dumps(self.target_sampler.state_dict(), default=_jsonable),
-            "trajectory": json.dumps(self.trajectory), "best_step": self.best_step, "best_score": self.best_score, "best_offset": self.best_offset,
+            "trajectory": json.dumps(self.trajectory), "best_step": self.best_step, "best_score": self.best_score,
+            "best_offset": self.best_offset,
             "seconds": self.seconds, "torch_rng": torch.get_rng_state(),
         }
         if self.caption_tokens is not None:
