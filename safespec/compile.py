@@ -193,6 +193,10 @@ def compile_spec(spec: Spec) -> Plan:
                         f"must be at most steps ({o.steps}) (got {o.eval_every}); checkpoint selection needs "
                         f"at least one evaluation during training")
     if o.calibrate.target_offset:
+        if o.method not in ("penalty", "lagrangian"):
+            raise PlanError("optimize.calibrate.target_offset",
+                            f"calibrates the constrained methods (penalty, lagrangian), but the method is "
+                            f"{o.method!r}; a baseline is kept as trained, so the setting would do nothing")
         tightest = min(constraints, key=lambda c: c.tolerance)
         if o.calibrate.max_drop > tightest.tolerance:
             raise PlanError("optimize.calibrate.max_drop",

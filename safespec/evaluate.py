@@ -80,12 +80,18 @@ def metric_values(pred_losses: torch.Tensor | np.ndarray, margins, metric: str):
     return torch.sigmoid(-margins)
 
 
+def class_logits(image_features: torch.Tensor, text_features: torch.Tensor, tau: float,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero-shot logits of normalised features, ``(cos + bias) / tau`` (``bias``: the model's calibrated
+    class offsets, if any)."""
+    sims = image_features @ text_features.T
+    return (sims if bias is None else sims + bias.to(sims.dtype)) / tau
+
+
 def logits_losses(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
                   tau: float, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zero-shot logits ``(cos + bias) / tau`` (``bias``: the model's calibrated class offsets, if any),
-    per-sample CE and true-minus-best-other margins for a batch."""
-    sims = image_features @ text_features.T
-    logits = (sims if bias is None else sims + bias.to(sims.dtype)) / tau
+    """Zero-shot logits (:func:`class_logits`), per-sample CE and true-minus-best-other margins for a batch."""
+    logits = class_logits(image_features, text_features, tau, bias)
     losses = F.cross_entropy(logits.float(), labels, reduction="none")
     true = logits.gather(1, labels[:, None]).squeeze(1)
     other = logits.scatter(1, labels[:, None], float("-inf")).amax(1)

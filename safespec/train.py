@@ -35,8 +35,8 @@ from .calibrate import target_offset
 from .compile import Plan
 from .distributed import context as dist_context
 from .errors import RunError, atomic_write_bytes, atomic_write_text
-from .evaluate import (PredictionCache, Predictions, evaluate, feature_key, image_features, kl_from_old,
-                       logits_losses, metric_values, prediction_key, visual_digest)
+from .evaluate import (PredictionCache, Predictions, class_logits, evaluate, feature_key, image_features,
+                       kl_from_old, logits_losses, metric_values, prediction_key, visual_digest)
 from .model import build_class_tokens, model_autocast
 from .progress import Progress
 
@@ -250,8 +250,9 @@ class Trainer:
         self.distill = self.metric == "distill"
         # the target's decision offset, chosen on validation at every evaluation (constrained methods only)
         self.calibrate = self.o.calibrate_target and self.method in CONSTRAINED
-        self.ref_store = self._reference(data.store)
-        self.ref_val = self._reference(data.validation)
+        self.ref_store = self._reference(data.store, log_probs=self.distill)
+        # (calibration reads the old model's validation logits too: cached with the reference, not re-run)
+        self.ref_val = self._reference(data.validation, log_probs=self.distill or self.calibrate)
         if self.distill:
             self.ref_store_logp = torch.as_tensor(self.ref_store.log_probs, device=self.device)
             self.ref_store_metric = torch.zeros(len(data.store.labels), device=self.device)  # KL(old || old)
@@ -322,15 +323,15 @@ class Trainer:
                 p.requires_grad_(False)
 
     # ------------------------------------------------------------------ references and evaluation
-    def _reference(self, split: Split) -> Predictions:
+    def _reference(self, split: Split, *, log_probs: bool) -> Predictions:
         key = prediction_key(self.old_digest, split.digest, self.plan.classes, self.plan.templates, self.tau,
-                             heads=getattr(self.model, "heads", None) is not None, log_probs=self.distill)
-        return self.cache.get_or_compute(key, lambda: self._evaluate(split))
+                             heads=getattr(self.model, "heads", None) is not None, log_probs=log_probs)
+        return self.cache.get_or_compute(key, lambda: self._evaluate(split, log_probs=log_probs))
 
-    def _evaluate(self, split: Split, log_probs: bool | None = None) -> Predictions:
+    def _evaluate(self, split: Split, *, log_probs: bool) -> Predictions:
         return evaluate(self.model, self.class_tokens, split.bank, split.labels, self.tau,
                         device=self.device, autocast=self.autocast, features=self._features.get(id(split)),
-                        log_probs=self.distill if log_probs is None else log_probs)
+                        log_probs=log_probs)
 
     def constraint_values(self, new: Predictions, old: Predictions) -> np.ndarray:
         """Per capability: mean metric(new) - mean metric(old) - slack over the capability's images."""
@@ -374,8 +375,6 @@ class Trainer:
         score is the target accuracy at that offset."""
         val = self.data.validation
         new = self._evaluate(val, log_probs=self.distill or self.calibrate) if self.step > 0 else self.ref_val
-        if self.calibrate and new.log_probs is None:  # the old model at step 0: its logits, once
-            new = self._evaluate(val, log_probs=True)
         cons = self.constraint_values(new, self.ref_val)
         drops, lower = self.validation_drops(new, self.ref_val)
         acc = new.per_class_accuracy(len(self.plan.classes))
@@ -394,9 +393,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _target_objective(self, feats_t, text, cap, yt, pos_n, pos_idx):
         if self.plan.objective.kind == "ce":
-            sims = feats_t @ text.T
-            bias = self.model.class_bias
-            logits = (sims if bias is None else sims + bias) / self.o.temperature
+            logits = class_logits(feats_t, text, self.o.temperature, self.model.class_bias)
             return F.cross_entropy(logits.float(), yt)
         # one-way contrastive loss anchored on target pairs (method.md section 4), SogCLR moving averages
         t = self.o.temperature

@@ -296,6 +296,7 @@ def test_calibrated_selection_keeps_every_capability_within_max_drop_on_validati
     capability's drop within max_drop. Resume reaches the same selection."""
     kw = dict(steps=40, eval_every=10, checkpoint_every=10, calibrate_target=True, calibration_max_drop=0.05)
     trainer, out = _train(world_inputs, tmp_path, "lagrangian", run_dir=tmp_path / "a", **kw)
+    assert trainer.ref_val.log_probs is not None  # v1's validation logits come with its cached reference
     entries = [e for e in trainer.trajectory if "target_offset" in e]
     assert len(entries) == len(trainer.trajectory) == 5
     offset = out.validation["target_offset"]
