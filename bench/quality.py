@@ -116,13 +116,16 @@ def spec_with(spec_path: Path, overrides: dict | None):
         os.unlink(tmp)
 
 
-def run(spec_path: Path, seeds, methods, *, oracle: bool = True, overrides: dict | None = None, log=print) -> dict:
+def run(spec_path: Path, seeds, methods, *, oracle: bool = True, overrides: dict | None = None, log=print,
+        heldout_n: int | None = None) -> dict:
     with spec_with(spec_path, overrides) as path:
-        res = _run(path, seeds, methods, oracle=oracle, log=log)
+        res = _run(path, seeds, methods, oracle=oracle, log=log, heldout_n=heldout_n)
     return {**res, "spec": str(spec_path), "overrides": dict(overrides or {})}
 
 
-def _run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print) -> dict:
+def _run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print, heldout_n: int | None = None) -> dict:
+    """``heldout_n``: the held-out size per class that selection plans for, where it is not the spec's own
+    (a tuning view judges on a small half of validation but stands for a world's full held-out split)."""
     import torch
 
     from safespec.certify import certify
@@ -137,6 +140,8 @@ def _run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print) -> 
     C, t = len(plan0.classes), plan0.objective.target_index
     old = load_model(plan0.model, plan0.classes)
     data = make_train_data(inp, old.preprocess)
+    if heldout_n is not None:
+        data.heldout_counts = np.full(C, int(heldout_n))
     held = _split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
     tokens = build_class_tokens(old.tokenizer, plan0.classes, plan0.templates)
     tau = plan0.optimizer.constraint_tau
@@ -161,7 +166,8 @@ def _run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print) -> 
             row = _row(method, seed, plan.classes, t, acc_old, p_new.per_class_accuracy(C), n_cert,
                        round(time.perf_counter() - t0, 1),
                        {"selected_step": outcome.selected_step, "fell_back": outcome.fell_back_to_old,
-                        "target_offset": outcome.validation.get("target_offset")})
+                        "target_offset": outcome.validation.get("target_offset"),
+                        "negative_flips": int(sum(c["negative_flips"] for c in cert.to_dict()["capabilities"]))})
             rows.append(row)
             log(json.dumps(row))
     if oracle:
@@ -227,6 +233,8 @@ def main(argv=None) -> None:
                     help="override a spec field (dotted path, YAML value); default: the quality overrides "
                          f"{QUALITY_OVERRIDES}; '--set none' runs the spec as it is")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.json")
+    ap.add_argument("--selection-heldout-n", type=int, default=None,
+                    help="held-out images per class that selection plans for (default: the spec's held-out split)")
     a = ap.parse_args(argv)
     if a.set is None:
         overrides = dict(QUALITY_OVERRIDES)
@@ -236,7 +244,7 @@ def main(argv=None) -> None:
         import yaml
         overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     res = run(a.spec, a.seeds, a.methods, oracle=not a.no_oracle, overrides=overrides,
-              log=lambda s: print(s, file=sys.stderr, flush=True))
+              log=lambda s: print(s, file=sys.stderr, flush=True), heldout_n=a.selection_heldout_n)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))
     print(table(res))

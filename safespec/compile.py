@@ -105,7 +105,7 @@ class OptimizerPlan:
     eval_every: int
     checkpoint_every: int
     calibrate_target: bool = False
-    calibration_max_drop: float = 0.01
+    min_certify_probability: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -197,11 +197,6 @@ def compile_spec(spec: Spec) -> Plan:
             raise PlanError("optimize.calibrate.target_offset",
                             f"calibrates the constrained methods (penalty, lagrangian), but the method is "
                             f"{o.method!r}; a baseline is kept as trained, so the setting would do nothing")
-        tightest = min(constraints, key=lambda c: c.tolerance)
-        if o.calibrate.max_drop > tightest.tolerance:
-            raise PlanError("optimize.calibrate.max_drop",
-                            f"{o.calibrate.max_drop} exceeds the tolerance of {tightest.name!r} ({tightest.tolerance}); "
-                            f"the offset would be allowed drops the certificate cannot accept")
     m = spec.model
     if set(m.freeze) == {"image", "text"} and not m.heads.enabled:
         raise PlanError("model.freeze", "both towers are frozen and the heads are disabled: nothing would be trained")
@@ -229,7 +224,7 @@ def compile_spec(spec: Spec) -> Plan:
             beta=o.penalty.beta, beta_schedule=o.penalty.schedule, penalty_form=o.penalty.form,
             multiplier_lr=o.lagrangian.multiplier_lr, rho=o.lagrangian.rho, max_multiplier=o.lagrangian.max_multiplier,
             wise_ft_grid=o.wise_ft.grid, eval_every=o.eval_every, checkpoint_every=o.checkpoint_every,
-            calibrate_target=o.calibrate.target_offset, calibration_max_drop=o.calibrate.max_drop,
+            calibrate_target=o.calibrate.target_offset, min_certify_probability=o.select.min_certify_probability,
         ),
         certify=CertifyPlan(confidence=spec.certify.confidence, require=spec.certify.require),
         report_dir=str(spec.report.dir),

@@ -743,6 +743,11 @@ def summary_text(result: dict[str, Any], color: bool = False) -> str:
                  f"{pct(t.get('old_accuracy')):>6} -> {pct(t.get('new_accuracy')):>6} "
                  f"({pp(improvement, 1, True):>9}){iv}  "
                  f"{paint(goal_word, 'certified' if t['goal_met'] else 'violated')}")
+    sel = result.get("selection") or {}
+    if sel.get("fell_back_to_old"):
+        blocked = sel.get("blocked") or {}
+        lines.append(f"  {paint('selection', 'bold')}: kept the old model"
+                     + (f": {clean(blocked['summary'], 400)}" if blocked.get("summary") else ""))
     return "\n".join(lines)
 
 

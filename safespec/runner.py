@@ -122,12 +122,15 @@ def load_inputs(spec_path: Path, *, log: Callable[[str], None]) -> Loaded:
 
 
 def make_train_data(inp: Loaded, preprocess):
-    """The three training-side splits as the trainer sees them (the held-out split is not among them)."""
+    """The three training-side splits as the trainer sees them. Of the held-out split only its size per
+    class goes along: selection predicts the certificate that split will give, never reads its images."""
     from .train import TrainData
 
+    held = inp.manifests["heldout"]
     return TrainData(store=_split(inp.manifests["protected"], preprocess, inp.digests["protected"]),
                      target=_split(inp.manifests["target"], preprocess, inp.digests["target"]),
-                     validation=_split(inp.manifests["validation"], preprocess, inp.digests["validation"]))
+                     validation=_split(inp.manifests["validation"], preprocess, inp.digests["validation"]),
+                     heldout_counts=np.bincount(held.labels, minlength=len(inp.plan.classes)))
 
 
 def _split(manifest, preprocess, digest: str):

@@ -244,10 +244,23 @@ class WiseFTSpec(_Strict):
 
 
 class CalibrateSpec(_Strict):
-    """The target's decision offset, chosen on validation at every evaluation (safespec.calibrate)."""
+    """The target's decision offset, chosen on validation at every evaluation (safespec.selection)."""
 
-    target_offset: bool = Field(False, description="Choose an offset of the target's logit on validation at every evaluation, and select checkpoints by the target accuracy it gives (constrained methods only; the baselines are left as trained).")
-    max_drop: float = Field(0.01, ge=0.0, le=1.0, description="Largest validation accuracy drop (paired point estimate) any capability may show at the chosen offset; keep it below the tolerance, since about 100 validation images per class move by several points on flips alone.")
+    target_offset: bool = Field(False, description="Choose an offset of the target's logit on validation at every evaluation: the largest whose candidate stays admissible under optimize.select; checkpoints are then compared at their offsets.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "max_drop" in v:
+            raise _rule(("max_drop",), "was replaced by optimize.select.min_certify_probability (a flip-count rule "
+                                       "meant something different at every validation size); remove it")
+        return v
+
+
+class SelectSpec(_Strict):
+    """How checkpoints (and target offsets) are chosen on validation (docs/selection.md)."""
+
+    min_certify_probability: float = Field(0.8, ge=0.5, lt=1.0, description="A candidate is admissible when its validation evidence predicts, with at least this probability, that every protected capability passes the held-out certificate; the best target among admissible candidates is selected.")
 
 
 class OptimizeSpec(_Strict):
@@ -269,6 +282,7 @@ class OptimizeSpec(_Strict):
     lagrangian: LagrangianSpec = Field(default_factory=LagrangianSpec, description="Settings of method 'lagrangian'.")
     wise_ft: WiseFTSpec = Field(default_factory=WiseFTSpec, alias="wise-ft", description="Settings of the 'wise-ft' baseline.")
     calibrate: CalibrateSpec = Field(default_factory=CalibrateSpec, description="The target's decision offset, chosen on validation.")
+    select: SelectSpec = Field(default_factory=SelectSpec, description="Checkpoint (and offset) selection on validation.")
     eval_every: int = Field(100, ge=1, description="Evaluate on the validation split every N steps (checkpoint selection).")
     checkpoint_every: int = Field(100, ge=1, description="Save the resumable training state every N steps.")
 

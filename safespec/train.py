@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .calibrate import target_offset
 from .compile import Plan
 from .distributed import context as dist_context
 from .errors import RunError, atomic_write_bytes, atomic_write_text
@@ -39,12 +38,11 @@ from .evaluate import (PredictionCache, Predictions, class_logits, evaluate, fea
                        kl_from_old, logits_losses, metric_values, prediction_key, visual_digest)
 from .model import build_class_tokens, model_autocast
 from .progress import Progress
+from .selection import Assessment, Capability, Selector
 
 METHODS = ("penalty", "lagrangian", "unconstrained", "replay", "wise-ft")
 CONSTRAINED = ("penalty", "lagrangian")
-#: Selection rejects a checkpoint when validation shows a drop beyond tolerance at this one-sided confidence.
-SELECTION_CONFIDENCE = 0.8
-STATE_VERSION = 2  # 2: the calibrated target offset is part of the state
+STATE_VERSION = 3  # 2: the calibrated target offset is part of the state; 3: what blocked selection
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -63,6 +61,9 @@ class TrainData:
     store: Split
     target: Split
     validation: Split
+    #: images per class in the held-out split (its size only: selection predicts the certificate it will
+    #: face); None: assume the validation split's size
+    heldout_counts: np.ndarray | None = None
 
 
 @dataclass
@@ -252,7 +253,17 @@ class Trainer:
         self.calibrate = self.o.calibrate_target and self.method in CONSTRAINED
         self.ref_store = self._reference(data.store, log_probs=self.distill)
         # (calibration reads the old model's validation logits too: cached with the reference, not re-run)
-        self.ref_val = self._reference(data.validation, log_probs=self.distill or self.calibrate)
+        self.ref_val = self._reference(data.validation, log_probs=True)
+        # selection compares every candidate's validation logits with the old model's (safespec.selection)
+        counts = data.heldout_counts
+        if counts is None:
+            counts = np.bincount(data.validation.labels, minlength=C)
+        self.selector = Selector(
+            self.ref_val.log_probs, data.validation.labels,
+            [Capability(c.name, tuple(c.class_indices), c.tolerance, c.confidence,
+                        int(np.asarray(counts)[list(c.class_indices)].sum())) for c in self.constraints],
+            plan.objective.target_index, self.o.min_certify_probability)
+        self.blocked: dict | None = None  # the best candidate that selection refused, and why
         if self.distill:
             self.ref_store_logp = torch.as_tensor(self.ref_store.log_probs, device=self.device)
             self.ref_store_metric = torch.zeros(len(data.store.labels), device=self.device)  # KL(old || old)
@@ -346,48 +357,32 @@ class Trainer:
             out[k] = float((m_new[mask] - m_old[mask]).mean()) - c.slack if mask.any() else 0.0
         return out
 
-    def validation_drops(self, new: Predictions, old: Predictions) -> tuple[np.ndarray, np.ndarray]:
-        """Per capability: the paired accuracy drop on its validation images, and the one-sided lower
-        confidence bound of that drop (at SELECTION_CONFIDENCE) from the paired flip counts."""
-        from .stats import drop_lower_bound
-
-        drops, lower = np.zeros(len(self.constraints)), np.zeros(len(self.constraints))
+    def validation_drops(self, new: Predictions, old: Predictions) -> np.ndarray:
+        """Per capability: the plain paired accuracy drop on its validation images (for the record)."""
+        drops = np.zeros(len(self.constraints))
         for k, c in enumerate(self.constraints):
             mask = np.isin(new.labels, c.class_indices)
-            n = int(mask.sum())
-            if n:
-                o, w = old.correct[mask], new.correct[mask]
-                b, cc = int((o & ~w).sum()), int((~o & w).sum())
-                drops[k] = (b - cc) / n
-                lower[k] = drop_lower_bound(b, cc, n, SELECTION_CONFIDENCE)
-        return drops, lower
+            if mask.any():
+                drops[k] = float(old.correct[mask].mean() - new.correct[mask].mean())
+        return drops
 
     def validate(self) -> dict:
-        """Evaluate on the validation split. A checkpoint is *feasible* unless the validation data show,
-        at SELECTION_CONFIDENCE, that some capability lost more than its tolerance (the lower confidence
-        bound of its paired accuracy drop exceeds the tolerance). Validation has about 100 images per class,
-        where flips alone move a class by several points: a rule on the point estimate rejected nearly every
-        checkpoint of good runs, and a strict loss rule rejected all of them. The held-out certificate, not
-        selection, is what guards the release.
-
-        With ``optimize.calibrate.target_offset`` the target's offset is chosen here too, and the checkpoint
-        is feasible when some offset keeps every capability's validation drop within ``max_drop``; its
-        score is the target accuracy at that offset."""
+        """Evaluate on the validation split and assess the candidate (safespec.selection): it is
+        *feasible* when its validation evidence predicts that every capability passes the held-out
+        certificate with at least ``optimize.select.min_certify_probability``. With
+        ``optimize.calibrate.target_offset`` the target's offset is chosen here too, the largest that keeps
+        the candidate feasible; its score is the target accuracy at that offset."""
         val = self.data.validation
-        new = self._evaluate(val, log_probs=self.distill or self.calibrate) if self.step > 0 else self.ref_val
+        new = self._evaluate(val, log_probs=True) if self.step > 0 else self.ref_val
         cons = self.constraint_values(new, self.ref_val)
-        drops, lower = self.validation_drops(new, self.ref_val)
+        drops = self.validation_drops(new, self.ref_val)
         acc = new.per_class_accuracy(len(self.plan.classes))
         t = self.plan.objective.target_index
-        tol = np.array([c.tolerance for c in self.constraints])
-        out = {"constraints": cons, "drops": drops, "accuracy": acc, "target": float(acc[t]), "score": float(acc[t]),
-               "offset": 0.0, "feasible": bool(np.all(lower <= tol + 1e-12))}
-        if self.calibrate:
-            cal = target_offset(new.log_probs, val.labels, self.ref_val.correct, t,
-                                [c.class_indices for c in self.constraints], self.o.calibration_max_drop)
-            # logits were at temperature tau: the offset in cosine units is offset * tau
-            out.update(score=cal.target_accuracy, offset=cal.offset * self.tau, feasible=cal.feasible,
-                       calibrated_drops=np.asarray(cal.drops))
+        a: Assessment = self.selector.assess(new.log_probs, calibrate=self.calibrate)
+        out = {"constraints": cons, "drops": drops, "accuracy": acc, "target": float(acc[t]),
+               "score": a.target_accuracy if self.calibrate else float(acc[t]),
+               # logits were at temperature tau: the offset in cosine units is offset * tau
+               "offset": a.offset * self.tau, "feasible": a.admissible, "assessment": a}
         return out
 
     # ------------------------------------------------------------------ one step
@@ -542,21 +537,41 @@ class Trainer:
             "multipliers": dict(zip(names, map(float, self.weights.lam.cpu()))) if self.method == "lagrangian" else {},
             "val_accuracy": {c: (None if math.isnan(a) else float(a)) for c, a in zip(self.plan.classes, v["accuracy"])},
             "feasible": v["feasible"],
+            "certify_probability": v["assessment"].probability,
+            "val_drop_smooth": {e.name: e.drop for e in v["assessment"].evidence},
         }
         if self.calibrate:
-            entry.update(target_offset=v["offset"], target_calibrated=v["score"],
-                         val_drop_calibrated=dict(zip(names, map(float, v["calibrated_drops"]))))
+            entry.update(target_offset=v["offset"], target_calibrated=v["score"])
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
         self.trajectory.append(entry)
         # constrained methods select among checkpoints that keep every constraint on validation; the
         # baselines select by the target alone, so that they show what the constraints buy
         eligible = v["feasible"] or self.method not in CONSTRAINED
+        if not eligible and self.step > 0 and (self.blocked is None or v["score"] > self.blocked["target"]):
+            self._note_blocked(v)
         if eligible and v["score"] > self.best_score:
             self.best_step, self.best_score, self.best_offset = self.step, v["score"], v["offset"]
             state = self.old_state if self.step == 0 else _cpu_state(self.model)
             self.best_state = self._with_offset(state, v["offset"]) if (self.step > 0 or v["offset"]) else None
         self._write_trajectory()
+
+    def _note_blocked(self, v: dict) -> None:
+        """Remember the best-scoring candidate that selection refused: the report says what blocked it."""
+        a: Assessment = v["assessment"]
+        e = a.blocking()
+        q = self.o.min_certify_probability
+        self.blocked = {
+            "step": self.step, "target": v["score"], "certify_probability": a.probability,
+            "capability": e.name if e else None,
+            "evidence": [x.to_dict() for x in a.evidence],
+            "summary": (f"step {self.step} (validation target {v['score']:.3f}) was refused: the chance that every "
+                        f"capability passes the held-out certificate was {a.probability:.2f} < {q:.2f}; "
+                        + (f"{e.name!r} blocked it most (P = {e.probability:.2f}: smooth validation drop "
+                           f"{e.drop:+.2%}, {e.flips[0]} negative / {e.flips[1]} positive flips of {e.n}, predicted "
+                           f"drop bound {e.predicted_bound:.2%} against a tolerance of {e.tolerance:.2%}); it would "
+                           f"have needed {e.needed(q ** (1 / max(len(a.evidence), 1)))}" if e else "")),
+        }
 
     def _with_offset(self, state: dict[str, torch.Tensor], offset: float) -> dict[str, torch.Tensor]:
         """``state`` with ``offset`` (cosine units) added to the target's class bias."""
@@ -573,28 +588,31 @@ class Trainer:
 
     def _outcome(self) -> TrainOutcome:
         fell_back = self.best_state is None
+        q = self.o.min_certify_probability
+        target = self.plan.objective.target_class
         if fell_back:
-            reason = ("every checkpoint with a better target lost more than a tolerance on the validation split "
-                      f"(at {SELECTION_CONFIDENCE:.0%} confidence); the old model is kept as the answer")
-            if any(e["feasible"] and e["step"] > 0 for e in self.trajectory):
-                reason = "no feasible checkpoint improved the target on validation; the old model is kept"
+            reason = (f"no checkpoint with a better target on validation was predicted to pass every held-out "
+                      f"certificate with probability {q:.2f}; the old model is kept as the answer")
+            if self.blocked:
+                reason += f". {self.blocked['summary']}"
         else:
-            among = (f"among checkpoints for which validation shows no capability beyond its tolerance "
-                     f"({SELECTION_CONFIDENCE:.0%} one-sided bound)" if self.method in CONSTRAINED
+            among = (f"among candidates predicted to pass every capability's held-out certificate with "
+                     f"probability >= {q:.2f}" if self.method in CONSTRAINED
                      else "(a baseline: selected by the target alone)")
-            reason = (f"step {self.best_step}: best validation accuracy on {self.plan.objective.target_class!r} "
-                      f"({self.best_score:.3f}) {among}")
+            reason = (f"step {self.best_step}: best validation accuracy on {target!r} ({self.best_score:.3f}) {among}")
             if self.calibrate:
                 reason = (f"step {self.best_step}{' (the old model)' if self.best_step == 0 else ''}, with the "
-                          f"{self.plan.objective.target_class!r} logit offset by {self.best_offset:+.4f} (cosine units): "
-                          f"best calibrated validation accuracy on the target ({self.best_score:.3f}) among the "
-                          f"checkpoints and offsets that keep every capability's validation drop within "
-                          f"{self.o.calibration_max_drop:.1%}")
+                          f"{target!r} logit offset by {self.best_offset:+.4f} (cosine units): best calibrated "
+                          f"validation accuracy on the target ({self.best_score:.3f}) {among}")
+        validation: dict[str, Any] = {"target_offset": self.best_offset} if self.calibrate else {}
+        validation["min_certify_probability"] = q
+        if self.blocked and self.method in CONSTRAINED:
+            validation["blocked"] = self.blocked
         state = self.old_state if fell_back else self.best_state
         return TrainOutcome(method=self.method, state_dict=state, selected_step=self.best_step,
                             fell_back_to_old=fell_back, reason=reason, trajectory=list(self.trajectory),
                             steps=self.step, seconds=self.seconds,
-                            validation={"target_offset": self.best_offset} if self.calibrate else {})
+                            validation=validation)
 
     # ------------------------------------------------------------------ wise-ft
     def _run_wise_ft(self, *, resume: bool) -> TrainOutcome:
@@ -654,7 +672,7 @@ class Trainer:
             "prot_sampler": json.dumps(self.prot_sampler.state_dict(), default=_jsonable),
             "target_sampler": json.dumps(self.target_sampler.state_dict(), default=_jsonable),
             "trajectory": json.dumps(self.trajectory), "best_step": self.best_step, "best_score": self.best_score,
-            "best_offset": self.best_offset,
+            "best_offset": self.best_offset, "blocked": json.dumps(self.blocked),
             "seconds": self.seconds, "torch_rng": torch.get_rng_state(),
         }
         if self.caption_tokens is not None:
@@ -694,6 +712,7 @@ class Trainer:
         self.trajectory = json.loads(st["trajectory"])
         self.best_step, self.best_score, self.best_offset = st["best_step"], st["best_score"], st["best_offset"]
         self.best_state = st.get("best_state")
+        self.blocked = json.loads(st.get("blocked", "null"))
         self.step, self.seconds = st["step"], st["seconds"]
         torch.set_rng_state(st["torch_rng"])
         if self.caption_tokens is not None:

@@ -227,7 +227,12 @@ def test_fell_back_to_old_is_called_out(tmp_path: Path):
     result = make_result()
     result["selection"]["fell_back_to_old"] = True
     html = render(write_run(tmp_path / "run", result))
-    assert "fell back to the old model" in html
+    assert "fell back to the old model" in html and "What blocked it" not in html
+    # with the record of what blocked selection, the report and the terminal summary both say it
+    result["selection"]["blocked"] = {"summary": "step 50 was refused: 'cat' <blocked> it most", "capability": "cat"}
+    html = render(write_run(tmp_path / "run2", result))
+    assert "What blocked it: step 50 was refused: &#39;cat&#39; &lt;blocked&gt; it most" in html
+    assert "kept the old model: step 50 was refused: 'cat' <blocked> it most" in report.summary_text(result)
 
 
 def test_certified_run_has_green_banner_and_passing_junit(tmp_path: Path):

@@ -1,0 +1,235 @@
+"""Checkpoint and target-offset selection by the predicted outcome of the held-out certificate.
+
+Selection sees the validation split only, but what it must anticipate is the certificate on the held-out
+split. An earlier rule required each capability's validation drop (a paired point estimate) to stay within
+a fixed ``max_drop``: with 60 validation images per class one flipped image is 1.7 points, so that rule was
+a flip count in disguise, and it meant something different at every validation size (docs/selection.md).
+
+This rule weighs evidence in proportion to how much there is:
+
+1. **A smooth drop.** Each validation image of a capability contributes how much more likely an image like
+   it is to be misclassified by the new model than by the old one, with its margin (true-class logit
+   minus the best other) seen through a Gaussian kernel: ``t_i = Phi(-m_new,i / s) - Phi(-m_old,i / s)``. Its
+   mean is a kernel-smoothed accuracy drop: an image that moved to the brink of a flip counts partly, one
+   that crossed by a hair does not count fully, and a model identical to the old one scores exactly 0. The
+   bandwidth ``s`` is Silverman's rule on the old model's margins of the capability, so it narrows as
+   validation grows (the estimate tends to the plain paired drop) and is the same for every candidate.
+2. **A predicted certificate.** The held-out certificate passes when the held-out drop estimate stays below
+   the tolerance minus the certificate's own margin of error, ``z * sqrt(w0 / m)`` at the held-out size ``m``
+   (``w0`` the variance of the paired test under its null, as in the score test). The validation estimate
+   is uncertain (standard error from the per-image terms over ``n`` validation images) and so is the held-out
+   draw (the flip rates' variance over ``m``), so the probability of passing is
+   ``P = Phi((tol - z sqrt(w0 / m) - d) / sqrt(var_i(t) / n + w1 / m))``. Duplicating the validation set
+   shrinks the first variance and pushes ``P`` toward 0 or 1, but does not move the point at which ``P``
+   crosses one half: clear evidence gives the same decision at any validation size.
+3. **The rule.** A candidate (checkpoint, target offset) is admissible when the probability that every
+   capability passes, the product of the ``P``s, is at least ``min_certify_probability``. Among admissible
+   candidates the best validation target accuracy wins. The old model itself has no flips and is admissible
+   whenever the held-out split could certify an unchanged model at all.
+
+Numpy and scipy only: selection is a pure function of the two models' validation logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy.stats import norm
+
+from .stats import restricted_mle, z_value
+
+#: Candidates' target offsets are searched to this resolution (logit units at the evaluation temperature).
+OFFSET_RESOLUTION = 1e-4
+
+
+# ------------------------------------------------------------------------------------------ margins
+def margins(logits: np.ndarray, labels: np.ndarray, target: int | None = None, offset: float = 0.0) -> np.ndarray:
+    """True-class logit minus the best other logit of each row, with ``offset`` added to the target's logit."""
+    z = np.asarray(logits, dtype=np.float64)
+    if target is not None and offset:
+        z = z.copy()
+        z[:, target] += offset
+    rows = np.arange(len(z))
+    true = z[rows, labels]
+    other = z.copy()
+    other[rows, labels] = -np.inf
+    return true - other.max(1)
+
+
+def bandwidth(old_margins: np.ndarray) -> float:
+    """Silverman's rule of thumb for a Gaussian kernel on one capability's old-model margins. A capability
+    whose margins are all equal (or a single image) gets a bandwidth from their scale, never 0."""
+    m = np.asarray(old_margins, dtype=np.float64)
+    n = len(m)
+    if n == 0:
+        return 1.0
+    sd = float(m.std(ddof=1)) if n > 1 else 0.0
+    q75, q25 = np.percentile(m, [75, 25])
+    spread = min(sd, (q75 - q25) / 1.349) if q75 > q25 else sd
+    if spread <= 0:
+        spread = max(float(np.abs(m).mean()), 1.0)
+    return 0.9 * spread * n ** (-0.2)
+
+
+# ------------------------------------------------------------------------------------------ evidence
+@dataclass(frozen=True)
+class Evidence:
+    """What validation says about one capability's coming held-out certificate."""
+
+    name: str
+    n: int  # validation images
+    heldout_n: int  # held-out images the certificate will have
+    tolerance: float
+    drop: float  # smooth drop (see module docstring)
+    drop_se: float  # its standard error over the validation images
+    flips: tuple[int, int]  # plain paired counts (negative, positive), for the record
+    margin_of_error: float  # z * sqrt(w0 / m): what the certificate will subtract from the tolerance
+    heldout_sd: float  # sqrt(w1 / m): the held-out draw's own spread
+    probability: float  # of the capability being certified
+
+    @property
+    def predicted_bound(self) -> float:
+        """The drop bound the certificate would report if held-out looked like validation."""
+        return self.drop + self.margin_of_error
+
+    def needed(self, min_probability: float) -> str:
+        """What evidence would have let this capability pass at ``min_probability``, in words."""
+        q = norm.ppf(min(max(min_probability, 1e-9), 1 - 1e-9))
+        room = self.tolerance - self.margin_of_error - self.drop
+        sd = math.hypot(self.drop_se, self.heldout_sd)
+        limit = self.tolerance - self.margin_of_error - q * sd
+        if room <= 0:
+            return (f"a smooth validation drop of at most {limit:+.2%} (it is {self.drop:+.2%}); at this drop "
+                    f"no amount of validation data would do: it leaves no room under the tolerance once the "
+                    f"certificate's margin of error at {self.heldout_n} held-out images ({self.margin_of_error:.2%}) "
+                    f"is taken")
+        per_image = self.drop_se ** 2 * self.n
+        spare = (room / q) ** 2 - self.heldout_sd ** 2 if q > 0 else math.inf
+        more = (f"or about {math.ceil(per_image / spare):,} validation images at the same drop"
+                if spare > 0 and per_image > 0 else "(more validation images alone would not do)")
+        return f"a smooth validation drop of at most {limit:+.2%} (it is {self.drop:+.2%}), {more}"
+
+    def to_dict(self) -> dict:
+        return {"capability": self.name, "validation_n": self.n, "heldout_n": self.heldout_n,
+                "smooth_drop": self.drop, "drop_se": self.drop_se, "negative_flips": self.flips[0],
+                "positive_flips": self.flips[1], "predicted_bound": self.predicted_bound,
+                "certify_probability": self.probability}
+
+
+@dataclass(frozen=True)
+class Capability:
+    """A capability as selection sees it: its classes, tolerance, confidence and held-out size."""
+
+    name: str
+    class_indices: tuple[int, ...]
+    tolerance: float
+    confidence: float
+    heldout_n: int
+
+
+def _predict(cap: Capability, t: np.ndarray, flips: tuple[int, int]) -> Evidence:
+    n, m, tol = len(t), max(int(cap.heldout_n), 0), cap.tolerance
+    if n == 0 or m == 0:  # nothing to go by: selection cannot vouch for it, and says so
+        return Evidence(cap.name, n, m, tol, 0.0, 0.0, flips, 1.0, 0.0, 0.0 if m == 0 else 0.5)
+    d = float(t.mean())
+    se = float(t.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    pb, pc = float(np.clip(t, 0, None).mean()), float(np.clip(-t, 0, None).mean())
+    p0 = float(restricted_mle(m * pb, m * pc, m, tol))  # the null's positive-flip rate at the margin
+    w0 = 2.0 * p0 + tol * (1.0 - tol)
+    moe = z_value(cap.confidence) * math.sqrt(w0 / m)
+    hsd = math.sqrt(max(pb + pc - d * d, 0.0) / m)
+    sd = math.hypot(se, hsd)
+    room = tol - moe - d
+    prob = float(norm.cdf(room / sd)) if sd > 0 else float(room >= 0)
+    return Evidence(cap.name, n, m, tol, d, se, flips, moe, hsd, prob)
+
+
+class Selector:
+    """Scores candidates against the old model's validation logits (fixed for a whole run)."""
+
+    def __init__(self, old_logits: np.ndarray, labels: np.ndarray, capabilities: Sequence[Capability],
+                 target: int, min_probability: float):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.old = np.asarray(old_logits, dtype=np.float64)
+        if self.old.ndim != 2 or self.old.shape[0] != len(self.labels):
+            raise ValueError("old_logits must be N x C for the N validation labels")
+        if not np.isfinite(self.old).all():
+            raise ValueError("validation logits must be finite")
+        if not 0.5 <= min_probability < 1.0:  # below one half admissibility would not be monotone in the offset
+            raise ValueError(f"min_probability must lie in [0.5, 1), got {min_probability!r}")
+        self.caps = list(capabilities)
+        self.target, self.q = target, float(min_probability)
+        self.masks = [np.isin(self.labels, c.class_indices) for c in self.caps]
+        old_m = margins(self.old, self.labels)
+        self.old_margins = [old_m[mk] for mk in self.masks]
+        self.bandwidths = [bandwidth(om) for om in self.old_margins]
+        self.old_terms = [norm.cdf(-om / s) for om, s in zip(self.old_margins, self.bandwidths)]
+        self.old_correct = old_m > 0
+        self.target_mask = self.labels == target
+
+    def evidence(self, logits: np.ndarray, offset: float = 0.0) -> list[Evidence]:
+        m = margins(logits, self.labels, self.target, offset)
+        out = []
+        for cap, mk, s, old_t in zip(self.caps, self.masks, self.bandwidths, self.old_terms):
+            t = norm.cdf(-m[mk] / s) - old_t
+            o, w = self.old_correct[mk], m[mk] > 0
+            out.append(_predict(cap, t, (int((o & ~w).sum()), int((~o & w).sum()))))
+        return out
+
+    def probability(self, logits: np.ndarray, offset: float = 0.0) -> float:
+        return float(np.prod([e.probability for e in self.evidence(logits, offset)]))
+
+    def target_accuracy(self, logits: np.ndarray, offset: float = 0.0) -> float:
+        if not self.target_mask.any():
+            return float("nan")
+        return float((margins(logits[self.target_mask], self.labels[self.target_mask], self.target, offset) > 0).mean())
+
+    def assess(self, logits: np.ndarray, *, calibrate: bool) -> "Assessment":
+        """The best admissible offset for one candidate's validation ``logits`` (offset 0 without
+        ``calibrate``), with the evidence at that offset."""
+        logits = np.asarray(logits, dtype=np.float64)
+        if logits.shape != self.old.shape or not np.isfinite(logits).all():
+            raise ValueError("candidate logits must be finite and shaped like the old model's")
+        offset = self._offset(logits) if calibrate else 0.0
+        ev = self.evidence(logits, offset)
+        prob = float(np.prod([e.probability for e in ev]))
+        return Assessment(offset, self.target_accuracy(logits, offset), prob, prob >= self.q, tuple(ev))
+
+    def _offset(self, logits: np.ndarray) -> float:
+        """The admissible offset with the best target accuracy. The target's accuracy only changes where the
+        offset passes a target image's gap, so each interval between consecutive gaps is tried at one point:
+        0 where the interval holds it (the least intervention), else its midpoint, as far from the
+        validation images on either side as it can be. Of equal target accuracy the offset nearest 0 wins;
+        with nothing admissible the candidate is reported at offset 0."""
+        t = self.target_mask
+        if not t.any():
+            return 0.0
+        gaps = np.unique(-margins(logits[t], self.labels[t], self.target))  # right iff offset > gap
+        lo = np.concatenate([[-np.inf], gaps])
+        hi = np.concatenate([gaps, [np.inf]])
+        with np.errstate(invalid="ignore"):
+            mid = np.where(np.isfinite(lo) & np.isfinite(hi), (lo + hi) / 2, np.where(np.isfinite(lo), lo + 1.0, hi - 1.0))
+        points = np.where((lo < 0) & (0 <= hi), 0.0, mid)
+        # from the most target images right (the last interval) down: the first admissible point wins
+        for b in points[::-1]:
+            if self.probability(logits, float(b)) >= self.q:
+                return float(b)
+        return 0.0
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """One candidate at its chosen offset."""
+
+    offset: float  # logit units at the evaluation temperature
+    target_accuracy: float
+    probability: float  # that every capability is certified
+    admissible: bool
+    evidence: tuple[Evidence, ...]
+
+    def blocking(self) -> Evidence | None:
+        """The capability least likely to pass."""
+        return min(self.evidence, key=lambda e: e.probability) if self.evidence else None

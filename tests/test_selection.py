@@ -1,0 +1,145 @@
+"""Selection by the predicted certificate: no one-image cliffs, the same choice at any validation size when
+the evidence is clear, refusal of candidates whose paired evidence predicts a violation, and the best
+admissible target offset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from safespec.selection import Capability, Selector, bandwidth, margins
+
+T = 1  # the target class
+C = 4
+
+
+def _caps(heldout_n=400, tolerance=0.03):
+    return [Capability(name, (k,), tolerance, 0.95, heldout_n) for name, k in (("a", 0), ("c", 2), ("d", 3))]
+
+
+def _old(n_per_class=60, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(C), n_per_class)
+    logits = rng.normal(size=(len(y), C))
+    logits[np.arange(len(y)), y] += 2.5
+    return logits, y
+
+
+def _flip(logits, y, cls, count):
+    """The new model gets ``count`` images of ``cls`` wrong that the old one had right (pushed to class 0 or 2)."""
+    new = logits.copy()
+    right = np.flatnonzero((y == cls) & (logits.argmax(1) == y))[:count]
+    other = 2 if cls == 0 else 0
+    new[right, other] = new[right, cls] + 1.0
+    return new
+
+
+def test_the_old_model_has_no_drop_and_is_admissible():
+    old, y = _old()
+    sel = Selector(old, y, _caps(), T, 0.8)
+    a = sel.assess(old, calibrate=False)
+    assert a.admissible and a.offset == 0.0
+    assert all(e.drop == 0.0 and e.drop_se == 0.0 and e.flips == (0, 0) for e in a.evidence)
+    assert a.probability == pytest.approx(1.0)
+
+
+def test_too_few_heldout_images_make_even_the_old_model_inadmissible():
+    """At 50 held-out images a 3-point tolerance cannot be certified even for an unchanged model."""
+    old, y = _old()
+    assert not Selector(old, y, _caps(heldout_n=50), T, 0.8).assess(old, calibrate=False).admissible
+
+
+def test_a_candidate_whose_paired_evidence_predicts_a_violation_is_refused():
+    old, y = _old()
+    sel = Selector(old, y, _caps(), T, 0.8)
+    bad = _flip(old, y, 0, 6)  # 6 of 60 (10 points) lost on capability 'a'
+    a = sel.assess(bad, calibrate=False)
+    assert not a.admissible
+    blocking = a.blocking()
+    assert blocking.name == "a" and blocking.flips[0] == 6 and blocking.probability < 0.05
+    assert blocking.predicted_bound > 0.03
+    assert "no amount of validation data" in blocking.needed(0.8)
+
+
+@pytest.mark.parametrize("flips, admissible", [(0, True), (8, False)])
+def test_the_same_choice_with_the_validation_set_duplicated_four_times(flips, admissible):
+    """Clear evidence (no change, or 8 of 60 images lost) gives the same decision at 4x the validation size:
+    the rule weighs how much evidence there is, it does not count flips."""
+    old, y = _old()
+    new = _flip(old, y, 2, flips)
+    one = Selector(old, y, _caps(), T, 0.8).assess(new, calibrate=True)
+    four = Selector(np.tile(old, (4, 1)), np.tile(y, 4), _caps(), T, 0.8).assess(np.tile(new, (4, 1)), calibrate=True)
+    assert one.admissible == four.admissible == admissible
+    assert one.target_accuracy == pytest.approx(four.target_accuracy)
+    if not admissible:  # more of the same evidence makes the refusal more certain, not less
+        assert four.probability <= one.probability
+
+
+def test_one_image_crossing_its_boundary_is_no_cliff():
+    """Moving one image from just right to just wrong changes the predicted probability by as little as the
+    move is small, where a flip count jumps by 1.7 points of a 60-image class whatever the move."""
+    old, y = _old()
+    sel = Selector(old, y, _caps(), T, 0.8)
+    i = int(np.flatnonzero((y == 0) & (old.argmax(1) == 0))[0])
+    before, after = old.copy(), old.copy()
+    best_other = np.max(np.delete(old[i], 0))
+    jumps = []
+    for step in (1e-2, 1e-3):
+        before[i, 0] = best_other + step
+        after[i, 0] = best_other - step
+        pb, pa = (sel.assess(m, calibrate=False).probability for m in (before, after))
+        jumps.append(pb - pa)
+    assert 0 < jumps[1] < jumps[0] / 5 and jumps[1] < 0.005
+
+
+def test_fewer_heldout_images_lower_the_probability():
+    old, y = _old()
+    new = _flip(old, y, 0, 1)
+    probs = [Selector(old, y, _caps(heldout_n=m), T, 0.8).assess(new, calibrate=False).probability
+             for m in (200, 400, 2000)]
+    assert probs[0] < probs[1] < probs[2]
+
+
+def test_the_chosen_offset_is_the_best_admissible_one_of_a_fine_scan():
+    old, y = _old(seed=3)
+    old[y == T, T] -= 2.5  # the old model is weak on the target
+    new = old.copy()
+    new[y == T, T] += 1.0  # the candidate learned something about it
+    sel = Selector(old, y, _caps(), T, 0.8)
+    a = sel.assess(new, calibrate=True)
+    assert a.admissible and a.offset != 0.0
+    assert sel.probability(new, a.offset) >= 0.8
+    assert a.target_accuracy == pytest.approx(sel.target_accuracy(new, a.offset))
+    # a scan of offsets: nothing admissible gets more of the target right, except within a hair of a
+    # validation image's gap (the chosen offset keeps its distance from them)
+    gaps = -margins(new[y == T], y[y == T], T)
+    scan = [b for b in np.linspace(-4, 4, 1601) if np.min(np.abs(gaps - b)) > 0.02]
+    best = max(sel.target_accuracy(new, b) for b in scan if sel.probability(new, b) >= 0.8)
+    assert a.target_accuracy >= best
+    # and the offset is what bought it: at 0 the target is worse
+    assert sel.target_accuracy(new, 0.0) < a.target_accuracy
+
+
+def test_the_offset_is_zero_when_that_is_in_reach_and_never_on_a_target_gap():
+    old, y = _old(seed=5)
+    sel = Selector(old, y, _caps(), T, 0.8)
+    a = sel.assess(old, calibrate=True)
+    gaps = -margins(old[y == T], y[y == T], T)
+    assert a.offset == 0.0 or np.min(np.abs(gaps - a.offset)) > 1e-6
+    assert sel.target_accuracy(old, a.offset) == a.target_accuracy
+
+
+def test_bandwidth_narrows_with_more_images_and_is_never_zero():
+    rng = np.random.default_rng(0)
+    m = rng.normal(3.0, 1.0, 4000)
+    assert bandwidth(m[:50]) > bandwidth(m) > 0
+    assert bandwidth(np.full(10, 2.0)) > 0 and bandwidth(np.array([1.5])) > 0
+
+
+def test_bad_inputs_are_refused():
+    old, y = _old()
+    with pytest.raises(ValueError, match="min_probability"):
+        Selector(old, y, _caps(), T, 1.0)
+    sel = Selector(old, y, _caps(), T, 0.8)
+    with pytest.raises(ValueError, match="finite"):
+        sel.assess(np.full_like(old, np.nan), calibrate=False)
