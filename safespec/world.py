@@ -7,6 +7,13 @@ paper: v1 is trained from scratch on a base-train split in which "dog" is under-
 on nine animals and weak, but not blind, on dogs; the next cycle (``specs/demo.yaml``) must improve dog
 without losing the others.
 
+Sources: the world is built from a labelled set of grey 28x28 images, one of ``SOURCES``. The default,
+``animal-mnist``, is the demo's; ``fashion-mnist`` (Fashion-MNIST's test split, from Debian's
+``dataset-fashion-mnist``) is a second world for bench and tests (``bench/worlds.py``), on which settings tuned
+on the demo are judged. A source only finds and reads its files and names its classes; deduplication, split
+planning, the mirror top-up, manifests, v1 and the cache are shared. ``WorldConfig.source`` is left out of
+the digest when it is the default, so worlds built before sources existed stay valid.
+
 Design choices, and why:
 - The data files are gzip'd pickles. They are read with an unpickler that admits only what a plain numpy
   array needs, so a tampered package cannot run code here.
@@ -71,6 +78,9 @@ PACKAGE = "animal_mnist"
 DISTRIBUTION = "animal-mnist"
 DATA_FILES = {"images": "animal_data_version_3.gz", "labels": "animal_label_version_3.gz"}
 INSTALL_HINT = "pip install --no-deps animal-mnist==0.4"
+#: The demo world's source. A config with this source leaves ``source`` out of its digest, so that worlds
+#: built before sources existed keep their digest.
+DEFAULT_SOURCE = "animal-mnist"
 #: Bump when the build changes what it writes for the same config (invalidates cached worlds).
 WORLD_FORMAT = 1
 SPLITS = ("base", "protected", "target", "validation", "heldout")
@@ -99,10 +109,13 @@ class WorldConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 240
     tau: float = 0.05
+    source: str = DEFAULT_SOURCE  # the data set, a key of SOURCES
 
     def __post_init__(self):
-        if self.target not in ANIMAL_CLASSES:
-            raise DataError(f"world: unknown target class {self.target!r} (expected one of {', '.join(ANIMAL_CLASSES)})")
+        classes = get_source(self.source).classes  # an unknown source is a DataError here
+        if self.target not in classes:
+            raise DataError(f"world: unknown target class {self.target!r} for source {self.source!r} "
+                            f"(expected one of {', '.join(classes)})")
         for f in ("heldout_per_class", "validation_per_class", "base_per_class", "target_in_base", "steps",
                   "batch_size"):
             if getattr(self, f) < 1:
@@ -113,6 +126,8 @@ class WorldConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["templates"] = list(self.templates)
+        if d["source"] == DEFAULT_SOURCE:
+            del d["source"]  # the digest (and world.json) of a demo world is what it was before sources existed
         return d
 
     @classmethod
@@ -126,8 +141,13 @@ class WorldConfig:
         return "sha256:" + hashlib.sha256(blob).hexdigest()
 
     @property
+    def classes(self) -> tuple[str, ...]:
+        """The source's class names, in label order."""
+        return get_source(self.source).classes
+
+    @property
     def protected(self) -> tuple[str, ...]:
-        return tuple(c for c in ANIMAL_CLASSES if c != self.target)
+        return tuple(c for c in self.classes if c != self.target)
 
 
 @dataclass
@@ -257,6 +277,112 @@ def load_animal_mnist() -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     return images, labels.astype(np.int64), info
 
 
+#: Fashion-MNIST (Zalando, MIT): 70,000 grey 28x28 photos of 10 kinds of garment. No PyPI package ships
+#: its data; Debian's ``dataset-fashion-mnist`` does (the upstream IDX files), and ``make install`` unpacks
+#: it into the virtual environment. The world uses its official test split: 1,000 images per class.
+FASHION_CLASSES: tuple[str, ...] = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                                    "bag", "ankle-boot")
+FASHION_DEB = "dataset-fashion-mnist=0.0~git20200523.55506a9-1"
+FASHION_FILES = {"images": "t10k-images-idx3-ubyte.gz", "labels": "t10k-labels-idx1-ubyte.gz"}
+FASHION_ENV = "SAFESPEC_FASHION_MNIST_DIR"
+FASHION_INSTALL_HINT = (f"`make install` (it unpacks Debian's {FASHION_DEB} into the virtual environment), "
+                        f"`apt-get install dataset-fashion-mnist`, or set {FASHION_ENV} to a folder holding "
+                        f"{' and '.join(FASHION_FILES.values())}")
+
+
+def fashion_mnist_dirs() -> list[Path]:
+    """Where the Fashion-MNIST files are looked for, in order: $SAFESPEC_FASHION_MNIST_DIR alone when it is set,
+    else the virtual environment's share/ (``make install``) and the system's (``apt-get install``)."""
+    env = os.environ.get(FASHION_ENV)
+    if env:
+        return [Path(env)]
+    return [Path(sys.prefix) / "share" / "datasets" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")]
+
+
+def fashion_mnist_files() -> dict[str, Path]:
+    for d in fashion_mnist_dirs():
+        files = {k: d / v for k, v in FASHION_FILES.items()}
+        if all(p.is_file() for p in files.values()):
+            return files
+    where = ", ".join(str(d) for d in fashion_mnist_dirs())
+    raise DataError(f"the fashion-mnist world needs the Fashion-MNIST data files, found in none of {where}: "
+                    f"install them with {FASHION_INSTALL_HINT}")
+
+
+def read_idx(data: bytes, source: str, *, ndim: int) -> np.ndarray:
+    """A uint8 array from an IDX file's bytes (the MNIST format: magic 0x0000 08 <ndim>, big-endian int32
+    sizes, then the raw bytes). Only unsigned bytes are accepted; the sizes must account for every byte."""
+    head = 4 + 4 * ndim
+    if len(data) < head or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+        raise DataError(f"{source}: not an IDX file of unsigned bytes with {ndim} dimension(s)")
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if math.prod(shape) != len(data) - head:
+        raise DataError(f"{source}: IDX header says {shape} ({math.prod(shape)} bytes) but {len(data) - head} follow")
+    return np.frombuffer(data, dtype=np.uint8, offset=head).reshape(shape)
+
+
+def load_fashion_mnist() -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """``(images (N, 28, 28) uint8, labels (N,) int64 in FASHION_CLASSES order, source info)``."""
+    files = fashion_mnist_files()
+    arrays, info = {}, {}
+    for (k, p), ndim in zip(files.items(), (3, 1)):
+        raw = p.read_bytes()
+        info[k] = "sha256:" + hashlib.sha256(raw).hexdigest()
+        try:
+            data = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{p}: not a gzip file: {e}") from None
+        arrays[k] = read_idx(data, str(p), ndim=ndim)
+    images, labels = arrays["images"], arrays["labels"]
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"{files['images']}: expected 28x28 images, got {images.shape[1:]}")
+    if len(labels) != len(images) or labels.max(initial=0) > 9:
+        raise DataError(f"{files['labels']}: expected {len(images)} labels in 0..9")
+    info["version"] = FASHION_DEB.split("=", 1)[1]
+    return np.ascontiguousarray(images), labels.astype(np.int64), info
+
+
+@dataclass(frozen=True)
+class Source:
+    """A labelled data set of grey 28x28 images that a world can be built from.
+
+    ``files`` finds the data files (a one-line DataError saying how to install them when they are missing);
+    ``load`` reads ``(images (N, 28, 28) uint8, labels (N,) int64 in ``classes`` order, info)``, where info
+    holds a ``sha256:`` digest per file and the package version."""
+
+    name: str
+    classes: tuple[str, ...]
+    package: str  # the distribution the files come from, for world.json
+    licence: str
+    what: str  # one line for world.json
+    files: Callable[[], dict[str, Path]]
+    load: Callable[[], tuple[np.ndarray, np.ndarray, dict[str, str]]]
+    near_duplicate: float  # the suggested WorldConfig.near_duplicate for this data
+
+
+SOURCES: dict[str, Source] = {
+    "animal-mnist": Source(
+        "animal-mnist", ANIMAL_CLASSES, DISTRIBUTION, "MIT",
+        "safespec demo world: Animal-MNIST silhouettes (28x28 grey PNG) and the old model v1",
+        lambda: animal_mnist_files(), lambda: load_animal_mnist(),
+        near_duplicate=0.12),  # 284 exact and a few near duplicates; distinct silhouettes stay apart
+    "fashion-mnist": Source(
+        "fashion-mnist", FASHION_CLASSES, "dataset-fashion-mnist (Debian)", "MIT",
+        "safespec second world (bench and tests only): Fashion-MNIST garments (28x28 grey PNG) and the old "
+        "model v1", lambda: fashion_mnist_files(), lambda: load_fashion_mnist(),
+        # no exact duplicates in the test split; below 0.08 only a handful of trousers and bags pair up,
+        # where a class's median nearest neighbour is at 0.23-0.59
+        near_duplicate=0.08),
+}
+
+
+def get_source(name: str) -> Source:
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise DataError(f"world: unknown source {name!r} (expected one of {', '.join(SOURCES)})") from None
+
+
 def deduplicate(images: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
     """Indices to keep: the first of every group of exact or near duplicates within a class.
 
@@ -297,7 +423,7 @@ def plan_splits(labels: np.ndarray, keep: np.ndarray, config: WorldConfig) -> _P
     """Assign unique images to splits, per class, held-out first (the certificate's sample size is the
     one requirement that cannot be relaxed)."""
     plan = _Plan({}, {}, {}, {}, np.empty(0, np.int64), {}, {})
-    for ci, name in enumerate(ANIMAL_CLASSES):
+    for ci, name in enumerate(config.classes):
         rng = np.random.default_rng([config.seed, ci])
         pool = rng.permutation(keep[labels[keep] == ci])
         need = config.heldout_per_class + config.validation_per_class
@@ -335,6 +461,11 @@ def _noop(*_a: Any, **_k: Any) -> None:
     return None
 
 
+def _label(config: WorldConfig) -> str:
+    """How logs and v1's metadata name the world ("demo world" for the default source, as before sources)."""
+    return "demo world" if config.source == DEFAULT_SOURCE else f"{config.source} world"
+
+
 def build_world(root: str | os.PathLike, config: WorldConfig = WorldConfig(), *, progress: bool = True,
                 log: Callable[[str], Any] = print, threads: int | None = 1) -> World:
     """Build the demo world under ``root``, or reuse it when ``root/world.json`` matches ``config`` and every
@@ -349,12 +480,12 @@ def build_world(root: str | os.PathLike, config: WorldConfig = WorldConfig(), *,
     reason = _reusable(root, config)
     if reason is None:
         world = _load_world(root, reused=True)
-        log(f"demo world: reusing {root} (digests verified)")
+        log(f"{_label(config)}: reusing {root} (digests verified)")
         return world
     if root.exists() and not (root / "world.json").exists() and any(root.iterdir()):
         raise DataError(f"{root}: exists and is not a safespec demo world (no world.json); "
                         "choose an empty or new folder")
-    log(f"demo world: building {root} ({reason})")
+    log(f"{_label(config)}: building {root} ({reason})")
     t0 = time.perf_counter()
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)
@@ -374,7 +505,7 @@ def build_world(root: str | os.PathLike, config: WorldConfig = WorldConfig(), *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     world = _load_world(root, reused=False)
-    log(f"demo world: built in {time.perf_counter() - t0:.0f}s at {root}")
+    log(f"{_label(config)}: built in {time.perf_counter() - t0:.0f}s at {root}")
     return world
 
 
@@ -401,8 +532,9 @@ def _reusable(root: Path, config: WorldConfig) -> str | None:
     meta_path = root / "world.json"
     if not meta_path.is_file():
         return "no cached world"
+    source = get_source(config.source)
     try:
-        files = animal_mnist_files()
+        files = source.files()
     except DataError:
         files = {}  # an intact world does not need the package; only a rebuild does
     try:
@@ -411,9 +543,9 @@ def _reusable(root: Path, config: WorldConfig) -> str | None:
             return "the cached world was built with another configuration"
         for k, p in files.items():
             if meta["source"][k] != "sha256:" + file_digest(p):
-                return "the Animal-MNIST data package changed"
+                return f"the {source.name} data package changed"
         for split, entry in meta["manifests"].items():
-            if read_manifest(root / entry["path"], ANIMAL_CLASSES).digest() != entry["digest"]:
+            if read_manifest(root / entry["path"], config.classes).digest() != entry["digest"]:
                 return f"the {split} split changed on disk"
         v1 = meta["v1"]
         if "sha256:" + file_digest(root / v1["path"]) != v1["file_sha256"]:
@@ -427,9 +559,10 @@ def _reusable(root: Path, config: WorldConfig) -> str | None:
 
 def _load_world(root: Path, *, reused: bool) -> World:
     meta = json.loads((root / "world.json").read_text())
+    config = WorldConfig.from_dict(meta["config"])
     return World(root=root, manifests={s: root / e["path"] for s, e in meta["manifests"].items()},
                  v1_checkpoint=root / meta["v1"]["path"], v1_accuracy=dict(meta["v1"]["heldout_accuracy"]),
-                 config=WorldConfig.from_dict(meta["config"]), v1_digest=meta["v1"]["digest"],
+                 config=config, classes=config.classes, v1_digest=meta["v1"]["digest"],
                  digests={s: e["digest"] for s, e in meta["manifests"].items()}, reused=reused)
 
 
@@ -445,14 +578,16 @@ def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str
     from PIL import Image
     from tqdm import tqdm
 
-    images, labels, source = load_animal_mnist()
+    src = get_source(config.source)
+    classes = src.classes
+    images, labels, source = src.load()
     keep = deduplicate(images, labels, config.near_duplicate)
     plan = plan_splits(labels, keep, config)
     caption = config.templates[0]
 
     # images: <out>/images/<split>/<class>/<index>.png; mirrors end in 'm'
     jobs: list[tuple[str, str, int, bool]] = []
-    for name in ANIMAL_CLASSES:
+    for name in classes:
         jobs += [("heldout", name, int(i), False) for i in plan.heldout[name]]
         jobs += [("validation", name, int(i), False) for i in plan.validation[name]]
         jobs += [("base", name, int(i), False) for i in plan.base[name]]
@@ -468,7 +603,7 @@ def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str
         rel[(split, i, mirror)] = r
 
     def rows(split: str, per_class: Mapping[str, np.ndarray], mirrors: Mapping[str, np.ndarray] | None = None,
-             names: Sequence[str] = ANIMAL_CLASSES) -> list[tuple[str, str, str | None]]:
+             names: Sequence[str] = classes) -> list[tuple[str, str, str | None]]:
         out_rows = []
         for name in names:
             out_rows += [(rel[(split, int(i), False)], name, caption.format(name)) for i in per_class.get(name, ())]
@@ -488,12 +623,12 @@ def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str
     }
     for split, (mrows, captions) in manifests.items():
         write_manifest(out / f"{split}.csv", mrows, captions=captions)
-    loaded = {s: read_manifest(out / f"{s}.csv", ANIMAL_CLASSES) for s in SPLITS}
+    loaded = {s: read_manifest(out / f"{s}.csv", classes) for s in SPLITS}
     from .data import check_disjoint
 
     check_disjoint(loaded, pairs=[(a, b) for a in ("base", "protected", "target", "validation")
                                   for b in ("validation", "heldout") if a != b])
-    log(f"demo world: {len(keep)} unique images of {len(images)} ({len(images) - len(keep)} duplicates removed); "
+    log(f"{_label(config)}: {len(keep)} unique images of {len(images)} ({len(images) - len(keep)} duplicates removed); "
         + ", ".join(f"{s} {len(m)}" for s, m in loaded.items()))
 
     # the old model v1
@@ -502,12 +637,12 @@ def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str
 
     meta = {
         "format": WORLD_FORMAT,
-        "what": "safespec demo world: Animal-MNIST silhouettes (28x28 grey PNG) and the old model v1",
+        "what": src.what,
         "config": config.to_dict(),
         "config_digest": config.digest(),
-        "classes": list(ANIMAL_CLASSES),
+        "classes": list(classes),
         "target": config.target,
-        "source": {"package": f"{DISTRIBUTION} {source['version']}", "licence": "MIT",
+        "source": {"package": f"{src.package} {source['version']}", "licence": src.licence,
                    "images": source["images"], "labels": source["labels"],
                    "images_total": int(len(images)), "unique": int(len(keep))},
         "manifests": {s: {"path": f"{s}.csv", "digest": m.digest(), "n": len(m), "per_class": m.counts()}
@@ -566,7 +701,7 @@ def _train_v1(out: Path, base: Manifest, heldout: Manifest, config: WorldConfig,
     from .progress import Progress
 
     torch.manual_seed(config.seed)
-    loaded = create_model(config.arch, ANIMAL_CLASSES, heads=False, seed=config.seed, device="cpu")
+    loaded = create_model(config.arch, config.classes, heads=False, seed=config.seed, device="cpu")
     model = loaded.model
     bank = ImageBank(base, loaded.preprocess, preload=True)
     labels = torch.as_tensor(base.labels)
@@ -610,9 +745,9 @@ def _train_v1(out: Path, base: Manifest, heldout: Manifest, config: WorldConfig,
     path = out / "models" / "v1.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = save_checkpoint(model, path, metadata={
-        "what": "safespec demo world v1 (old model), trained from scratch on base-train",
+        "what": f"safespec {_label(config)} v1 (old model), trained from scratch on base-train",
         "steps": config.steps, "seed": config.seed, "base_digest": base.digest()})
-    log("demo world: v1 held-out accuracy " + ", ".join(f"{c} {a:.2f}" for c, a in heldout_acc.items()))
+    log(f"{_label(config)}: v1 held-out accuracy " + ", ".join(f"{c} {a:.2f}" for c, a in heldout_acc.items()))
     return {"path": "models/v1.safetensors", "arch": config.arch, "digest": digest,
             "file_sha256": "sha256:" + file_digest(path), "heads": False, "steps": config.steps,
             "train_seconds": round(seconds, 1), "final_loss": round(loss_avg, 4),
