@@ -106,6 +106,7 @@ class OptimizerPlan:
     checkpoint_every: int
     calibrate_target: bool = False
     min_certify_probability: float = 0.8
+    store_views: int = 0
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ def compile_spec(spec: Spec) -> Plan:
             multiplier_lr=o.lagrangian.multiplier_lr, rho=o.lagrangian.rho, max_multiplier=o.lagrangian.max_multiplier,
             wise_ft_grid=o.wise_ft.grid, eval_every=o.eval_every, checkpoint_every=o.checkpoint_every,
             calibrate_target=o.calibrate.target_offset, min_certify_probability=o.select.min_certify_probability,
+            store_views=o.store_views,
         ),
         certify=CertifyPlan(confidence=spec.certify.confidence, require=spec.certify.require),
         report_dir=str(spec.report.dir),

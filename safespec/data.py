@@ -485,6 +485,78 @@ class ImageBank:
                 yield idx, images
 
 
+class ViewBank:
+    """A bank's images followed by ``views`` fixed augmented copies of each (store views).
+
+    The protected store is usually the old model's own training data, which it fits far more confidently
+    than images it never saw: constraints measured there barely move while held-out images flip
+    (bench/RESULTS.md). A randomly shifted, rotated, rescaled or mirrored copy of a stored image is an
+    image the old model did not fit, closer to what the certificate will see. The copies are fixed:
+    their affine parameters are drawn once from ``seed`` (per view and image), so the old model's
+    references on them are computed once and cached like any split, and a resumed run sees the same views.
+
+    Row ``v * n + i`` is view ``v`` of image ``i`` (view 0 is the image itself). Augmentation runs on the
+    preprocessed tensor (``grid_sample``, border padding), batch by batch, so nothing is stored twice."""
+
+    #: shift as a fraction of the side, rotation in degrees, relative scale change; mirror with p = 1/2
+    SHIFT, ROTATE, SCALE = 0.1, 12.0, 0.1
+
+    def __init__(self, base: "ImageBank", views: int, seed: int = 0):
+        if views < 0:
+            raise ValueError(f"views must be >= 0, got {views}")
+        self.base, self.views, self.n = base, int(views), len(base)
+        self.item_shape = base.item_shape
+        g = torch.Generator().manual_seed(int(seed))
+        m = self.n * self.views
+        u = torch.rand((5, m), generator=g, dtype=torch.float64) * 2 - 1
+        ang = u[0] * np.radians(self.ROTATE)
+        scale = 1 + u[1] * self.SCALE
+        flip = torch.where(u[4] < 0, -1.0, 1.0).double()
+        cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+        shift = 2 * self.SHIFT  # affine_grid coordinates span [-1, 1]
+        self._theta = torch.stack([torch.stack([cos * flip, -sin, u[2] * shift], 1),
+                                   torch.stack([sin * flip, cos, u[3] * shift], 1)], 1).float()
+
+    def __len__(self) -> int:
+        return self.n * (1 + self.views)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.tile(self.base.labels, 1 + self.views)
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        if isinstance(idx, (int, np.integer)):
+            return self[np.array([int(idx)])][0]
+        ix = np.asarray(idx.cpu() if torch.is_tensor(idx) else idx, dtype=np.int64)
+        images = self.base[ix % self.n]
+        aug = ix >= self.n
+        if aug.any():
+            import torch.nn.functional as F  # noqa: PLC0415 (only banks with views need it)
+
+            sel = torch.as_tensor(np.flatnonzero(aug))
+            x = images.index_select(0, sel)
+            theta = self._theta.index_select(0, torch.as_tensor(ix[aug] - self.n))
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            images = images.clone()
+            images[sel] = F.grid_sample(x.float(), grid, padding_mode="border", align_corners=False).to(images.dtype)
+        return images
+
+    def iter_batches(self, batch_size: int, start: int = 0, stop: int | None = None
+                     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        n = len(self) if stop is None else min(stop, len(self))
+        for s in range(start, n, batch_size):
+            idx = np.arange(s, min(s + batch_size, n), dtype=np.int64)
+            yield idx, self[idx]
+
+    def digest(self, base_digest: str) -> str:
+        """The views' digest: the base split's, the view count, the seed's draw and the augmentation."""
+        h = hashlib.sha256(base_digest.encode())
+        h.update(json.dumps({"views": self.views, "shift": self.SHIFT, "rotate": self.ROTATE,
+                             "scale": self.SCALE}).encode())
+        h.update(self._theta.numpy().tobytes())
+        return "sha256:" + h.hexdigest()
+
+
 # ------------------------------------------------------------------------------------------ samplers
 class _Cycle:
     """Walks a pool of indices in random permutations, one full pass before any repeat.

@@ -124,10 +124,17 @@ def load_inputs(spec_path: Path, *, log: Callable[[str], None]) -> Loaded:
 def make_train_data(inp: Loaded, preprocess):
     """The three training-side splits as the trainer sees them. Of the held-out split only its size per
     class goes along: selection predicts the certificate that split will give, never reads its images."""
-    from .train import TrainData
+    from .train import Split, TrainData
 
     held = inp.manifests["heldout"]
-    return TrainData(store=_split(inp.manifests["protected"], preprocess, inp.digests["protected"]),
+    store = _split(inp.manifests["protected"], preprocess, inp.digests["protected"])
+    views = inp.plan.optimizer.store_views
+    if views:  # the constraints also measure fixed augmented copies of the store (safespec.data.ViewBank)
+        from .data import ViewBank
+
+        bank = ViewBank(store.bank, views, seed=inp.plan.optimizer.seed)
+        store = Split(bank=bank, labels=bank.labels, digest=bank.digest(store.digest))
+    return TrainData(store=store,
                      target=_split(inp.manifests["target"], preprocess, inp.digests["target"]),
                      validation=_split(inp.manifests["validation"], preprocess, inp.digests["validation"]),
                      heldout_counts=np.bincount(held.labels, minlength=len(inp.plan.classes)))

@@ -150,15 +150,15 @@ class DataSpec(_Strict):
 class ConstraintSpec(_Strict):
     """The training constraint that enforces a capability: L_k(new) - L_k(old) <= slack."""
 
-    metric: Literal["loss", "smooth-accuracy", "distill"] = Field("loss", description="'loss': mean cross-entropy on the store (the paper); 'smooth-accuracy': a sigmoid-margin accuracy proxy; 'distill': the KL divergence from the old model's class probabilities (at optimize.constraint_tau) to the new one's, which moves when a memorised image's whole prediction moves, not only its true class.")
+    metric: Literal["loss", "smooth-accuracy", "distill", "focal-distill"] = Field("loss", description="'loss': mean cross-entropy on the store (the paper); 'smooth-accuracy': a sigmoid-margin accuracy proxy; 'distill': the KL divergence from the old model's class probabilities (at optimize.constraint_tau) to the new one's, which moves when a memorised image's whole prediction moves, not only its true class; 'focal-distill': the same divergence weighted 6x on the images the old model gets right (positive-congruent training).")
     slack: float = Field(0.0, ge=0.0, le=10.0, description="Allowed increase of the metric over the old model's value, in the metric's units (0 = strict; 'distill' needs a slack > 0, in nats).")
 
     @model_validator(mode="after")
     def _distill_slack(self) -> "ConstraintSpec":
         # KL(old || new) is 0 only at the old model itself: a strict 'distill' constraint would forbid every
         # change, so it fails here rather than as a run that never moves
-        if self.metric == "distill" and self.slack <= 0.0:
-            raise _rule(("slack",), "metric 'distill' bounds the divergence from the old model, which is 0 only for the old model itself; give a slack > 0 (nats per image, e.g. 0.02)")
+        if self.metric in ("distill", "focal-distill") and self.slack <= 0.0:
+            raise _rule(("slack",), f"metric {self.metric!r} bounds the divergence from the old model, which is 0 only for the old model itself; give a slack > 0 (nats per image, e.g. 0.02)")
         return self
 
 
@@ -283,6 +283,7 @@ class OptimizeSpec(_Strict):
     wise_ft: WiseFTSpec = Field(default_factory=WiseFTSpec, alias="wise-ft", description="Settings of the 'wise-ft' baseline.")
     calibrate: CalibrateSpec = Field(default_factory=CalibrateSpec, description="The target's decision offset, chosen on validation.")
     select: SelectSpec = Field(default_factory=SelectSpec, description="Checkpoint (and offset) selection on validation.")
+    store_views: int = Field(0, ge=0, le=16, description="Fixed augmented copies (shift, rotation, scale, mirror) of every stored image that the constraints also measure: images the old model did not fit, closer to what the certificate sees than its own training data.")
     eval_every: int = Field(100, ge=1, description="Evaluate on the validation split every N steps (checkpoint selection).")
     checkpoint_every: int = Field(100, ge=1, description="Save the resumable training state every N steps.")
 

@@ -80,6 +80,19 @@ class TrainOutcome:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+#: Focal distillation (Yan et al., CVPR 2021, "Positive-Congruent Training"): an image the old model
+#: classifies correctly weighs 1 + FOCAL_BETA, one it gets wrong weighs 1 (their alpha = 1, beta = 5).
+FOCAL_BETA = 5.0
+
+
+def focal_weights(old_correct: np.ndarray, metric: str) -> np.ndarray:
+    """Per-image weights of the divergence: 1 for 'distill'; 1 + FOCAL_BETA where the old model was right
+    for 'focal-distill', so that the constraint spends its budget on the images a negative flip could
+    come from."""
+    c = np.asarray(old_correct, dtype=np.float32)
+    return 1.0 + FOCAL_BETA * c if metric == "focal-distill" else np.ones_like(c)
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine decay to zero (the paper's schedule)."""
     if warmup > 0 and step < warmup:
@@ -248,7 +261,7 @@ class Trainer:
 
         # the old model's references: per-sample metric on the store, predictions on validation
         # ('distill': the old model's class log-probabilities of every store image, N x C, instead)
-        self.distill = self.metric == "distill"
+        self.distill = self.metric in ("distill", "focal-distill")
         # the target's decision offset, chosen on validation at every evaluation (constrained methods only)
         self.calibrate = self.o.calibrate_target and self.method in CONSTRAINED
         self.ref_store = self._reference(data.store, log_probs=self.distill)
@@ -266,6 +279,8 @@ class Trainer:
         self.blocked: dict | None = None  # the best candidate that selection refused, and why
         if self.distill:
             self.ref_store_logp = torch.as_tensor(self.ref_store.log_probs, device=self.device)
+            # focal distillation weighs each image's divergence by whether the old model got it right
+            self.store_focal = torch.as_tensor(focal_weights(self.ref_store.correct, self.metric), device=self.device)
             self.ref_store_metric = torch.zeros(len(data.store.labels), device=self.device)  # KL(old || old)
         else:
             self.ref_store_metric = torch.as_tensor(
@@ -347,7 +362,8 @@ class Trainer:
     def constraint_values(self, new: Predictions, old: Predictions) -> np.ndarray:
         """Per capability: mean metric(new) - mean metric(old) - slack over the capability's images."""
         if self.distill:
-            m_new, m_old = kl_from_old(old.log_probs, new.log_probs), np.zeros(len(old.labels))
+            m_new = kl_from_old(old.log_probs, new.log_probs) * focal_weights(old.correct, self.metric)
+            m_old = np.zeros(len(old.labels))
         else:
             m_new = metric_values(new.losses, new.margins, self.metric)
             m_old = metric_values(old.losses, old.margins, self.metric)
@@ -470,7 +486,7 @@ class Trainer:
             if self.method == "replay":  # the regulariser baseline: plain CE on the store, no reference
                 m_new = ce
             elif self.distill:
-                m_new = kl_from_old(self.ref_store_logp[p_idx], F.log_softmax(logits.float(), 1))
+                m_new = kl_from_old(self.ref_store_logp[p_idx], F.log_softmax(logits.float(), 1)) * self.store_focal[p_idx]
             else:
                 m_new = metric_values(ce, margin, self.metric)
             k_of = self.cap_of_class[yp]

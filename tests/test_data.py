@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from safespec.data import (ImageBank, ProtectedSampler, TargetSampler, check_disjoint, file_digest,
+from safespec.data import (ImageBank, ViewBank, ProtectedSampler, TargetSampler, check_disjoint, file_digest,
                            read_manifest, write_manifest)
 from safespec.errors import DataError, SafespecError
 
@@ -134,6 +134,35 @@ def test_image_bank_indexing_and_batches(csv_data: Path, preload: bool):
         assert torch.equal(batch, bank[idx])
         seen.extend(idx.tolist())
     assert seen == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_store_views_are_fixed_augmented_copies(tmp_path: Path, preload: bool):
+    """View 0 is the image itself; the other views are augmented copies, the same on every read and for the
+    same seed, with the base image's label; the digest names the views."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, c in enumerate(["cat", "dog", "cow", "dog"]):
+        arr = (rng.random((16, 16)) * 255).astype(np.uint8)
+        (tmp_path / "v").mkdir(exist_ok=True)
+        Image.fromarray(arr).save(tmp_path / "v" / f"{i}.png")
+        rows.append((f"v/{i}.png", c, None))
+    write_manifest(tmp_path / "m.csv", rows)
+    bank = ImageBank(read_manifest(tmp_path / "m.csv", CLASSES), to_tensor, preload=preload)
+    views = ViewBank(bank, 2, seed=3)
+    assert len(views) == 12 and views.labels.tolist() == bank.labels.tolist() * 3
+    x = views[np.arange(12)]
+    assert torch.equal(x[:4], bank[np.arange(4)])
+    for v in (1, 2):  # every augmented copy differs from its image, and the two views differ
+        assert all(not torch.allclose(x[v * 4 + i], x[i], atol=1e-3) for i in range(4))
+    assert not torch.allclose(x[4:8], x[8:12])
+    assert torch.equal(views[np.array([9, 5])], x[[9, 5]]) and torch.equal(views[7], x[7])
+    assert torch.equal(ViewBank(bank, 2, seed=3)[np.arange(12)], x)  # fixed: the same copies every time
+    assert not torch.allclose(ViewBank(bank, 2, seed=4)[np.arange(4, 12)], x[4:])
+    assert [i.tolist() for i, _ in views.iter_batches(5)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
+    d = views.digest("sha256:base")
+    assert d != ViewBank(bank, 2, seed=4).digest("sha256:base") != ViewBank(bank, 1, seed=3).digest("sha256:base")
+    assert d == ViewBank(bank, 2, seed=3).digest("sha256:base") != views.digest("sha256:other")
 
 
 @pytest.mark.parametrize("preload", [False, True])

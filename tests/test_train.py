@@ -303,6 +303,27 @@ def test_the_distill_constraint_bounds_the_stores_divergence_from_the_old_model(
     assert any(not torch.equal(v, lag.old_state[k]) for k, v in lag.model.state_dict().items())
 
 
+def test_focal_distill_weighs_the_images_the_old_model_gets_right(world_inputs, tmp_path):
+    """metric 'focal-distill': each image's divergence weighs 1 + FOCAL_BETA where the old model was right
+    and 1 where it was wrong, on the store in training and on validation in the trajectory."""
+    from safespec.evaluate import kl_from_old
+    from safespec.train import FOCAL_BETA, focal_weights
+
+    assert focal_weights(np.array([True, False]), "focal-distill").tolist() == [1 + FOCAL_BETA, 1.0]
+    assert focal_weights(np.array([True, False]), "distill").tolist() == [1.0, 1.0]
+    plan = world_inputs.plan
+    cons = tuple(dataclasses.replace(c, metric="focal-distill", slack=0.02) for c in plan.constraints)
+    inp = dataclasses.replace(world_inputs, plan=dataclasses.replace(plan, constraints=cons))
+    trainer, _ = _train(inp, tmp_path, "lagrangian", steps=6, eval_every=6)
+    old = trainer.ref_store
+    assert torch.equal(trainer.store_focal.cpu(), torch.as_tensor(1 + FOCAL_BETA * old.correct, dtype=torch.float32))
+    val = trainer.data.validation
+    new = evaluate(trainer.model, trainer.class_tokens, val.bank, val.labels, trainer.tau, log_probs=True)
+    kl = kl_from_old(trainer.ref_val.log_probs, new.log_probs) * (1 + FOCAL_BETA * trainer.ref_val.correct)
+    want = [float(kl[np.isin(val.labels, c.class_indices)].mean()) - 0.02 for c in trainer.constraints]
+    np.testing.assert_allclose(list(trainer.trajectory[-1]["constraints"].values()), want, rtol=1e-4, atol=1e-6)
+
+
 def test_kl_from_old_agrees_between_numpy_and_torch_and_is_zero_on_itself():
     from safespec.evaluate import kl_from_old
 
