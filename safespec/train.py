@@ -386,8 +386,8 @@ class Trainer:
         """Evaluate on the validation split and assess the candidate (safespec.selection): it is
         *feasible* when its validation evidence predicts that every capability passes the held-out
         certificate with at least ``optimize.select.min_certify_probability``. With
-        ``optimize.calibrate.target_offset`` the target's offset is chosen here too, the largest that keeps
-        the candidate feasible; its score is the target accuracy at that offset."""
+        ``optimize.calibrate.target_offset`` the target's offset is chosen here too, the admissible one with
+        the best validation target accuracy; its score is the target accuracy at that offset."""
         val = self.data.validation
         new = self._evaluate(val, log_probs=True) if self.step > 0 else self.ref_val
         cons = self.constraint_values(new, self.ref_val)
