@@ -190,7 +190,7 @@ def test_simulated_false_certification_rate_stays_below_alpha(n, margin, p_c):
     mc = 3 * math.sqrt(alpha * (1 - alpha) / tables)
     assert share <= alpha + mc, share
     # The exact probability agrees with the simulation, which also checks the enumeration.
-    exact = stats.certification_probability(p_b, p_c, n, margin, 0.95)
+    exact = stats.certification_probability(p_b, p_c, n, margin, 0.95, test="score")
     assert abs(share - exact) <= 4 * math.sqrt(max(exact, 1e-3) * (1 - exact) / tables) + 1e-3
 
 
@@ -201,9 +201,9 @@ def test_exact_size_beyond_and_at_the_margin():
     for n in (30, 100, 200, 400):
         for margin in (0.01, 0.03, 0.05, 0.1):
             for p_c in (0.0, 0.002, 0.01, 0.03, 0.1):
-                worst_at = max(worst_at, stats.certification_probability(margin + p_c, p_c, n, margin, 0.95))
-                worst_beyond = max(worst_beyond,
-                                   stats.certification_probability(margin + 0.01 + p_c, p_c, n, margin, 0.95))
+                worst_at = max(worst_at, stats.certification_probability(margin + p_c, p_c, n, margin, 0.95, "score"))
+                worst_beyond = max(worst_beyond, stats.certification_probability(margin + 0.01 + p_c, p_c, n, margin,
+                                                                                 0.95, "score"))
     assert worst_beyond <= 0.05
     assert 0.04 < worst_at <= 0.065
 
@@ -227,44 +227,228 @@ def test_wald_is_more_lenient_than_tango_at_small_counts():
     d = (B - C) / n
     wald = d + z * np.sqrt(np.maximum((B + C) / n - d * d, 0.0) / n)
     assert float(np.sum(prob * (feasible & (wald <= margin)))) > 0.15
-    assert stats.certification_probability(margin, 0.0, n, margin, 0.95) <= 0.05
+    assert stats.certification_probability(margin, 0.0, n, margin, 0.95, "score") <= 0.05
 
 
 # ------------------------------------------------------------------------------------- sample size
 @pytest.mark.parametrize("p_b,p_c,margin", [(0.02, 0.02, 0.03), (0.01, 0.03, 0.0), (0.05, 0.04, 0.03),
                                             (0.1, 0.1, 0.05), (0.01, 0.0, 0.03)])
 def test_needed_n_gives_the_requested_power(p_b, p_c, margin):
-    n = stats.needed_n(p_b, p_c, margin, 0.95, power=0.8)
+    """Tango's test: Nam's asymptotic size gives about the requested power (discreteness moves it)."""
+    n = stats.needed_n(p_b, p_c, margin, 0.95, power=0.8, test="score")
     assert n is not None
-    power = stats.certification_probability(p_b, p_c, n, margin, 0.95)
+    power = stats.certification_probability(p_b, p_c, n, margin, 0.95, "score")
     assert 0.72 <= power <= 0.88, power
     # and clearly less power at half the size
-    assert stats.certification_probability(p_b, p_c, n // 2, margin, 0.95) < power - 0.1
+    assert stats.certification_probability(p_b, p_c, n // 2, margin, 0.95, "score") < power - 0.1
 
 
-def test_needed_n_edge_cases_and_monotonicity():
-    assert stats.needed_n(0.04, 0.01, 0.03, 0.95) is None  # truly 3 points worse: never certifiable
-    assert stats.needed_n(0.0, 0.0, 0.0, 0.95) is None  # unchanged model, zero tolerance
-    # An unchanged model needs exactly the smallest informative n.
-    assert stats.needed_n(0.0, 0.0, 0.03, 0.95) == stats.min_informative_n(0.03, 0.95)
-    ns = [stats.needed_n(0.02, 0.01, m, 0.95) for m in (0.015, 0.02, 0.03, 0.05)]
+@pytest.mark.parametrize("test", ["score", "exact"])
+def test_needed_n_edge_cases(test):
+    assert stats.needed_n(0.04, 0.01, 0.03, 0.95, test=test) is None  # truly 3 points worse: never certifiable
+    assert stats.needed_n(0.0, 0.0, 0.0, 0.95, test=test) is None  # unchanged model, zero tolerance
+    # An unchanged model needs exactly the smallest informative n of the same test.
+    assert stats.needed_n(0.0, 0.0, 0.03, 0.95, test=test) == stats.min_informative_n(0.03, 0.95, test)
+    with pytest.raises(ValueError):
+        stats.needed_n(0.01, 0.0, 0.03, 0.95, power=1.0, test=test)
+
+
+def test_needed_n_monotonicity():
+    ns = [stats.needed_n(0.02, 0.01, m, 0.95, test="score") for m in (0.015, 0.02, 0.03, 0.05)]
     assert all(x > y for x, y in zip(ns, ns[1:]))
-    assert stats.needed_n(0.02, 0.01, 0.03, 0.95, power=0.9) > stats.needed_n(0.02, 0.01, 0.03, 0.95, power=0.8)
-    assert stats.needed_n(0.02, 0.01, 0.03, 0.99) > stats.needed_n(0.02, 0.01, 0.03, 0.95)
+    assert stats.needed_n(0.02, 0.01, 0.03, 0.95, power=0.9, test="score") > stats.needed_n(0.02, 0.01, 0.03, 0.95,
+                                                                                            test="score")
+    assert stats.needed_n(0.02, 0.01, 0.03, 0.99, test="score") > stats.needed_n(0.02, 0.01, 0.03, 0.95, test="score")
+    # the exact test's: more images for a tighter tolerance
+    assert stats.needed_n(0.01, 0.0, 0.03, 0.95) > stats.needed_n(0.01, 0.0, 0.05, 0.95)
 
 
 def test_min_informative_n():
     for tol in (0.01, 0.03, 0.05, 0.2, 1.0):
         for conf in (0.9, 0.95, 0.99):
-            m = stats.min_informative_n(tol, conf)
+            m = stats.min_informative_n(tol, conf, "score")
             assert stats.drop_upper_bound(0, 0, m, conf) <= tol
             if m > 1:
                 assert stats.drop_upper_bound(0, 0, m - 1, conf) > tol
-                assert stats.is_inconclusive(m - 1, tol, conf)
-            assert not stats.is_inconclusive(m, tol, conf)
-    assert stats.min_informative_n(0.03, 0.95) == 88  # ceil(1.6449^2 * 0.97 / 0.03)
+                assert stats.is_inconclusive(m - 1, tol, conf, "score")
+            assert not stats.is_inconclusive(m, tol, conf, "score")
+    assert stats.min_informative_n(0.03, 0.95, "score") == 88  # ceil(1.6449^2 * 0.97 / 0.03)
     # tolerance 0: the smallest n at which gaining every image certifies
-    m0 = stats.min_informative_n(0.0, 0.95)
+    m0 = stats.min_informative_n(0.0, 0.95, "score")
     assert m0 == 3
     assert stats.drop_upper_bound(0, m0, m0, 0.95) <= 0.0 < stats.drop_upper_bound(0, m0 - 1, m0 - 1, 0.95)
     assert stats.is_inconclusive(0, 0.5, 0.95)
+
+
+# ------------------------------------------------------------------------------ the exact unconditional test
+ALPHA = 0.05
+
+
+def test_score_statistic_is_non_decreasing_in_b_at_fixed_c():
+    """The exact test's reduction to the null boundary needs "at least as extreme" to be a lower set in b at
+    every c: Tango's statistic must not decrease as b grows. Checked for every feasible table."""
+    for n in (1, 2, 5, 30, 57, 200, 400):
+        B, C = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+        both = (B[1:] + C[1:] <= n)  # (b, c) and (b + 1, c) are both tables
+        for delta in np.concatenate([np.linspace(-0.98, 0.98, 50), [0.0, 1e-6, 0.01, 0.02, 0.03, 0.05, 0.1]]):
+            t = stats.score_statistic(B, C, n, delta)
+            step = np.where(both, t[1:] - t[:-1], 0.0)
+            assert np.all(step >= -1e-12 * np.maximum(1.0, np.abs(t[1:]))), (n, delta)
+
+
+def _brute_exact_pvalue(b, c, n, delta, gamma, points=2001):
+    """Independent reimplementation for small n: every table enumerated (no truncation, no running maximum),
+    the nuisance interval from scipy's binomtest, and the supremum as the maximum over a dense grid."""
+    B, C = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    feasible = B + C <= n
+    t = stats.score_statistic(B, C, n, delta)
+    region = feasible & (t <= t[b, c] + 1e-10 * max(1.0, abs(t[b, c])))
+    ci = binomtest(c, n).proportion_ci(confidence_level=1 - gamma, method="exact")
+    lo, hi = max(ci.low, max(0.0, -delta)), min(ci.high, (1 - delta) / 2)
+    if lo > hi:
+        return gamma
+    best = 0.0
+    for p in np.linspace(lo, hi, points):
+        q = min(1.0, (p + delta) / (1 - p))
+        prob = binom.pmf(C, n, p) * binom.pmf(B, np.maximum(n - C, 0), q)
+        best = max(best, float(np.sum(np.where(region, prob, 0.0))))
+    return min(1.0, best + gamma)
+
+
+@pytest.mark.parametrize("b,c,n,delta", [(0, 0, 12, 0.1), (1, 0, 20, 0.05), (3, 2, 20, 0.05), (2, 5, 25, 0.0),
+                                         (6, 1, 25, 0.1), (4, 4, 16, -0.05)])
+def test_exact_pvalue_matches_a_brute_force_enumeration(b, c, n, delta):
+    p = stats.exact_pvalue(b, c, n, delta)
+    brute = _brute_exact_pvalue(b, c, n, delta, stats.EXACT_GAMMA)
+    # the refined supremum is at least the dense grid's maximum, and not more than a grid's resolution above it
+    assert brute - 1e-12 <= p <= brute + 1e-6, (p, brute)
+
+
+def test_exact_pvalue_properties():
+    g = stats.EXACT_GAMMA
+    for n in (1, 10, 100, 400):
+        for delta in (0.0, 0.03, 0.1):
+            # the null point p_c = 0 alone gives (1 - delta)^n for a table without flips
+            assert stats.exact_pvalue(0, 0, n, delta) >= min(1.0, (1 - delta) ** n + g) - 1e-12
+    ps = [stats.exact_pvalue(b, 2, 200, 0.03) for b in range(0, 25)]
+    assert all(x <= y for x, y in zip(ps, ps[1:]))  # more negative flips: less evidence
+    assert g <= min(ps) and max(ps) <= 1.0
+    assert stats.exact_pvalue(0, 0, 0, 0.03) == 1.0  # nothing observed
+    assert stats.exact_pvalue(3, 1, 50, 1.0) == g  # the null "everything flips" is refuted by one unflipped image
+    assert stats.exact_gamma(0.05) == g and stats.exact_gamma(0.001) == pytest.approx(1e-4)
+    for bad in ((-1, 0, 5, 0.03), (1, 0, 5, 1.5), (True, 0, 5, 0.03)):
+        with pytest.raises(ValueError):
+            stats.exact_pvalue(*bad)
+    with pytest.raises(ValueError):
+        stats.certifies(1, 0, 50, 0.03, 0.95, test="wald")  # type: ignore[arg-type]
+
+
+def test_exact_size_is_at_most_alpha_on_a_grid():
+    """The exact test's false-certification rate, computed exactly (trinomial enumeration over the rejection
+    region), on the margin and inside the null, on a grid of sizes, tolerances and positive-flip rates."""
+    worst, where = 0.0, None
+    for n in (30, 50, 100, 200, 400):
+        for tol in (0.02, 0.03, 0.05, 0.1):
+            for p_c in (0.0, 0.01, 0.03):
+                for beyond in (0.0, 0.005, 0.02):  # on the boundary, and inside the null
+                    size = stats.certification_probability(p_c + tol + beyond, p_c, n, tol, 1 - ALPHA, "exact")
+                    if size > worst:
+                        worst, where = size, (n, tol, p_c, beyond)
+    assert worst <= ALPHA, (worst, where)
+    assert worst > 0.04, (worst, where)  # and not vacuously: somewhere it comes close to the level
+
+
+def test_tango_exceeds_the_level_where_the_exact_test_does_not():
+    """The comparison is real: at n = 200, tolerance 0.03, only negative flips, Tango's score test certifies a
+    model exactly 3 points worse 5.9% of the time at a nominal 5%; the exact test stays below 5%."""
+    score = stats.certification_probability(0.03, 0.0, 200, 0.03, 0.95, "score")
+    exact = stats.certification_probability(0.03, 0.0, 200, 0.03, 0.95, "exact")
+    assert score > 0.058 and exact <= 0.05
+    # the two computations of the probability agree where the tests agree: an unchanged model at n = 400
+    assert stats.certification_probability(0.0, 0.0, 400, 0.03, 0.95, "exact") == pytest.approx(1.0)
+    assert stats.certification_probability(0.0, 0.0, 50, 0.03, 0.95, "exact") == 0.0  # 50 < 100 images
+
+
+def test_exact_bound_and_decision_agree():
+    """certifies() = p-value at the margin <= alpha and bound <= margin (fail-closed); where the p-value is
+    monotone in the hypothesised drop the two halves agree, which holds on this whole grid; and the bound is the
+    smallest drop the test rejects, to the bisection's 2^-24."""
+    step = 2.0 ** -24
+    checked = 0
+    for n in (50, 400):
+        for b in range(0, 31, 4):
+            for c in range(0, 21, 5):
+                u = stats.exact_drop_upper_bound(b, c, n, 0.95)
+                assert (b - c) / n < u <= 1.0
+                if u < 1.0:
+                    assert stats.exact_pvalue(b, c, n, u) <= ALPHA < stats.exact_pvalue(b, c, n, u - step)
+                for margin in (0.02, 0.03, 0.05, 0.1):
+                    p = stats.exact_pvalue(b, c, n, margin)
+                    cert = stats.certifies(b, c, n, margin, 0.95)
+                    assert cert == (p <= ALPHA and u <= margin), (b, c, n, margin, p, u)
+                    if abs(u - margin) > step:
+                        assert (u <= margin) == (p <= ALPHA), (b, c, n, margin, p, u)
+                        checked += 1
+    assert checked > 300
+
+
+def test_exact_region_is_the_certificates_decision():
+    """The rejection region b <= b_max(c) behind certification_probability is exactly where certifies() says
+    yes, and certification_probability is the sum over every table of its probability times that decision."""
+    n, margin = 30, 0.05
+    bmax = stats.exact_region(n, margin, 0.95)
+    for c in range(n + 1):
+        decided = [stats.certifies(b, c, n, margin, 0.95) for b in range(n - c + 1)]
+        assert decided == [b <= bmax[c] for b in range(n - c + 1)], c
+    # an unchanged 30-image set is not certified (59 images are needed at 5 points), two gains are; with 20 gains
+    # or more every table is (b <= n - c)
+    assert bmax[0] == -1 and bmax[2] == 0 and all(bmax[c] == n - c for c in range(20, n + 1))
+    for p_b, p_c in ((0.05, 0.0), (0.05, 0.05), (0.15, 0.1)):
+        brute = sum(binom.pmf(c, n, p_c) * binom.pmf(b, n - c, p_b / (1 - p_c))
+                    for c in range(n + 1) for b in range(n - c + 1) if b <= bmax[c])
+        assert stats.certification_probability(p_b, p_c, n, margin, 0.95) == pytest.approx(brute, abs=1e-12)
+
+
+@pytest.mark.parametrize("p_b,p_c,margin", [(0.01, 0.0, 0.03), (0.02, 0.005, 0.05), (0.01, 0.01, 0.05)])
+def test_exact_needed_n_is_consistent_with_the_exact_test(p_b, p_c, margin):
+    n = stats.needed_n(p_b, p_c, margin, 0.95, power=0.8)
+    assert n is not None
+    assert stats.certification_probability(p_b, p_c, n, margin, 0.95, "exact") >= 0.8
+    assert stats.certification_probability(p_b, p_c, n - 1, margin, 0.95, "exact") < 0.8
+    # within a few percent of Nam's asymptotic size for Tango's test
+    assert abs(n / stats.needed_n(p_b, p_c, margin, 0.95, power=0.8, test="score") - 1) < 0.1
+
+
+def test_exact_min_informative_n():
+    for tol in (0.01, 0.03, 0.05, 0.2, 1.0):
+        for conf in (0.9, 0.95, 0.99):
+            m = stats.min_informative_n(tol, conf)
+            assert stats.certifies(0, 0, m, tol, conf)
+            if m > 1:
+                assert not stats.certifies(0, 0, m - 1, tol, conf)
+                assert stats.is_inconclusive(m - 1, tol, conf)
+            assert not stats.is_inconclusive(m, tol, conf)
+            # no larger size stops certifying an unchanged model (checked a little way up)
+            assert all(stats.certifies(0, 0, k, tol, conf) for k in range(m, m + 5))
+    # (1 - 0.03)^n + 0.001 <= 0.05 needs n >= 100 at the null point p_c = 0 alone; Tango's bound says 88
+    assert stats.min_informative_n(0.03, 0.95) == 100
+    m0 = stats.min_informative_n(0.0, 0.95)
+    assert stats.certifies(0, m0, m0, 0.0, 0.95) and not stats.certifies(0, m0 - 1, m0 - 1, 0.0, 0.95)
+    # a 99.9% certificate is possible (gamma shrinks with alpha)
+    assert stats.certifies(0, 0, stats.min_informative_n(0.03, 0.999), 0.03, 0.999)
+
+
+def test_exact_bound_edge_cases_and_monotonicity():
+    assert stats.exact_drop_upper_bound(0, 0, 0, 0.95) == 1.0
+    assert stats.exact_drop_upper_bound(10, 0, 10, 0.95) == 1.0
+    assert stats.upper_bound(4, 1, 200, 0.95, "score") == stats.drop_upper_bound(4, 1, 200, 0.95)
+    assert stats.upper_bound(4, 1, 200, 0.95) == stats.exact_drop_upper_bound(4, 1, 200, 0.95)
+    up = [stats.exact_drop_upper_bound(b, 2, 400, 0.95) for b in range(0, 12)]
+    assert all(x < y for x, y in zip(up, up[1:]))
+    down = [stats.exact_drop_upper_bound(6, c, 400, 0.95) for c in range(0, 12)]
+    assert all(x > y for x, y in zip(down, down[1:]))
+    by_conf = [stats.exact_drop_upper_bound(6, 2, 300, q) for q in (0.8, 0.9, 0.95, 0.99)]
+    assert all(x < y for x, y in zip(by_conf, by_conf[1:]))
+    # the exact bound of a table without flips sits above Tango's z^2 / (n + z^2), which is anti-conservative there
+    assert stats.exact_drop_upper_bound(0, 0, 88, 0.95) > 0.03 >= stats.drop_upper_bound(0, 0, 88, 0.95)
+    assert not stats.certifies(0, 0, 0, 0.03, 0.95)  # nothing observed, nothing certified
