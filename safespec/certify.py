@@ -4,7 +4,9 @@ Inputs are deliberately only labels and the old and new model's predicted class 
 Nothing about training (method, losses, multipliers, selection) can reach the certificate, so a model trained
 anywhere, by anyone, is judged by the same rule, and a certificate can be recomputed from the predictions alone.
 
-The statistics live in :mod:`safespec.stats`; docs/statistics.md says which tests are used and why.
+The statistics live in :mod:`safespec.stats`; docs/statistics.md says which tests are used and why. The drop
+bound comes from the exact unconditional test by default, or from Tango's asymptotic score test when the spec says
+``certify.test: score``; the certificate's ``statistics`` block names the one used.
 """
 
 from __future__ import annotations
@@ -19,15 +21,45 @@ from .compile import Plan
 
 STATUSES = ("certified", "preserved", "violated", "inconclusive")
 
-STATISTICS = {
-    "drop_bound": "Tango score (one-sided)",
+_COMMON = {
     "accuracy_bounds": "Clopper-Pearson (one-sided)",
     "improvement_interval": "Tango score (two-sided)",
     "new_accuracy_interval": "Clopper-Pearson (two-sided)",
-    "needed_n": "Nam (1997) asymptotic sample size of the score test, power 0.8, at the observed flip rates",
-    "inconclusive": "not certified and fewer held-out images than an unchanged model would need to be certified",
     "verdict": "intersection-union test over capabilities (each at its own confidence, no multiplicity correction)",
 }
+
+#: What result.json's ``statistics`` block says, per ``certify.test``: the tests actually used for each quantity.
+STATISTICS_BY_TEST: dict[str, dict[str, str]] = {
+    "exact": {
+        "test": "exact",
+        "drop_bound": (f"exact unconditional test (one-sided), ordered by Tango's score statistic, nuisance rate "
+                       f"maximised over a {1 - stats.EXACT_GAMMA:.1%} Clopper-Pearson interval (Berger-Boos, "
+                       f"gamma {stats.EXACT_GAMMA:g}); certified only when its p-value at the tolerance is at most "
+                       f"1 - confidence and its bound is within the tolerance"),
+        **_COMMON,
+        "needed_n": ("smallest n found at which the exact test certifies with probability at least 0.8 at the "
+                     "observed flip rates (exact enumeration, searched from Nam's (1997) asymptotic size)"),
+        "inconclusive": ("not certified and fewer held-out images than the exact test needs to certify an "
+                         "unchanged model"),
+    },
+    "score": {
+        "test": "score",
+        "drop_bound": "Tango score (one-sided)",
+        **_COMMON,
+        "needed_n": "Nam (1997) asymptotic sample size of the score test, power 0.8, at the observed flip rates",
+        "inconclusive": "not certified and fewer held-out images than an unchanged model would need to be certified",
+    },
+}
+#: The default test's block (``certify.test: exact``).
+STATISTICS = STATISTICS_BY_TEST[stats.DEFAULT_TEST]
+
+
+def statistics(test: str = stats.DEFAULT_TEST) -> dict[str, str]:
+    """The ``statistics`` block for a certificate computed with ``test`` (a fresh dict)."""
+    if test not in STATISTICS_BY_TEST:
+        raise ValueError(f"certify.test must be one of {', '.join(STATISTICS_BY_TEST)}, got {test!r}")
+    return dict(STATISTICS_BY_TEST[test])
+
 
 NEEDED_N_POWER = 0.8
 
@@ -153,20 +185,25 @@ def per_class_table(labels: np.ndarray, old_pred: np.ndarray, new_pred: np.ndarr
 
 
 # ------------------------------------------------------------------------------------------- statistics
-def status_of(t: PairedCounts, tolerance: float, confidence: float) -> tuple[str, float | None]:
-    """The status of one table and its drop bound.
+def status_of(t: PairedCounts, tolerance: float, confidence: float,
+              test: str = stats.DEFAULT_TEST) -> tuple[str, float | None]:
+    """The status of one table and its drop bound, by ``test`` (``"exact"`` or ``"score"``).
 
-    Order matters: a bound within tolerance certifies at any n (the test is valid at every size, and positive flips
-    can certify a small set); otherwise a set too small for an unchanged model to be certified is *inconclusive*
-    whatever its point estimate, since neither "preserved" nor "violated" would mean anything at that size;
-    otherwise the point estimate decides between *preserved* and *violated*.
+    Order matters: a table the test certifies is *certified* at any n (the test is valid at every size, and
+    positive flips can certify a small set); for the exact test that takes both its p-value at the tolerance
+    (<= 1 - confidence) and its bound (<= tolerance), so a table where the two disagree, possible only where the
+    exact p-value is not monotone in the hypothesised drop, is not certified (:func:`stats.certifies`). Otherwise a
+    set too small for an unchanged model to be certified (by the same test) is *inconclusive* whatever its point
+    estimate, since neither "preserved" nor "violated" would mean anything at that size; otherwise the point
+    estimate decides between *preserved* and *violated*.
     """
     if t.n == 0:
         return "inconclusive", None
-    bound = stats.drop_upper_bound(t.negative_flips, t.positive_flips, t.n, confidence)
-    if bound <= tolerance:
+    b, c, n = t.negative_flips, t.positive_flips, t.n
+    bound = stats.upper_bound(b, c, n, confidence, test)
+    if stats.certifies(b, c, n, tolerance, confidence, test):
         return "certified", bound
-    if stats.is_inconclusive(t.n, tolerance, confidence):
+    if stats.is_inconclusive(t.n, tolerance, confidence, test):
         return "inconclusive", bound
     if t.negative_flips - t.positive_flips > tolerance * t.n + 1e-9:  # in counts: 3 of 100 at 0.03 is within
         return "violated", bound
@@ -273,7 +310,7 @@ class Certificate:
     capabilities: tuple[CapabilityResult, ...]
     target: TargetResult
     require: str
-    statistics: dict[str, str] = field(default_factory=lambda: dict(STATISTICS), compare=False)
+    statistics: dict[str, str] = field(default_factory=statistics, compare=False)
 
     @property
     def verdict(self) -> str:
@@ -294,16 +331,16 @@ class Certificate:
 
 
 # --------------------------------------------------------------------------------------------- certify
-def _certify_capability(constraint, labels, old_pred, new_pred, require: str) -> CapabilityResult:
+def _certify_capability(constraint, labels, old_pred, new_pred, require: str, test: str) -> CapabilityResult:
     tol, conf = float(constraint.tolerance), float(constraint.confidence)
     per_class = []
     pooled = PairedCounts(0, 0, 0, 0)
     for name, k in zip(constraint.classes, constraint.class_indices):
         t = paired_counts(labels, old_pred, new_pred, labels == k)
-        status, bound = status_of(t, tol, conf)
+        status, bound = status_of(t, tol, conf, test)
         per_class.append(ClassResult(name, t, bound, status))
         pooled = pooled + t
-    status, bound = status_of(pooled, tol, conf)
+    status, bound = status_of(pooled, tol, conf, test)
     n = pooled.n
     if n:
         acc_lower = stats.clopper_pearson(pooled.new_correct, n, conf, "lower")
@@ -312,7 +349,7 @@ def _certify_capability(constraint, labels, old_pred, new_pred, require: str) ->
         acc_lower = flip_upper = None
     needed = None
     if status != "certified" and n:
-        needed = stats.needed_n(pooled.negative_flips / n, pooled.positive_flips / n, tol, conf, NEEDED_N_POWER)
+        needed = stats.needed_n(pooled.negative_flips / n, pooled.positive_flips / n, tol, conf, NEEDED_N_POWER, test)
     return CapabilityResult(
         name=constraint.name, classes=tuple(constraint.classes), status=status,
         meets_requirement=_meets(status, require), tolerance=tol, confidence=conf, table=pooled,
@@ -341,7 +378,9 @@ def certify(plan: Plan, labels: np.ndarray, old_pred: np.ndarray, new_pred: np.n
     """Certify the new model against the old one on the held-out split.
 
     ``labels``, ``old_pred`` and ``new_pred`` are class indices (into ``plan.classes``) of the same held-out images
-    in the same order; images of classes that are neither protected nor the target are ignored.
+    in the same order; images of classes that are neither protected nor the target are ignored. The capabilities
+    are judged by the plan's test (``certify.test``: the exact test unless the spec asks for Tango's score test),
+    which the certificate's ``statistics`` names.
     """
     labels, old_pred, new_pred = _check_inputs(labels, old_pred, new_pred)
     k = len(plan.classes)
@@ -349,6 +388,7 @@ def certify(plan: Plan, labels: np.ndarray, old_pred: np.ndarray, new_pred: np.n
         if a.size and (a.min() < 0 or a.max() >= k):
             raise ValueError(f"{name} holds a class index outside [0, {k}) for the plan's {k} classes")
     require = plan.certify.require
-    caps = tuple(_certify_capability(c, labels, old_pred, new_pred, require) for c in plan.constraints)
+    test = plan.certify.test
+    caps = tuple(_certify_capability(c, labels, old_pred, new_pred, require, test) for c in plan.constraints)
     target = _certify_target(plan.objective, labels, old_pred, new_pred, float(plan.certify.confidence))
-    return Certificate(capabilities=caps, target=target, require=require)
+    return Certificate(capabilities=caps, target=target, require=require, statistics=statistics(test))

@@ -113,6 +113,7 @@ class OptimizerPlan:
 class CertifyPlan:
     confidence: float
     require: str  # "certified" | "preserved"
+    test: str = "exact"  # "exact" | "score": the test behind the drop bound
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def compile_spec(spec: Spec) -> Plan:
             calibrate_target=o.calibrate.target_offset, min_certify_probability=o.select.min_certify_probability,
             store_views=o.store_views,
         ),
-        certify=CertifyPlan(confidence=spec.certify.confidence, require=spec.certify.require),
+        certify=CertifyPlan(confidence=spec.certify.confidence, require=spec.certify.require, test=spec.certify.test),
         report_dir=str(spec.report.dir),
         title=spec.report.title or spec.name,
     )

@@ -302,6 +302,7 @@ class CertifySpec(_Strict):
 
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Default confidence of each capability's certificate (one-sided).")
     require: Literal["certified", "preserved"] = Field("certified", description="What the release gate requires of every capability: a confidence bound within tolerance ('certified') or only the point estimate ('preserved').")
+    test: Literal["exact", "score"] = Field("exact", description="The test behind each capability's drop bound: 'exact' (an exact unconditional test: its false-certification rate stays at or below 1 - confidence) or 'score' (Tango's asymptotic score test, which can exceed it slightly near the tolerance).")
 
 
 class ReportSpec(_Strict):

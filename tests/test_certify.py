@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from safespec import certify as certify_module
 from safespec import stats
 from safespec.certify import (Certificate, PairedCounts, certify, confusion_matrix, paired_counts, per_class_table,
                               status_of)
@@ -16,7 +17,7 @@ from safespec.spec import Spec
 CLASSES = ["a", "b", "c", "d", "e", "f", "g"]
 
 
-def make_plan(protect, target="g", goal=None, require="certified", confidence=0.95):
+def make_plan(protect, target="g", goal=None, require="certified", confidence=0.95, test=None):
     spec = {
         "safespec": 1, "name": "t", "model": {"arch": "x", "pretrained": "openai"},
         "classes": {"names": CLASSES},
@@ -25,7 +26,7 @@ def make_plan(protect, target="g", goal=None, require="certified", confidence=0.
         "target": {"class": target, "goal": goal or {"min_improvement": 0.1}},
         "optimize": {"batch": {"protected_classes": 1}, "steps": 100, "warmup_steps": 0, "eval_every": 50,
                      "checkpoint_every": 50},
-        "certify": {"require": require, "confidence": confidence},
+        "certify": {"require": require, "confidence": confidence, **({"test": test} if test else {})},
     }
     return compile_spec(Spec.model_validate(spec))
 
@@ -50,7 +51,7 @@ TABLES = {
     "a": (390, 2, 2, 6),     # certified at 3 points
     "b": (380, 8, 2, 10),    # drop 1.5 points, bound just above 3: preserved
     "c": (360, 20, 2, 18),   # drop 4.5 points: violated
-    "d": (50, 0, 0, 0),      # perfect but 50 < 88 images: inconclusive
+    "d": (50, 0, 0, 0),      # perfect but 50 < 100 images (88 for Tango's test): inconclusive
     "e": (30, 0, 15, 5),     # small, but 15 positive flips certify it anyway
     # "f" has no held-out images at all
     "g": (35, 5, 25, 35),    # target: 40% -> 60%
@@ -91,15 +92,18 @@ def test_every_status_on_hand_built_predictions():
     assert {k: v.status for k, v in by.items()} == {
         "a": "certified", "b": "preserved", "c": "violated", "d": "inconclusive", "e": "certified",
         "f": "inconclusive"}
-    # The statuses follow from the bounds, recomputed here from the counts.
-    assert by["a"].drop_upper_bound == pytest.approx(stats.drop_upper_bound(2, 2, 400, 0.95))
+    # The statuses follow from the exact test's bounds and decisions, recomputed here from the counts.
+    assert by["a"].drop_upper_bound == stats.exact_drop_upper_bound(2, 2, 400, 0.95)
     assert by["a"].drop_upper_bound <= 0.03 < by["b"].drop_upper_bound
+    assert stats.certifies(2, 2, 400, 0.03, 0.95) and not stats.certifies(8, 2, 400, 0.03, 0.95)
     assert by["e"].table.n < stats.min_informative_n(0.03, 0.95)
     # needed n: None when certified, the unchanged-model minimum for d, more than we have for b, None for c
     # (its observed drop is beyond tolerance: no n certifies it) and for f (nothing observed).
     assert by["a"].needed_n is None and by["e"].needed_n is None
-    assert by["d"].needed_n == stats.min_informative_n(0.03, 0.95) == 88
+    assert by["d"].needed_n == stats.min_informative_n(0.03, 0.95) == 100
     assert by["b"].needed_n == stats.needed_n(8 / 400, 2 / 400, 0.03, 0.95) and by["b"].needed_n > 400
+    # at that size the exact test certifies b's flip rates with at least 80% probability
+    assert stats.certification_probability(8 / 400, 2 / 400, by["b"].needed_n, 0.03, 0.95) >= 0.8
     assert by["c"].needed_n is None and by["f"].needed_n is None
     # Clopper-Pearson bounds
     assert by["b"].new_accuracy_lower == pytest.approx(stats.clopper_pearson(382, 400, 0.95, "lower"))
@@ -114,8 +118,12 @@ def test_status_boundaries():
     assert status_of(PairedCounts(90, 4, 0, 6), 0.03, 0.95)[0] == "violated"
     # Too few images: inconclusive whatever the point estimate, unless the bound certifies.
     assert status_of(PairedCounts(80, 5, 0, 0), 0.03, 0.95)[0] == "inconclusive"
-    assert status_of(PairedCounts(87, 0, 0, 0), 0.03, 0.95)[0] == "inconclusive"
-    assert status_of(PairedCounts(88, 0, 0, 0), 0.03, 0.95)[0] == "certified"
+    assert status_of(PairedCounts(99, 0, 0, 0), 0.03, 0.95)[0] == "inconclusive"
+    assert status_of(PairedCounts(100, 0, 0, 0), 0.03, 0.95)[0] == "certified"
+    # Tango's score test certifies an unchanged model from 88 images, where the exact test does not
+    assert status_of(PairedCounts(87, 0, 0, 0), 0.03, 0.95, "score")[0] == "inconclusive"
+    assert status_of(PairedCounts(88, 0, 0, 0), 0.03, 0.95, "score")[0] == "certified"
+    assert status_of(PairedCounts(88, 0, 0, 0), 0.03, 0.95)[0] == "inconclusive"
     # Tolerance 0: an unchanged model is preserved, never certified; a significant gain is certified.
     assert status_of(PairedCounts(400, 0, 0, 0), 0.0, 0.95)[0] == "preserved"
     assert status_of(PairedCounts(370, 0, 20, 10), 0.0, 0.95)[0] == "certified"
@@ -129,13 +137,13 @@ def test_pooled_multiclass_capability_and_per_class_breakdown():
     assert cap.name == "pair" and cap.classes == ("a", "b") and cap.confidence == 0.9
     t = cap.table
     assert (t.both_right, t.negative_flips, t.positive_flips, t.both_wrong) == (385, 7, 2, 6)
-    assert cap.drop_upper_bound == pytest.approx(stats.drop_upper_bound(7, 2, 400, 0.9))
+    assert cap.drop_upper_bound == stats.exact_drop_upper_bound(7, 2, 400, 0.9)
     assert cap.status == "certified"
     assert [c.class_name for c in cap.per_class] == ["a", "b"]
     pa, pb = cap.per_class
     assert (pa.table.n, pa.table.negative_flips, pb.table.positive_flips) == (200, 6, 2)
     # Each class is judged at the capability's tolerance and confidence.
-    assert pa.drop_upper_bound == pytest.approx(stats.drop_upper_bound(6, 0, 200, 0.9))
+    assert pa.drop_upper_bound == stats.exact_drop_upper_bound(6, 0, 200, 0.9)
     assert pa.status == status_of(pa.table, 0.05, 0.9)[0]
     d = cap.to_dict()
     assert [r["class"] for r in d["per_class"]] == ["a", "b"]
@@ -249,6 +257,31 @@ def test_to_dict_is_plain_json_with_the_documented_fields():
         assert set(cap) == CAPABILITY_KEYS
     for leaf in _walk(d):
         assert leaf is None or type(leaf) in (str, bool, int, float), type(leaf)
-    assert d["statistics"]["drop_bound"] == "Tango score (one-sided)"
+    assert d["statistics"]["test"] == "exact" and d["statistics"]["drop_bound"].startswith("exact unconditional")
     assert d["capabilities"][5]["old_accuracy"] is None  # n = 0 gives None, never NaN
     assert isinstance(cert, Certificate)
+
+
+def test_the_spec_chooses_the_test_and_the_certificate_names_it():
+    arrays = make_arrays(TABLES)
+    names = ("a", "b", "c", "d", "e", "f")
+    exact = certify(make_plan(single(*names)), *arrays)
+    score = certify(make_plan(single(*names), test="score"), *arrays)
+    assert make_plan(single("a")).certify.test == "exact"
+    assert make_plan(single("a"), test="score").certify.test == "score"
+    assert exact.to_dict()["statistics"] == certify_module.statistics("exact")
+    assert score.to_dict()["statistics"]["test"] == "score"
+    assert score.to_dict()["statistics"]["drop_bound"] == "Tango score (one-sided)"
+    for e, s in zip(exact.capabilities, score.capabilities):
+        t = e.table
+        if t.n == 0:
+            continue
+        assert s.drop_upper_bound == stats.drop_upper_bound(t.negative_flips, t.positive_flips, t.n, 0.95)
+        assert e.drop_upper_bound == stats.exact_drop_upper_bound(t.negative_flips, t.positive_flips, t.n, 0.95)
+        assert s.needed_n == (None if s.needed_n is None else
+                              stats.needed_n(t.negative_flips / t.n, t.positive_flips / t.n, 0.03, 0.95, test="score"))
+    # "d" (50 unchanged images) is inconclusive by both: 88 images are Tango's minimum, 100 the exact test's
+    d_exact, d_score = exact.capabilities[3], score.capabilities[3]
+    assert d_exact.status == d_score.status == "inconclusive" and (d_exact.needed_n, d_score.needed_n) == (100, 88)
+    with pytest.raises(ValueError):
+        certify_module.statistics("wald")

@@ -156,3 +156,19 @@ def test_data_errors_name_every_missing_split(tmp_path: Path):
     for x in lines:
         n = int(x.split(":")[1])
         assert text[n - 1].lstrip().startswith(re.search(r": data\.(\w+): ", x).group(1) + ":")
+
+
+def test_certify_test_names_a_known_test(tmp_path: Path):
+    """certify.test is 'exact' (the default) or 'score'; anything else is one located line naming the choices."""
+    good = (SPECS / "good.yaml").read_text()
+    assert "certify:" not in good
+    text = good + "certify:\n  confidence: 0.95\n  test: exakt\n"
+    path = _with_data(tmp_path / "bad", text)
+    line = _single_error_line(_validate(path))
+    assert line == (f"{path}:{len(text.splitlines())}:3: certify.test: must be one of 'exact', 'score' "
+                    f"(got 'exakt'); did you mean 'exact'?"), line
+    line = _single_error_line(_validate(_with_data(tmp_path / "number", good + "certify:\n  test: 1\n")))
+    assert ": certify.test: must be one of 'exact', 'score' (got 1)" in line
+    for test in ("exact", "score"):
+        assert load_plan(_with_data(tmp_path / test, good + f"certify:\n  test: {test}\n"))[1].certify.test == test
+    assert load_plan(_with_data(tmp_path / "default", good))[1].certify.test == "exact"
