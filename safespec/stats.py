@@ -64,6 +64,7 @@ __all__ = [
     "min_informative_n",
     "is_inconclusive",
     "certification_probability",
+    "clear_caches",
 ]
 
 # Root-finding tolerance on the drop scale. Bounds are reported to 4 decimals; 1e-12 keeps the bound/p-value
@@ -851,6 +852,14 @@ def _min_informative_n(tolerance: float, confidence: float, test: str) -> int:
 def is_inconclusive(n: int, tolerance: float, confidence: float, test: Test = DEFAULT_TEST) -> bool:
     """True when ``n`` is below :func:`min_informative_n` for ``test`` (or zero)."""
     return n <= 0 or n < min_informative_n(tolerance, confidence, test)
+
+
+def clear_caches() -> None:
+    """Forget every cached p-value, bound walk, score grid and rejection region (for timing a cold start; results
+    never depend on what was cached)."""
+    for f in (_nuisance_interval, _reach, _score_grid, _columns, _exact_p, _exact_rejects, _exact_column_p,
+              _exact_column, _exact_needed_n, _min_informative_n):
+        f.cache_clear()
 
 
 # ---------------------------------------------------------------------------------- exact operating curve
