@@ -666,6 +666,10 @@ def _nam_n(b_rate: float, c_rate: float, margin: float, confidence: float, power
 
 # The exact needed_n decides "power >= target" at most this many times.
 _NEEDED_N_EVALS = 40
+# Steering steps of the exact needed_n: first through Tango's exact power (cheap, close at large n), then through
+# estimates of the exact test's own.
+_STEER_SCORE = 3
+_STEER_EXACT = 2
 
 
 def needed_n(b_rate: float, c_rate: float, margin: float, confidence: float, power: float = 0.8,
@@ -679,8 +683,9 @@ def needed_n(b_rate: float, c_rate: float, margin: float, confidence: float, pow
     rates) and the true variance ``w1 = b_rate + c_rate - d^2``. That is the answer for ``"score"``.
 
     For ``"exact"`` the formula is only the start. Steering: asymptotically the probit of the power is linear in
-    ``sqrt(n)`` with a known slope; up to three steps along it, through estimates of the exact power (accurate to
-    about 1e-3), move to where the power should reach ``power``. Settling: from there, sizes gallop outward and
+    ``sqrt(n)`` with a known slope; up to three steps along it through Tango's exact power (cheap, and close to the
+    exact test's at large n), then up to two through estimates of the exact test's power (accurate to about 1e-3),
+    move to where the power should reach ``power``. Settling: from there, sizes gallop outward and
     are bisected until a size ``m`` whose exact certification probability (:func:`certification_probability`,
     decided in looks of growing precision that stop once the answer is certain) is ``>= power`` sits next to
     ``m - 1``, whose probability is not. Power is not monotone in n (discreteness: with no positive flips it jumps
@@ -734,21 +739,26 @@ def _exact_needed_n(b_rate: float, c_rate: float, margin: float, confidence: flo
     d = b_rate - c_rate
     target = float(_norm.ppf(power))
     # Asymptotically probit(power) is linear in sqrt(n) with slope (margin - d) / sqrt(w1) (Nam's formula): steer
-    # along that slope through estimates of the exact power (the p-value's region, columns within the 1e-3
-    # quantiles), at most three steps. (Secant slopes from the estimates themselves are thrown off by the sawtooth.)
+    # along that slope, first through Tango's exact power (cheap), then through estimates of the exact test's
+    # (the p-value's region, columns within the 1e-3 quantiles). (Secant slopes from the powers themselves are
+    # thrown off by the sawtooth.)
     slope = (margin - d) / math.sqrt(max(b_rate + c_rate - d * d, 1e-300))
 
-    def probit(m: int) -> float:
-        low, high = _exact_power(b_rate, c_rate, m, margin, confidence, 1e-3, False)
-        return float(_norm.ppf(min(max(0.5 * (low + high), 1e-9), 1.0 - 1e-9)))
+    def probit(m: int, test: str) -> float:
+        if test == "score":
+            pw = certification_probability(b_rate, c_rate, m, margin, confidence, "score")
+        else:
+            pw = sum(_exact_power(b_rate, c_rate, m, margin, confidence, 1e-3, False)) / 2.0
+        return float(_norm.ppf(min(max(pw, 1e-9), 1.0 - 1e-9)))
 
     m = n0
-    for _ in range(3):
-        x = math.sqrt(m) + (target - probit(m)) / slope
-        m_new = max(1, round(x * x))
-        if abs(m_new - m) <= 1:
-            break
-        m = m_new
+    for test, steps in (("score", _STEER_SCORE), ("exact", _STEER_EXACT)):
+        for _ in range(steps):
+            x = math.sqrt(m) + (target - probit(m, test)) / slope
+            m_new = max(1, round(x * x))
+            if abs(m_new - m) <= 1:
+                break
+            m = m_new
     # Settle: a size that certifies with enough power next to one that does not, galloping out from the steered one.
     evals = 0
 
