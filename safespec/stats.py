@@ -30,6 +30,7 @@ Every function is a pure function of counts, so a certificate can be recomputed 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Callable, Literal
 
@@ -312,14 +313,30 @@ def _extent(k: int, n: int) -> int:
     return min(n, (k // 64 + 1) * 64)
 
 
-@lru_cache(maxsize=48)
+# Score grids are kept, most recently used first, up to this many cells in all (8M cells, 64 MB): a grid at a
+# positive-flip rate near one half can hold millions of cells, so the cache is bounded by size, not by count.
+_GRID_CACHE_CELLS = 1 << 23
+_grid_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_grid_cells = 0
+
+
 def _score_grid(n: int, delta: float, b_ext: int, c_ext: int) -> np.ndarray:
     """Tango's statistic at ``delta`` for every table ``(b', c')`` with ``b' <= b_ext``, ``c' <= c_ext``, indexed
-    ``[b', c']``; ``+inf`` where ``b' + c' > n``. Read-only: callers slice it, and a slice of a larger grid holds the
-    very same numbers (elementwise arithmetic), so results do not depend on what was cached before."""
+    ``[b', c']``; ``+inf`` where ``b' + c' > n``. Read-only and cached: callers slice it, and a slice of a larger grid
+    holds the very same numbers (elementwise arithmetic), so results never depend on what was cached before."""
+    global _grid_cells
+    key = (n, delta, b_ext, c_ext)
+    t = _grid_cache.get(key)
+    if t is not None:
+        _grid_cache.move_to_end(key)
+        return t
     B, C = np.meshgrid(np.arange(b_ext + 1), np.arange(c_ext + 1), indexing="ij")
     t = np.where(B + C <= n, score_statistic(B, C, n, delta), np.inf)
     t.setflags(write=False)
+    _grid_cache[key] = t
+    _grid_cells += t.size
+    while _grid_cells > _GRID_CACHE_CELLS and len(_grid_cache) > 1:
+        _grid_cells -= _grid_cache.popitem(last=False)[1].size
     return t
 
 
@@ -867,9 +884,12 @@ def is_inconclusive(n: int, tolerance: float, confidence: float, test: Test = DE
 def clear_caches() -> None:
     """Forget every cached p-value, bound walk, score grid and rejection region (for timing a cold start; results
     never depend on what was cached)."""
-    for f in (_nuisance_interval, _reach, _score_grid, _columns, _exact_p, _exact_rejects, _exact_column_p,
-              _exact_column, _exact_needed_n, _min_informative_n):
+    global _grid_cells
+    for f in (_nuisance_interval, _reach, _columns, _exact_p, _exact_rejects, _exact_column_p, _exact_column,
+              _exact_needed_n, _min_informative_n):
         f.cache_clear()
+    _grid_cache.clear()
+    _grid_cells = 0
 
 
 # ---------------------------------------------------------------------------------- exact operating curve
