@@ -118,7 +118,15 @@ def _quality_markdown(q: dict) -> str:
             f"Spec: `specs/{spec}`" + (f" with {over}" if over else "") + f"; the method changes per row, the rest is "
             f"the spec's. v1 (the old model): {q['target']} {q['v1_accuracy'][t]:.3f}; Δ = new − v1 held-out accuracy "
             f"of each of the {len(q['classes']) - 1} protected classes; the offset is the calibrated target offset "
-            f"(cosine units) where the spec asks for one.\n\n" + quality.table(q))
+            f"(cosine units) where the spec asks for one; certified counts and exit codes are recomputed from "
+            f"each capability's paired table by the current certificate ({_test_name(q)}).\n\n"
+            + quality.frontier(q) + "\n\n" + quality.table(q))
+
+
+def _test_name(q: dict) -> str:
+    from safespec.certify import STATISTICS
+
+    return STATISTICS.get("test", "exact") + " test"
 
 
 def _size_goals(r: dict) -> list:

@@ -249,6 +249,31 @@ def recertify(row: dict) -> dict:
             "exit_code": 0 if n == len(statuses) and row.get("goal_met") else 1}
 
 
+def frontier(res: dict) -> str:
+    """Per method, over its seeds: the target gain against the worst protected change (the trade-off every
+    method makes), negative flips, certified capabilities and exit codes; v1 with only its target logit
+    raised (the shift frontier) is the yardstick."""
+    rows: dict[str, list] = {}
+    for r in map(recertify, res["rows"]):
+        if r.get("seed") is not None:
+            rows.setdefault(r["method"], []).append(r)
+    k = len(res.get("classes", [])) - 1
+    lines = [f"| method | seeds | gain (mean, min..max) | worst protected change (mean, min) | negative flips (mean) "
+             f"| certified of {k} (min..max) | exit codes |", "|---|---|---|---|---|---|---|"]
+    for name, rs in rows.items():
+        g = [r["target_new"] - r["target_old"] for r in rs]
+        w = [100 * r["min_change"] for r in rs]
+        nf = [r["negative_flips"] for r in rs if r.get("negative_flips") is not None]
+        c = [r["certified"] for r in rs if r.get("certified") is not None]
+        lines.append(f"| {name} | {len(rs)} | {np.mean(g):+.3f} ({min(g):+.3f}..{max(g):+.3f}) "
+                     f"| {np.mean(w):+.2f} pt ({min(w):+.2f}) | {np.mean(nf):.1f} | {min(c)}..{max(c)} "
+                     f"| {' '.join(str(r['exit_code']) for r in rs)} |")
+    for f in res.get("shift_frontier") or []:
+        lines.append(f"| v1, target logit raised (held-out-chosen shift, {f['budget_pt']}-point budget) | | "
+                     f"{f['target_gain']:+.3f} | {100 * f['worst_change']:+.2f} pt | | | |")
+    return "\n".join(lines)
+
+
 def table(res: dict) -> str:
     target = res.get("target", "target")
     k = len(res.get("classes", [])) - 1

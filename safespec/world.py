@@ -253,17 +253,21 @@ def animal_mnist_files() -> dict[str, Path]:
     return files
 
 
+def _gunzip(path: Path) -> tuple[bytes, str]:
+    """A source file's decompressed bytes and the digest of the file as shipped (for the provenance)."""
+    raw = path.read_bytes()
+    try:
+        return gzip.decompress(raw), "sha256:" + hashlib.sha256(raw).hexdigest()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: not a gzip file: {e}") from None
+
+
 def load_animal_mnist() -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     """``(images (N, 28, 28) uint8, labels (N,) int64 in ANIMAL_CLASSES order, source info)``."""
     files = animal_mnist_files()
     arrays, info = {}, {}
     for k, p in files.items():
-        raw = p.read_bytes()
-        info[k] = "sha256:" + hashlib.sha256(raw).hexdigest()
-        try:
-            data = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise DataError(f"{p}: not a gzip file: {e}") from None
+        data, info[k] = _gunzip(p)
         arrays[k] = load_numpy_pickle(data, str(p))
     images, labels = arrays["images"], arrays["labels"]
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
@@ -326,12 +330,7 @@ def load_fashion_mnist() -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     files = fashion_mnist_files()
     arrays, info = {}, {}
     for (k, p), ndim in zip(files.items(), (3, 1)):
-        raw = p.read_bytes()
-        info[k] = "sha256:" + hashlib.sha256(raw).hexdigest()
-        try:
-            data = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise DataError(f"{p}: not a gzip file: {e}") from None
+        data, info[k] = _gunzip(p)
         arrays[k] = read_idx(data, str(p), ndim=ndim)
     images, labels = arrays["images"], arrays["labels"]
     if images.shape[1:] != (28, 28):
