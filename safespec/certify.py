@@ -38,7 +38,8 @@ STATISTICS_BY_TEST: dict[str, dict[str, str]] = {
                        f"1 - confidence and its bound is within the tolerance"),
         **_COMMON,
         "needed_n": ("smallest n found at which the exact test certifies with probability at least 0.8 at the "
-                     "observed flip rates (exact enumeration, searched from Nam's (1997) asymptotic size)"),
+                     "observed flip rates (exact enumeration, searched from Nam's (1997) asymptotic size; above "
+                     f"{stats.EXACT_NEEDED_N_MAX:,} images Nam's size itself)"),
         "inconclusive": ("not certified and fewer held-out images than the exact test needs to certify an "
                          "unchanged model"),
     },

@@ -452,3 +452,12 @@ def test_exact_bound_edge_cases_and_monotonicity():
     # the exact bound of a table without flips sits above Tango's z^2 / (n + z^2), which is anti-conservative there
     assert stats.exact_drop_upper_bound(0, 0, 88, 0.95) > 0.03 >= stats.drop_upper_bound(0, 0, 88, 0.95)
     assert not stats.certifies(0, 0, 0, 0.03, 0.95)  # nothing observed, nothing certified
+
+
+def test_exact_needed_n_takes_the_asymptotic_size_when_thousands_are_needed():
+    """A table that needs thousands of images is answered by Nam's formula for the exact test too (the exact
+    search's work grows with n), and below the cap the exact search runs."""
+    big = stats.needed_n(16 / 400, 6 / 400, 0.03, 0.95)
+    assert big > stats.EXACT_NEEDED_N_MAX and big == stats.needed_n(16 / 400, 6 / 400, 0.03, 0.95, test="score")
+    small = stats.needed_n(6 / 400, 0.0, 0.03, 0.95)
+    assert small <= stats.EXACT_NEEDED_N_MAX and small != stats.needed_n(6 / 400, 0.0, 0.03, 0.95, test="score")
