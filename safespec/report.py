@@ -744,9 +744,10 @@ def summary_text(result: dict[str, Any], color: bool = False) -> str:
                  f"({pp(improvement, 1, True):>9}){iv}  "
                  f"{paint(goal_word, 'certified' if t['goal_met'] else 'violated')}")
     sel = result.get("selection") or {}
-    if sel.get("fell_back_to_old"):
-        blocked = sel.get("blocked") or {}
-        lines.append(f"  {paint('selection', 'bold')}: kept the old model"
+    blocked = sel.get("blocked") or {}
+    if sel.get("fell_back_to_old") or (sel.get("step") == 0 and blocked.get("summary")):
+        what = "kept the old model" if sel.get("fell_back_to_old") else "kept the old model with a target offset"
+        lines.append(f"  {paint('selection', 'bold')}: {what}"
                      + (f": {clean(blocked['summary'], 400)}" if blocked.get("summary") else ""))
     return "\n".join(lines)
 

@@ -233,6 +233,11 @@ def test_fell_back_to_old_is_called_out(tmp_path: Path):
     html = render(write_run(tmp_path / "run2", result))
     assert "What blocked it: step 50 was refused: &#39;cat&#39; &lt;blocked&gt; it most" in html
     assert "kept the old model: step 50 was refused: 'cat' <blocked> it most" in report.summary_text(result)
+    # v1 with only a target offset selected (not a fallback): the refused checkpoints are still explained
+    result["selection"].update(fell_back_to_old=False, step=0, target_offset=0.03)
+    html = render(write_run(tmp_path / "run3", result))
+    assert "No trained checkpoint qualified" in html and "What blocked the trained checkpoints" in html
+    assert "kept the old model with a target offset: step 50" in report.summary_text(result)
 
 
 def test_certified_run_has_green_banner_and_passing_junit(tmp_path: Path):
