@@ -110,12 +110,12 @@ def _quality_markdown(q: dict) -> str:
     from . import quality
 
     t = q["classes"].index(q["target"])
-    spec = Path(q["spec"]).name
-    if spec != "demo.yaml":
-        spec = "demo.yaml` with this world's class names and paths (`bench/worlds.py spec_for`"
+    spec = f"`specs/{Path(q['spec']).name}`"
+    if spec != "`specs/demo.yaml`":
+        spec = "`specs/demo.yaml` with this world's class names and paths (`bench/worlds.py`, `spec_for`)"
     over = ", ".join(f"`{k}: {v}`" for k, v in (q.get("overrides") or {}).items())
     return (f"Settings chosen on {TUNED_ON}. "
-            f"Spec: `specs/{spec}`" + (f" with {over}" if over else "") + f"; the method changes per row, the rest is "
+            f"Spec: {spec}" + (f" with {over}" if over else "") + f"; the method changes per row, the rest is "
             f"the spec's. v1 (the old model): {q['target']} {q['v1_accuracy'][t]:.3f}; Δ = new − v1 held-out accuracy "
             f"of each of the {len(q['classes']) - 1} protected classes; the offset is the calibrated target offset "
             f"(cosine units) where the spec asks for one; certified counts and exit codes are recomputed from "

@@ -187,7 +187,8 @@ def _run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print, hel
             frag = cert.to_dict()
             n_cert = sum(c["status"] == "certified" for c in frag["capabilities"])
             exit_code = 0 if frag["verdict"] == "certified" and frag["target"]["goal_met"] else 1
-            row = _row(variant, seed, plan.classes, t, acc_old, p_new.per_class_accuracy(C), n_cert,
+            label = variant if variant in VARIANTS or method != plan0.optimizer.method else f"{variant} (the spec as shipped)"
+            row = _row(label, seed, plan.classes, t, acc_old, p_new.per_class_accuracy(C), n_cert,
                        round(time.perf_counter() - t0, 1),
                        {"selected_step": outcome.selected_step, "fell_back": outcome.fell_back_to_old,
                         "target_offset": outcome.validation.get("target_offset"),
