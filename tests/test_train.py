@@ -324,6 +324,25 @@ def test_focal_distill_weighs_the_images_the_old_model_gets_right(world_inputs, 
     np.testing.assert_allclose(list(trainer.trajectory[-1]["constraints"].values()), want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("freeze", [(), ("image",)])
+def test_store_views_are_constrained_with_the_store(world_inputs, tmp_path, freeze):
+    """optimize.store_views: the runner hands the trainer the store followed by its fixed augmented copies
+    (with a frozen image tower too, whose cached features then cover the copies); the old model's reference
+    covers every row, and the copies are images it did not fit as well as the originals."""
+    plan = world_inputs.plan
+    cons = tuple(dataclasses.replace(c, metric="focal-distill", slack=0.02) for c in plan.constraints)
+    plan = dataclasses.replace(plan, constraints=cons, model=dataclasses.replace(plan.model, freeze=freeze),
+                               optimizer=dataclasses.replace(plan.optimizer, store_views=2))
+    inp = dataclasses.replace(world_inputs, plan=plan)
+    trainer, out = _train(inp, tmp_path, "lagrangian", steps=4, eval_every=4)
+    n = len(world_inputs.manifests["protected"])
+    assert len(trainer.data.store.labels) == 3 * n == trainer.ref_store.log_probs.shape[0]
+    correct = trainer.ref_store.correct
+    assert correct[n:].mean() < correct[:n].mean()
+    assert trainer.data.store.digest != world_inputs.digests["protected"]
+    assert all(np.isfinite(list(e["constraints"].values())).all() for e in out.trajectory)
+
+
 def test_kl_from_old_agrees_between_numpy_and_torch_and_is_zero_on_itself():
     from safespec.evaluate import kl_from_old
 
