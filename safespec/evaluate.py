@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .distributed import context as dist_context
 from .errors import atomic_write_bytes
+from .model import class_logits
 
 
 @dataclass(frozen=True)
@@ -80,18 +81,11 @@ def metric_values(pred_losses: torch.Tensor | np.ndarray, margins, metric: str):
     return torch.sigmoid(-margins)
 
 
-def class_logits(image_features: torch.Tensor, text_features: torch.Tensor, tau: float,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Zero-shot logits of normalised features, ``(cos + bias) / tau`` (``bias``: the model's calibrated
-    class offsets, if any)."""
-    sims = image_features @ text_features.T
-    return (sims if bias is None else sims + bias.to(sims.dtype)) / tau
-
-
 def logits_losses(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
-                  tau: float, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  tau: float, bias: torch.Tensor | None = None, towers: Mapping[int, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zero-shot logits (:func:`class_logits`), per-sample CE and true-minus-best-other margins for a batch."""
-    logits = class_logits(image_features, text_features, tau, bias)
+    logits = class_logits(image_features, text_features, tau, bias, towers)
     losses = F.cross_entropy(logits.float(), labels, reduction="none")
     true = logits.gather(1, labels[:, None]).squeeze(1)
     other = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
@@ -158,14 +152,20 @@ def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: f
         with ctx():
             text = model.class_text_features(class_tokens.to(device))
         preds, losses, margins, lps = [], [], [], []
-        for idx, images in _batches(bank, n, batch_size, features):
+        # class image towers read the images even where the shared tower's features are cached
+        need_images = features is None or bool(model.class_towers)
+        for idx, images in _batches(bank, n, batch_size, None if need_images else features):
             y = torch.as_tensor(labels[idx], device=device)
-            if features is not None:
-                feats = features[torch.as_tensor(idx)].to(device, non_blocking=True)
-            else:
-                with ctx():
-                    feats = model.encode_image(images.to(device, non_blocking=True))
-            logits, loss, margin = logits_losses(feats.float(), text.float(), y, tau, model.class_bias)
+            towers = {}
+            with ctx():
+                if images is not None:
+                    images = images.to(device, non_blocking=True)
+                    towers = {c: f.float() for c, f in model.encode_tower_images(images).items()}
+                if features is not None:
+                    feats = features[torch.as_tensor(idx)].to(device, non_blocking=True)
+                else:
+                    feats = model.encode_image(images)
+            logits, loss, margin = logits_losses(feats.float(), text.float(), y, tau, model.class_bias, towers)
             preds.append(logits.argmax(1).cpu())
             losses.append(loss.cpu())
             margins.append(margin.float().cpu())

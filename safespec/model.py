@@ -50,12 +50,13 @@ __all__ = [
     "SHIPPED_ARCHS", "CHECKPOINT_FORMAT", "LoadedModel", "LowRankHeads", "HeadedCLIP", "ZeroShotClassifier",
     "ZeroShotOutput", "load_model", "create_model", "save_checkpoint", "load_checkpoint", "read_checkpoint_metadata",
     "weights_digest", "tensor_digest", "resolve_device", "model_autocast", "build_class_tokens",
-    "zero_shot_logits", "grouped_low_rank", "naive_routed_projection", "register_shipped_configs",
+    "zero_shot_logits", "class_logits", "tower_indices", "grouped_low_rank", "naive_routed_projection", "register_shipped_configs",
 ]
 
 SHIPPED_CONFIG_DIR = Path(__file__).with_name("model_configs")
 CHECKPOINT_FORMAT = "safespec-checkpoint/1"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+TOWER_PREFIX = "class_towers."
 _NETWORK_PROBE_TIMEOUT_S = 3.0
 
 
@@ -320,10 +321,16 @@ class LowRankHeads(nn.Module):
 
 
 class HeadedCLIP(nn.Module):
-    """An open_clip model plus optional task-dependent heads on its text projection.
+    """An open_clip model plus optional task-dependent heads on its text projection, and optional class
+    image towers.
 
     Head ``k < len(classes)`` belongs to class ``k``; head ``len(classes)`` (:attr:`negative_head`) encodes
     the captions of negative examples. Without heads (an old model) it is exactly the open_clip model.
+
+    A class image tower (``model.target_tower``) is that class's own copy of the image tower: class ``c``'s
+    similarity is read from it, every other class's from the shared tower. A cycle that trains only the
+    target's tower leaves every other class's logit exactly as it was, so the only decisions it can change
+    are those into and out of the target class.
     """
 
     def __init__(self, clip: nn.Module, classes: Sequence[str], heads: LowRankHeads | None = None, *,
@@ -335,6 +342,7 @@ class HeadedCLIP(nn.Module):
         self.arch = arch
         self.model_cfg = copy.deepcopy(model_cfg) if model_cfg is not None else None
         self.tokenizer_name = tokenizer_name
+        self.class_towers = nn.ModuleDict()  # str(class index) -> that class's image tower
         if heads is not None and heads.num_heads != len(self.classes) + 1:
             raise ValueError(f"{heads.num_heads} heads for {len(self.classes)} classes (need classes + 1)")
 
@@ -357,10 +365,17 @@ class HeadedCLIP(nn.Module):
         self._buffers["class_bias"] = bias.detach().to(dev, torch.float32).clone()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        """As nn.Module's, with the optional class bias set (or cleared) from the state."""
+        """As nn.Module's, with the optional class bias set (or cleared) and the class image towers made
+        (or dropped) to match the state."""
         sd = dict(state_dict)
         bias = sd.pop("class_bias", None)
         self.set_class_bias(None)
+        wanted = tower_indices(sd)
+        for key in [k for k in self.class_towers if int(k) not in wanted]:
+            del self.class_towers[key]
+        for c in wanted:
+            if str(c) not in self.class_towers:
+                self.add_class_tower(c)
         result = super().load_state_dict(sd, strict=strict, assign=assign)
         self.set_class_bias(bias)
         return result
@@ -417,10 +432,32 @@ class HeadedCLIP(nn.Module):
                                   device=ref.device, dtype=ref.dtype)
         return self.heads
 
+    # -- class image towers
+    @property
+    def tower_classes(self) -> tuple[int, ...]:
+        """The classes with their own image tower, in order."""
+        return tuple(sorted(int(k) for k in self.class_towers))
+
+    def add_class_tower(self, index: int) -> nn.Module:
+        """Give class ``index`` its own image tower, a copy of the shared one: the model's outputs do not
+        change until it trains."""
+        if not 0 <= index < len(self.classes):
+            raise ValueError(f"class index {index} out of range for {len(self.classes)} classes")
+        if str(index) in self.class_towers:
+            return self.class_towers[str(index)]
+        tower = copy.deepcopy(self.clip.visual)
+        self.class_towers[str(index)] = tower
+        return tower
+
     # -- encoders
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """The shared image tower's features (what every class without a tower of its own reads)."""
         feats = self.clip.encode_image(images)
         return F.normalize(feats, dim=-1) if normalize else feats
+
+    def encode_tower_images(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Normalised features of ``images`` from every class image tower ({} without towers)."""
+        return {c: F.normalize(self.class_towers[str(c)](images), dim=-1) for c in self.tower_classes}
 
     def text_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pooled text feature ``h`` just before the text projection (what the heads adapt)."""
@@ -883,6 +920,7 @@ def save_checkpoint(model: HeadedCLIP, path: str | os.PathLike, metadata: dict |
         "has_heads": heads is not None,
         "head_rank": heads.rank if heads is not None else None,
         "num_heads": heads.num_heads if heads is not None else None,
+        "class_towers": [model.classes[c] for c in model.tower_classes],
         "model_cfg": model.model_cfg,
         "preprocess_cfg": open_clip.get_model_preprocess_cfg(model.clip),
         "tokenizer": model.tokenizer_name,
@@ -895,12 +933,24 @@ def save_checkpoint(model: HeadedCLIP, path: str | os.PathLike, metadata: dict |
     return digest
 
 
+def tower_indices(sd: Mapping[str, torch.Tensor]) -> list[int]:
+    """The classes whose image tower a state dict holds (keys ``class_towers.<index>.``)."""
+    out = set()
+    for k in sd:
+        if k.startswith(TOWER_PREFIX):
+            head = k[len(TOWER_PREFIX):].split(".", 1)[0]
+            if not head.isdigit():
+                raise ModelError(f"unexpected tensor {k!r}: a class image tower is named by its class index")
+            out.add(int(head))
+    return sorted(out)
+
+
 def _split_state(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """A safespec checkpoint prefixes the open_clip weights with ``clip.``; a plain open_clip one does not."""
     if any(k.startswith("clip.") for k in sd):
         clip_sd = {k[len("clip."):]: v for k, v in sd.items() if k.startswith("clip.")}
         heads = {k: v for k, v in sd.items() if k.startswith("heads.")}
-        other = sorted(k for k in sd if not k.startswith(("clip.", "heads.")) and k != "class_bias")
+        other = sorted(k for k in sd if not k.startswith(("clip.", "heads.", TOWER_PREFIX)) and k != "class_bias")
         if other:
             raise ModelError(f"unexpected tensors in a safespec checkpoint: {', '.join(other[:5])}")
         return clip_sd, (heads or None)
@@ -966,8 +1016,29 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
     loaded = _finish(clip, classes, arch=mp.arch, model_cfg=model_cfg, tokenizer_name=tokenizer_name,
                      heads_state=heads_sd, heads=mp.heads, rank=mp.rank, seed=seed, device=device,
                      precision=mp.precision, source=desc)
+    towers = {k: v for k, v in sd.items() if k.startswith(TOWER_PREFIX)}
+    if towers:
+        indices = tower_indices(towers)
+        if indices[-1] >= len(classes):
+            raise ModelError(f"classes: {path} has an image tower for class {indices[-1]} but the spec lists "
+                             f"{len(classes)} classes")
+        hc = loaded.model
+        for c in indices:
+            hc.add_class_tower(c)
+        want = {k for k in hc.state_dict() if k.startswith(TOWER_PREFIX)}
+        if set(towers) != want:
+            odd = sorted(set(towers) ^ want)
+            raise ModelError(f"model.checkpoint: {path}: malformed class image towers ({', '.join(odd[:4])})")
+        try:
+            hc.class_towers.load_state_dict({k[len(TOWER_PREFIX):]: v for k, v in towers.items()})
+        except RuntimeError as e:
+            raise ModelError(f"model.checkpoint: {path}: its class image towers do not fit {mp.arch} "
+                             f"({_first_line(e)})") from e
+        hc.class_towers.to(device)
+        loaded.source += f" (with image towers of {', '.join(repr(classes[c]) for c in indices)})"
     if bias is not None:
         loaded.model.set_class_bias(bias)
+    if bias is not None or towers:
         loaded.refresh_digest()
     return loaded
 
@@ -1011,6 +1082,22 @@ def zero_shot_logits(image_features: torch.Tensor, text_features: torch.Tensor, 
     return F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T / tau
 
 
+def class_logits(image_features: torch.Tensor, text_features: torch.Tensor, tau: float,
+                 bias: torch.Tensor | None = None, towers: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Zero-shot logits of normalised features, ``(cos + bias) / tau`` (``bias``: the model's calibrated
+    class offsets, if any). Class ``c``'s cosine is read from ``towers[c]``, the features of its own image
+    tower, where given; every other class's from the shared ``image_features``, so its logit is exactly
+    what it is without towers."""
+    sims = image_features @ text_features.T
+    if towers:
+        idx = torch.tensor(list(towers), device=sims.device)
+        # the full product, one column kept: the same kernel as the shared one, so a tower that is still a
+        # copy of the shared tower gives the same bits
+        cols = torch.stack([(f.to(sims.dtype) @ text_features.T)[:, c] for c, f in towers.items()], 1)
+        sims = sims.index_copy(1, idx, cols)
+    return (sims if bias is None else sims + bias.to(sims.dtype)) / tau
+
+
 @dataclass
 class ZeroShotOutput:
     logits: torch.Tensor  # (N, C) float32, on CPU
@@ -1045,12 +1132,17 @@ class ZeroShotClassifier:
         if text_features is None:
             text_features = self.text_features()
         x = images_or_features
+        towers: dict[int, torch.Tensor] = {}
         if x.dim() == 4:
             with model_autocast(self.device, self.precision):
-                x = self.model.encode_image(x.to(self.device))
-        logits = zero_shot_logits(x.float(), text_features.float().to(x.device), self.tau)
-        bias = self.model.class_bias
-        return logits if bias is None else logits + bias.to(logits.device) / self.tau
+                images = x.to(self.device)
+                x = self.model.encode_image(images)
+                towers = self.model.encode_tower_images(images)
+        elif self.model.class_towers:
+            raise ValueError("a model with class image towers classifies images, not shared features")
+        return class_logits(F.normalize(x.float(), dim=-1), F.normalize(text_features.float().to(x.device), dim=-1),
+                            self.tau, self.model.class_bias,
+                            {c: F.normalize(f.float(), dim=-1) for c, f in towers.items()})  # as the shared features
 
     @torch.no_grad()
     def predict_batches(self, batches: Iterable[Any]) -> ZeroShotOutput:

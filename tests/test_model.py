@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import pickle
@@ -542,3 +543,70 @@ def test_class_offsets_for_other_classes_are_refused(headed, tmp_path):
     with pytest.raises(ModelError) as e:
         load_model(plan(checkpoint=str(path)), CLASSES)
     assert "class offsets for 7 classes" in one_line(e)
+
+
+# ------------------------------------------------------------------------------------------ class image towers
+def _logits(loaded, images):
+    return ZeroShotClassifier(loaded.model, loaded.tokenizer, TEMPLATES).predict_batches([images]).logits
+
+
+def test_a_class_tower_starts_as_the_identity_and_moves_only_its_own_class(headed, images):
+    loaded = dataclasses.replace(headed, model=copy.deepcopy(headed.model))
+    before = _logits(loaded, images)
+    tower = loaded.model.add_class_tower(2)
+    assert loaded.model.tower_classes == (2,)
+    assert torch.equal(_logits(loaded, images), before)  # a copy of the shared tower: nothing changes
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    after = _logits(loaded, images)
+    others = [c for c in range(len(CLASSES)) if c != 2]
+    assert torch.equal(after[:, others], before[:, others])  # every other class's logit, to the bit
+    assert not torch.allclose(after[:, 2], before[:, 2])
+
+
+def test_a_checkpoint_keeps_its_class_towers(headed, images, tmp_path):
+    model = copy.deepcopy(headed.model)
+    with torch.no_grad():
+        for p in model.add_class_tower(1).parameters():
+            p.mul_(0.9)
+    path = tmp_path / "towered.safetensors"
+    digest = save_checkpoint(model, path)
+    assert read_checkpoint_metadata(path)["class_towers"] == ["cat"]
+    loaded = load_model(plan(checkpoint=str(path)), CLASSES)
+    assert loaded.model.tower_classes == (1,) and loaded.digest == digest
+    assert "image towers of 'cat'" in loaded.source
+    assert torch.equal(_logits(loaded, images), _logits(dataclasses.replace(headed, model=model), images))
+
+
+def test_loading_a_state_makes_or_drops_class_towers_to_match_it(headed):
+    model = copy.deepcopy(headed.model)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    model.add_class_tower(3)
+    towered = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(plain)
+    assert model.tower_classes == () and weights_digest(model) == weights_digest(headed.model)
+    model.load_state_dict(towered)
+    assert model.tower_classes == (3,)
+
+
+def test_malformed_class_towers_in_a_checkpoint_are_one_located_line(headed, tmp_path):
+    model = copy.deepcopy(headed.model)
+    model.add_class_tower(0)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    from safetensors.torch import save_file
+    bad_index = {("class_towers.9." + k.split(".", 2)[2] if k.startswith("class_towers.") else k): v for k, v in sd.items()}
+    save_file(bad_index, str(tmp_path / "a.safetensors"))
+    with pytest.raises(ModelError) as e:
+        load_model(plan(checkpoint=str(tmp_path / "a.safetensors")), CLASSES)
+    assert "image tower for class 9" in one_line(e) and "4 classes" in str(e.value)
+    truncated = {k: v for k, v in sd.items() if not k.startswith("class_towers.0.proj")}
+    save_file(truncated, str(tmp_path / "b.safetensors"))
+    with pytest.raises(ModelError) as e:
+        load_model(plan(checkpoint=str(tmp_path / "b.safetensors")), CLASSES)
+    assert "malformed class image towers" in one_line(e) and "class_towers.0.proj" in str(e.value)
+    named = {("class_towers.dog." + k.split(".", 2)[2] if k.startswith("class_towers.") else k): v for k, v in sd.items()}
+    save_file(named, str(tmp_path / "c.safetensors"))
+    with pytest.raises(ModelError) as e:
+        load_model(plan(checkpoint=str(tmp_path / "c.safetensors")), CLASSES)
+    assert "named by its class index" in one_line(e)
