@@ -36,7 +36,7 @@ from .distributed import context as dist_context
 from .errors import RunError, atomic_write_bytes, atomic_write_text
 from .evaluate import (PredictionCache, Predictions, class_logits, evaluate, feature_key, image_features,
                        kl_from_old, logits_losses, metric_values, prediction_key, visual_digest)
-from .model import build_class_tokens, model_autocast
+from .model import TOWER_PREFIX, build_class_tokens, model_autocast
 from .progress import Progress
 from .selection import Assessment, Capability, Selector
 
@@ -127,14 +127,16 @@ class _Towers(torch.nn.Module):
         self.model = model
 
     def forward(self, images, prompts, prompt_heads, captions=None, caption_heads=None, *,
-                hidden: bool = False):  # type: ignore[override]
+                hidden: bool = False, shared: bool = True):  # type: ignore[override]
         """``hidden``: the text inputs are the frozen text tower's outputs; only the projection and the
-        heads run."""
-        img = self.model.encode_image(images) if images is not None else None
+        heads run. ``shared``: run the shared image tower (False: its features are cached, and the images
+        go through the class image towers only)."""
+        img = self.model.encode_image(images) if images is not None and shared else None
+        towers = self.model.encode_tower_images(images) if images is not None else {}
         text = (lambda h, ids: F.normalize(self.model.project_text(h, ids), dim=-1)) if hidden else self.model.encode_text
         txt = text(prompts, prompt_heads)
         cap = text(captions, caption_heads) if captions is not None else None
-        return img, txt, cap
+        return img, towers, txt, cap
 
 
 # ------------------------------------------------------------------------------------------ constraints
@@ -249,7 +251,10 @@ class Trainer:
 
         # a frozen image tower sees every image once: its features for the store, the target set and
         # validation are computed (or read from the cache, keyed by the tower's digest) before training
-        self.image_frozen = "image" in plan.model.freeze
+        # model.target_tower: the target's own image tower is the only part that trains (added below, after
+        # the old model's references), so the shared tower's features are cached like a frozen tower's
+        self.target_tower = plan.model.target_tower and self.method != "wise-ft"  # wise-ft: its inner run adds it
+        self.image_frozen = "image" in plan.model.freeze or plan.model.target_tower
         self._features: dict[int, torch.Tensor] = {}
         if self.image_frozen:
             vis = visual_digest(self.model)
@@ -310,6 +315,8 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
 
+        if self.target_tower:
+            self.model.add_class_tower(plan.objective.target_index).to(self.device)
         self._freeze(plan.model.freeze)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
@@ -318,7 +325,7 @@ class Trainer:
         # a frozen text tower: the prompts' and captions' pooled features before the projection never
         # change, so they are computed once; a step then runs only the projection and the heads, and its
         # cost no longer grows with the number of classes' prompts
-        self.text_frozen = "text" in plan.model.freeze
+        self.text_frozen = "text" in plan.model.freeze or self.target_tower
         self.prompt_inputs, self.caption_inputs = self.prompt_tokens, self.caption_tokens
         if self.text_frozen:
             with torch.no_grad(), self.autocast():
@@ -337,7 +344,15 @@ class Trainer:
 
     def _freeze(self, towers) -> None:
         """Keep the named towers fixed ('image': the vision tower; 'text': the shared text tower, its
-        projection included); task-dependent heads always train."""
+        projection included); task-dependent heads always train. With ``model.target_tower`` the target's
+        image tower is the only part that trains; other classes' towers (from earlier cycles) are kept."""
+        own = str(self.plan.objective.target_index)
+        for key, tower in self.model.class_towers.items():
+            tower.requires_grad_(self.target_tower and key == own)
+        if self.target_tower:
+            for p in [*self.model.clip.parameters(), *(self.model.heads.parameters() if self.model.heads else [])]:
+                p.requires_grad_(False)
+            return
         clip = self.model.clip
         for name, p in clip.named_parameters():
             is_image = name.startswith("visual.")
@@ -402,11 +417,13 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ one step
-    def _target_objective(self, feats_t, text, cap, yt, pos_n, pos_idx):
+    def _target_objective(self, feats_t, towers, text, cap, yt, pos_n, pos_idx):
         if self.plan.objective.kind == "ce":
-            logits = class_logits(feats_t, text, self.o.temperature, self.model.class_bias)
+            logits = class_logits(feats_t, text, self.o.temperature, self.model.class_bias, towers)
             return F.cross_entropy(logits.float(), yt)
-        # one-way contrastive loss anchored on target pairs (method.md section 4), SogCLR moving averages
+        # one-way contrastive loss anchored on target pairs (method.md section 4), SogCLR moving averages;
+        # the target's pairs are seen through the target's own image tower where it has one
+        feats_t = towers.get(self.plan.objective.target_index, feats_t)
         t = self.o.temperature
         xi, xn = feats_t[:pos_n], feats_t[pos_n:]
         ti, tn = cap[:pos_n], cap[pos_n:]
@@ -433,7 +450,7 @@ class Trainer:
         objective) the caption features: each rank encodes its shard of each part, and the parts are
         gathered whole on every rank."""
         nt, npr = len(t_rows), (0 if p_rows is None else len(p_rows))
-        if self.image_frozen:  # cached features: an index, no image pass, nothing to shard
+        if self.image_frozen and not self.model.class_towers:  # cached features: an index, no image pass
             x, isplit = None, False
         else:
             ilo, ihi, isplit = self._shard(nt + npr)
@@ -451,8 +468,12 @@ class Trainer:
             cap_heads[:pos_n] = self.plan.objective.target_index
             caps, cap_heads = self.caption_inputs[caption_rows[clo:chi]], cap_heads[clo:chi]
         with self.autocast():
-            img, txt, cap = self.towers(x, self.prompt_inputs[plo:phi], heads, caps, cap_heads, hidden=self.text_frozen)
+            img, towers, txt, cap = self.towers(x, self.prompt_inputs[plo:phi], heads, caps, cap_heads,
+                                                hidden=self.text_frozen, shared=not self.image_frozen)
         gather = self.dist.gather_rows
+        if isplit:
+            towers = {c: gather(f, nt + npr) for c, f in towers.items()}
+        towers = {c: f.float() for c, f in towers.items()}
         if self.image_frozen:
             img = self._features[id(self.data.target)][_index(t_rows, self.device)]
             if p_rows is not None:
@@ -463,7 +484,7 @@ class Trainer:
         text = self.model.pool_templates(txt, len(self.plan.classes))
         if cap is not None:
             cap = (gather(cap, nc) if csplit else cap).float()
-        return img.float(), text.float(), cap
+        return img.float(), towers, text.float(), cap
 
     def train_step(self) -> torch.Tensor:
         o, dev = self.o, self.device
@@ -475,14 +496,16 @@ class Trainer:
         caption_rows = None
         if self.plan.objective.kind != "ce":
             caption_rows = torch.cat([pos_idx, _index(neg, dev)])
-        feats, text, cap = self._encode(t_rows, p_rows, caption_rows, len(pos))
+        feats, towers, text, cap = self._encode(t_rows, p_rows, caption_rows, len(pos))
         nt = len(t_rows)
         yt = self.target_labels[_index(t_rows, dev)]
-        loss = self._target_objective(feats[:nt], text, cap, yt, len(pos), pos_idx)
+        loss = self._target_objective(feats[:nt], {c: f[:nt] for c, f in towers.items()}, text, cap, yt,
+                                      len(pos), pos_idx)
         if constrained:
             p_idx = _index(p_rows, dev)
             yp = self.store_labels[p_idx]
-            logits, ce, margin = logits_losses(feats[nt:], text, yp, self.tau, self.model.class_bias)
+            logits, ce, margin = logits_losses(feats[nt:], text, yp, self.tau, self.model.class_bias,
+                                               {c: f[nt:] for c, f in towers.items()})
             if self.method == "replay":  # the regulariser baseline: plain CE on the store, no reference
                 m_new = ce
             elif self.distill:
@@ -636,7 +659,9 @@ class Trainer:
                         cache=self.cache, quiet=self.quiet, log=self.log, tag=f"{self.tag}-finetune")
         inner.run(resume=resume)
         ft = _cpu_state(self.model)
-        old = self.old_state
+        # a class image tower the fine-tune added starts from the old shared tower: that is its alpha = 0
+        old = {**{k: self.old_state["clip.visual." + k.split(".", 2)[2]] for k in ft
+                  if k.startswith(TOWER_PREFIX) and k not in self.old_state}, **self.old_state}
         best = None
         self.trajectory = []
         for i in range(self.o.wise_ft_grid - 1, -1, -1):
@@ -653,6 +678,8 @@ class Trainer:
                 best = (a, mixed, v)
                 break
         a, state, v = best
+        if a == 0:  # the old model itself, not a copy of it with an untrained tower
+            state = self.old_state
         self.model.load_state_dict(state)
         reason = (f"largest mixing weight alpha={a:.2f} between the old model (0) and the unconstrained fine-tune (1) "
                   f"that keeps every constraint on validation")

@@ -3,6 +3,7 @@ resume is bit-identical, and the old model's reference is computed once."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -240,7 +241,7 @@ def test_a_frozen_text_tower_runs_only_the_heads_per_step(world_inputs, tmp_path
                       cache=PredictionCache(tmp_path / "cache"), quiet=True)
     # the class text features from the cached hidden states are those of the full text tower, to the bit
     with torch.no_grad():
-        _, txt, _ = trainer.towers(None, trainer.prompt_inputs, trainer.prompt_heads, hidden=True)
+        _, _, txt, _ = trainer.towers(None, trainer.prompt_inputs, trainer.prompt_heads, hidden=True)
         assert torch.equal(txt, trainee.model.encode_text(trainer.prompt_tokens, trainer.prompt_heads))
     monkeypatch.setattr(trainee.model, "text_hidden", lambda *a, **k: pytest.fail("text tower ran in a step"))
     heads_before = trainee.model.heads.B.detach().clone()
@@ -396,3 +397,78 @@ def test_calibration_leaves_the_baselines_as_trained(world_inputs, tmp_path):
                           calibrate_target=True)
     assert "target_offset" not in out.validation and "class_bias" not in out.state_dict
     assert all("target_offset" not in e for e in trainer.trajectory)
+
+
+# ------------------------------------------------------------------------------------------ model.target_tower
+def _target_tower_plan(inp, **opt):
+    plan = dataclasses.replace(inp.plan, model=dataclasses.replace(inp.plan.model, target_tower=True))
+    return dataclasses.replace(plan, optimizer=dataclasses.replace(plan.optimizer, **opt))
+
+
+def _all_logits(model, tokenizer, plan, bank):
+    from safespec.model import ZeroShotClassifier
+
+    zs = ZeroShotClassifier(model, tokenizer, plan.templates, tau=plan.optimizer.constraint_tau)
+    return zs.predict_batches(bank[np.arange(s, min(s + 64, len(bank)))] for s in range(0, len(bank), 64)).logits
+
+
+def test_the_target_tower_is_all_that_trains_and_every_other_logit_is_the_old_models(world_inputs, tmp_path):
+    plan = _target_tower_plan(world_inputs, steps=6, eval_every=6, checkpoint_every=6, warmup_steps=1, lr=1e-3)
+    torch.manual_seed(0)
+    old = load_model(plan.model, plan.classes)
+    trainee = dataclasses.replace(old, model=copy.deepcopy(old.model))
+    data = make_train_data(world_inputs, trainee.preprocess)
+    trainer = Trainer(plan, trainee, data, cache=PredictionCache(tmp_path / "cache"), quiet=True)
+    t = plan.objective.target_index
+    assert trainee.model.tower_classes == (t,)
+    before = {k: v.clone() for k, v in old.model.state_dict().items()}
+    for _ in range(4):
+        trainer.train_step()
+    after = trainee.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # the shared model did not move...
+    moved = [k for k in after if k.startswith(f"class_towers.{t}.") and
+             not torch.equal(after[k], before["clip.visual." + k.split(".", 2)[2]])]
+    assert moved  # ...the target's tower did
+    new = _all_logits(trainee.model, trainee.tokenizer, plan, data.validation.bank)
+    ref = _all_logits(old.model, old.tokenizer, plan, data.validation.bank)
+    others = [c for c in range(len(plan.classes)) if c != t]
+    assert torch.equal(new[:, others], ref[:, others])  # bit for bit
+    assert not torch.allclose(new[:, t], ref[:, t])
+
+
+def test_a_target_tower_run_selects_saves_and_reloads(world_inputs, tmp_path):
+    from safespec.model import save_checkpoint
+
+    plan = _target_tower_plan(world_inputs, steps=10, eval_every=5, checkpoint_every=5)
+    torch.manual_seed(0)
+    old = load_model(plan.model, plan.classes)
+    trainee = dataclasses.replace(old, model=copy.deepcopy(old.model))
+    data = make_train_data(world_inputs, trainee.preprocess)
+    data.heldout_counts = np.full(len(plan.classes), 400)
+    outcome = Trainer(plan, trainee, data, cache=PredictionCache(tmp_path / "cache"), quiet=True,
+                      run_dir=tmp_path).run()
+    trainee.model.load_state_dict(outcome.state_dict)
+    towered = any(k.startswith("class_towers.") for k in outcome.state_dict)
+    assert towered == (outcome.selected_step > 0)  # the old model (with an offset at most) carries no copy
+    digest = save_checkpoint(trainee.model, tmp_path / "new.safetensors")
+    back = load_model(dataclasses.replace(plan.model, checkpoint=str(tmp_path / "new.safetensors")), plan.classes)
+    assert back.digest == digest and back.model.tower_classes == trainee.model.tower_classes
+
+
+@pytest.mark.parametrize("method", ["wise-ft", "unconstrained"])
+def test_the_baselines_train_the_same_target_tower(world_inputs, tmp_path, method):
+    plan = _target_tower_plan(world_inputs, steps=6, eval_every=3, checkpoint_every=6)
+    torch.manual_seed(0)
+    old = load_model(plan.model, plan.classes)
+    trainee = dataclasses.replace(old, model=copy.deepcopy(old.model))
+    data = make_train_data(world_inputs, trainee.preprocess)
+    outcome = Trainer(plan, trainee, data, method=method, cache=PredictionCache(tmp_path / "cache"), quiet=True,
+                      run_dir=tmp_path).run()
+    trainee.model.load_state_dict(outcome.state_dict)
+    t = plan.objective.target_index
+    if outcome.fell_back_to_old:
+        assert trainee.model.tower_classes == ()
+    else:
+        assert trainee.model.tower_classes == (t,)
+        shared = {k: v for k, v in trainee.model.state_dict().items() if not k.startswith("class_towers.")}
+        assert all(torch.equal(v, old.model.state_dict()[k]) for k, v in shared.items())
