@@ -68,6 +68,7 @@ class ModelPlan:
     device: str
     precision: str
     freeze: tuple[str, ...]
+    target_tower: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ def compile_spec(spec: Spec) -> Plan:
                             f"calibrates the constrained methods (penalty, lagrangian), but the method is "
                             f"{o.method!r}; a baseline is kept as trained, so the setting would do nothing")
     m = spec.model
-    if set(m.freeze) == {"image", "text"} and not m.heads.enabled:
+    if set(m.freeze) == {"image", "text"} and not m.heads.enabled and not m.target_tower:
         raise PlanError("model.freeze", "both towers are frozen and the heads are disabled: nothing would be trained")
 
     def s(p: Path | None) -> str | None:
@@ -212,7 +213,8 @@ def compile_spec(spec: Spec) -> Plan:
         classes=names,
         templates=tuple(spec.classes.templates),
         model=ModelPlan(arch=m.arch, pretrained=m.pretrained, checkpoint=s(m.checkpoint), heads=m.heads.enabled,
-                        rank=m.heads.rank, device=m.device, precision=m.precision, freeze=tuple(m.freeze)),
+                        rank=m.heads.rank, device=m.device, precision=m.precision, freeze=tuple(m.freeze),
+                        target_tower=m.target_tower),
         data=DataPlan(protected=str(spec.data.protected), target=str(spec.data.target),
                       validation=str(spec.data.validation), heldout=str(spec.data.heldout), base=s(spec.data.base)),
         constraints=tuple(constraints),

@@ -86,6 +86,7 @@ class ModelSpec(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision for training and evaluation on accelerators; CPU runs use fp32.")
     freeze: list[Literal["image", "text"]] = Field(default_factory=list, description="Towers kept frozen; their features are computed once and cached.")
+    target_tower: bool = Field(False, description="Give the target class its own copy of the image tower and train only that: every other class's logit stays exactly the old model's, so the only decisions the cycle can change are those into and out of the target class (docs/spec.md).")
 
     @field_validator("freeze")
     @classmethod
