@@ -673,6 +673,7 @@ model:
   heads:
     enabled: true
     rank: 32
+  target_tower: true  # the target trains its own copy of the image tower; every other class keeps its logits
   device: auto        # auto, cpu, cuda, cuda:N or mps
 
 # Class names in label order; manifests label rows with these names.
@@ -708,7 +709,7 @@ optimize:
   method: lagrangian          # exact multipliers; penalty (the paper's), or a baseline
   objective: ce
   steps: 300
-  lr: 1.0e-5                  # a pretrained model; the demo's small model trained from scratch uses 3e-5
+  lr: 1.0e-5                  # a pretrained model; the demo's small model trained from scratch uses 1e-4
   warmup_steps: 30
   batch:
     target: 64

@@ -115,3 +115,29 @@ def test_a_run_that_fails_on_bad_data_exits_2_with_one_line(small_world, tmp_pat
     assert res.exit_code == 2
     assert "heldout-bad.csv:row 4" in res.output and "unicorn" in res.output
     assert "Traceback" not in res.output
+
+
+def test_a_target_tower_run_moves_only_the_target_and_verify_reproduces_it(small_world, tmp_path):
+    """model.target_tower end to end: the saved model carries its tower, every flip it makes is into or out
+    of the target class, and verify (which reloads the checkpoint) gets the run's own numbers."""
+    spec = write_world_spec(tmp_path, small_world, method="unconstrained", steps=40)
+    data = __import__("yaml").safe_load(spec.read_text())
+    data["model"]["target_tower"] = True
+    spec.write_text(__import__("yaml").safe_dump(data, sort_keys=False))
+    res = _cli("run", str(spec), "--quiet")
+    run = tmp_path / "run"
+    result = json.loads((run / "result.json").read_text())
+    assert res.exit_code in (0, 1), res.output
+    from safespec.model import read_checkpoint_metadata
+
+    assert read_checkpoint_metadata(run / "models" / "unconstrained.safetensors")["class_towers"] == [small_world.config.target]
+    # an unconstrained tower forgets, but only into the target: every protected image it loses goes there
+    assert result["flips"], "the unconstrained tower flipped no protected image: the test shows nothing"
+    assert {f["new_pred"] for f in result["flips"]} == {small_world.config.target}
+    again = _cli("verify", str(spec), "--candidate", str(run / "models" / "unconstrained.safetensors"),
+                 "--out", str(tmp_path / "verify"), "--quiet")
+    assert again.exit_code == res.exit_code, again.output
+    checked = json.loads((tmp_path / "verify" / "result.json").read_text())
+    assert [(c["name"], c["negative_flips"], c["positive_flips"]) for c in checked["capabilities"]] == \
+           [(c["name"], c["negative_flips"], c["positive_flips"]) for c in result["capabilities"]]
+    assert checked["target"]["new_accuracy"] == result["target"]["new_accuracy"]

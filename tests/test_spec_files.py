@@ -206,7 +206,7 @@ def test_example_without_its_data_names_the_paths_tried(tmp_path):
 
 def test_read_spec_data_is_plain_data():
     data = read_spec_data(ROOT / "specs" / "demo.yaml")
-    assert data["optimize"]["lr"] == pytest.approx(3e-5)
+    assert data["optimize"]["lr"] == pytest.approx(1e-4)
     assert json.loads(json.dumps(data)) == data
 
 
