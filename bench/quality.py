@@ -84,12 +84,14 @@ def frontier_from_logits(logits: np.ndarray, labels: np.ndarray, target: int, bu
     return out
 
 
-#: Rows besides the spec's own method: a name -> (method, constraint metric or None for the spec's).
-#: Rows besides the spec's own method: a name -> (method, constraint metric, store views); None keeps the spec's.
-VARIANTS = {"lagrangian, distill, no views (the previous demo)": ("lagrangian", "distill", 0),
-            "lagrangian, focal-distill, no views": ("lagrangian", "focal-distill", 0)}
+#: Named variants: a row name -> the method and the plan settings it changes (the rest is the spec's).
+WHOLE_MODEL = {"target_tower": False, "lr": 3e-5}  # the previous demo: every tower trains, at its lr
+VARIANTS = {"lagrangian, whole model (the previous demo)": {"method": "lagrangian", **WHOLE_MODEL},
+            "lagrangian, whole model, distill, no views": {"method": "lagrangian", "metric": "distill",
+                                                           "store_views": 0, **WHOLE_MODEL},
+            "unconstrained, whole model": {"method": "unconstrained", **WHOLE_MODEL}}
 #: What `make bench` runs on each world: the spec's method first, then the others.
-ROWS = ["lagrangian", "lagrangian, distill, no views (the previous demo)", "penalty", "unconstrained", "replay",
+ROWS = ["lagrangian", "lagrangian, whole model (the previous demo)", "penalty", "unconstrained", "replay",
         "wise-ft"]
 
 #: The quality runs train twice as long as the shipped demo spec, which must finish within 3 minutes on
@@ -164,11 +166,14 @@ def _run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print, hel
     cache = PredictionCache()
     rows = []
     for variant in methods:
-        method, metric, views = VARIANTS.get(variant, (variant, None, None))
-        views = plan0.optimizer.store_views if views is None else views
+        v = VARIANTS.get(variant, {"method": variant})
+        method, metric = v["method"], v.get("metric")
+        views = v.get("store_views", plan0.optimizer.store_views)
         for seed in seeds:
-            plan = dataclasses.replace(plan0, optimizer=dataclasses.replace(plan0.optimizer, seed=seed, method=method,
-                                                                            store_views=views))
+            plan = dataclasses.replace(
+                plan0, optimizer=dataclasses.replace(plan0.optimizer, seed=seed, method=method, store_views=views,
+                                                     lr=v.get("lr", plan0.optimizer.lr)),
+                model=dataclasses.replace(plan0.model, target_tower=v.get("target_tower", plan0.model.target_tower)))
             if metric is not None:
                 plan = dataclasses.replace(plan, constraints=tuple(dataclasses.replace(c, metric=metric)
                                                                    for c in plan.constraints))
