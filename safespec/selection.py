@@ -15,8 +15,13 @@ This rule weighs evidence in proportion to how much there is:
    bandwidth ``s`` is Silverman's rule on the old model's margins of the capability, so it narrows as
    validation grows (the estimate tends to the plain paired drop) and is the same for every candidate.
 2. **A predicted certificate.** The held-out certificate passes when the held-out drop estimate stays below
-   the tolerance minus the certificate's own margin of error, ``z * sqrt(w0 / m)`` at the held-out size ``m``
-   (``w0`` the variance of the paired test under its null, as in the score test). The validation estimate
+   the tolerance minus the certificate's own margin of error at the held-out size ``m``. For the exact test
+   (the default) that margin is read off the test's own acceptance region: at ``c`` positive flips it
+   certifies at most ``B(c)`` negative ones, so the drop must stay below ``(B(c) + 1/2 - c) / m`` (a
+   continuity correction; ``c`` the expected positive flips, ``B`` interpolated). For Tango's score test it
+   is ``z * sqrt(w0 / m)`` (``w0`` the variance of the paired test under its null). The two agree at 400
+   held-out images per class; at 200 the exact test accepts one negative flip fewer, which a prediction
+   from the score test would miss. The validation estimate
    is uncertain (standard error from the per-image terms over ``n`` validation images) and so is the held-out
    draw (the flip rates' variance over ``m``), so the probability of passing is
    ``P = Phi((tol - z sqrt(w0 / m) - d) / sqrt(var_i(t) / n + w1 / m))``. Duplicating the validation set
@@ -32,6 +37,7 @@ Numpy and scipy only: selection is a pure function of the two models' validation
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -39,10 +45,20 @@ from typing import Sequence
 import numpy as np
 from scipy.stats import norm
 
-from .stats import restricted_mle, z_value
+from .stats import DEFAULT_TEST, exact_region, restricted_mle, z_value
 
 #: Candidates' target offsets are searched to this resolution (logit units at the evaluation temperature).
 OFFSET_RESOLUTION = 1e-4
+#: The exact test's acceptance region is computed up to this many positive flips; beyond, the score test's
+#: margin of error stands in (both tests agree there to within a flip).
+EXACT_REGION_C_MAX = 200
+
+
+@functools.lru_cache(maxsize=64)
+def _exact_acceptance(m: int, tolerance: float, confidence: float) -> np.ndarray:
+    """B[c]: the most negative flips the exact certificate accepts with c positive flips, at held-out size
+    m (-1: none). Computed once per (m, tolerance, confidence) in a process (under a second at m = 400)."""
+    return exact_region(m, tolerance, confidence, c_max=min(m, EXACT_REGION_C_MAX)).astype(np.float64)
 
 
 # ------------------------------------------------------------------------------------------ margins
@@ -128,6 +144,7 @@ class Capability:
     tolerance: float
     confidence: float
     heldout_n: int
+    test: str = DEFAULT_TEST  # the certificate's test (certify.test): its margin of error is predicted
 
 
 def _predict(cap: Capability, t: np.ndarray, flips: tuple[int, int]) -> Evidence:
@@ -137,14 +154,26 @@ def _predict(cap: Capability, t: np.ndarray, flips: tuple[int, int]) -> Evidence
     d = float(t.mean())
     se = float(t.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     pb, pc = float(np.clip(t, 0, None).mean()), float(np.clip(-t, 0, None).mean())
-    p0 = float(restricted_mle(m * pb, m * pc, m, tol))  # the null's positive-flip rate at the margin
-    w0 = 2.0 * p0 + tol * (1.0 - tol)
-    moe = z_value(cap.confidence) * math.sqrt(w0 / m)
+    moe = _margin_of_error(cap, m, pb, pc)
     hsd = math.sqrt(max(pb + pc - d * d, 0.0) / m)
     sd = math.hypot(se, hsd)
     room = tol - moe - d
     prob = float(norm.cdf(room / sd)) if sd > 0 else float(room >= 0)
     return Evidence(cap.name, n, m, tol, d, se, flips, moe, hsd, prob)
+
+
+def _margin_of_error(cap: Capability, m: int, pb: float, pc: float) -> float:
+    """How far below the tolerance the held-out drop must stay for the certificate to pass."""
+    tol = cap.tolerance
+    if cap.test == "exact":
+        region = _exact_acceptance(m, tol, cap.confidence)
+        c_hat = m * pc
+        if c_hat <= len(region) - 1:
+            allowed = float(np.interp(c_hat, np.arange(len(region)), region))
+            return tol - (allowed + 0.5 - c_hat) / m
+    p0 = float(restricted_mle(m * pb, m * pc, m, tol))  # the null's positive-flip rate at the margin
+    w0 = 2.0 * p0 + tol * (1.0 - tol)
+    return z_value(cap.confidence) * math.sqrt(w0 / m)
 
 
 class Selector:

@@ -279,7 +279,8 @@ class Trainer:
         self.selector = Selector(
             self.ref_val.log_probs, data.validation.labels,
             [Capability(c.name, tuple(c.class_indices), c.tolerance, c.confidence,
-                        int(np.asarray(counts)[list(c.class_indices)].sum())) for c in self.constraints],
+                        int(np.asarray(counts)[list(c.class_indices)].sum()), plan.certify.test)
+             for c in self.constraints],
             plan.objective.target_index, self.o.min_certify_probability)
         self.blocked: dict | None = None  # the best candidate that selection refused, and why
         if self.distill:

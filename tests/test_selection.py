@@ -143,3 +143,32 @@ def test_bad_inputs_are_refused():
     sel = Selector(old, y, _caps(), T, 0.8)
     with pytest.raises(ValueError, match="finite"):
         sel.assess(np.full_like(old, np.nan), calibrate=False)
+
+
+# ------------------------------------------------------------------------------------------ the test's own margin
+def _evidence(test, heldout_n, drop, n=4000):
+    """A capability whose validation images each moved by ``drop`` (terms all equal: no validation noise)."""
+    from safespec.selection import _predict
+
+    cap = Capability("a", (0,), 0.03, 0.95, heldout_n, test)
+    return _predict(cap, np.full(n, drop), (int(drop * n), 0))
+
+
+def test_the_exact_certificate_is_predicted_by_its_own_acceptance_region():
+    from safespec.stats import certifies
+
+    for m in (200, 400):
+        e = _evidence("exact", m, 0.0)
+        allowed = e.tolerance - e.margin_of_error  # the predicted largest passing drop, in flips: B + 1/2
+        b = int(round(allowed * m - 0.5))
+        assert certifies(b, 0, m, 0.03, 0.95, "exact") and not certifies(b + 1, 0, m, 0.03, 0.95, "exact")
+
+
+def test_at_200_held_out_images_the_exact_prediction_is_stricter_than_the_score_tests():
+    # 0.9% drop: 1.8 expected negative flips of 200. Tango's test would certify 2, the exact test only 1
+    exact, score = _evidence("exact", 200, 0.009), _evidence("score", 200, 0.009)
+    assert exact.probability < 0.5 < score.probability
+    # at 400 both tests accept the same flips, and the predictions agree to within one image
+    e4, s4 = _evidence("exact", 400, 0.009), _evidence("score", 400, 0.009)
+    assert abs(e4.margin_of_error - s4.margin_of_error) <= 1 / 400
+    assert e4.probability > 0.5 and s4.probability > 0.5
