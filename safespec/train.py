@@ -667,8 +667,10 @@ class Trainer:
         self.trajectory = []
         for i in range(self.o.wise_ft_grid - 1, -1, -1):
             a = i / (self.o.wise_ft_grid - 1)
-            mixed = {k: (old[k].float() * (1 - a) + ft[k].float() * a).to(old[k].dtype) if old[k].is_floating_point()
-                     else ft[k] for k in old}
+            # a weight the fine-tune left alone stays exactly as it was ((1 - a) x + a x is not x in floats):
+            # with a target tower, every other class's logit stays the old model's to the bit
+            mixed = {k: (old[k].float() * (1 - a) + ft[k].float() * a).to(old[k].dtype)
+                     if old[k].is_floating_point() and not torch.equal(old[k], ft[k]) else ft[k] for k in old}
             self.model.load_state_dict(mixed)
             self.step = int(round(a * 1000))  # the "step" of a mixing weight, for the trajectory only
             v = self.validate() if a > 0 else self.validate_old()
