@@ -472,3 +472,15 @@ def test_the_baselines_train_the_same_target_tower(world_inputs, tmp_path, metho
         assert trainee.model.tower_classes == (t,)
         shared = {k: v for k, v in trainee.model.state_dict().items() if not k.startswith("class_towers.")}
         assert all(torch.equal(v, old.model.state_dict()[k]) for k, v in shared.items())
+
+
+def test_a_target_tower_run_resumes_bit_identically(world_inputs, tmp_path):
+    inp = dataclasses.replace(world_inputs, plan=_target_tower_plan(world_inputs))
+    kw = dict(steps=20, eval_every=10, checkpoint_every=10)
+    straight, out_a = _train(inp, tmp_path, "lagrangian", run_dir=tmp_path / "a", **kw)
+    _train(inp, tmp_path, "lagrangian", run_dir=tmp_path / "b", stop_after=10, **kw)
+    resumed, out_b = _train(inp, tmp_path, "lagrangian", run_dir=tmp_path / "b", resume=True, **kw)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert any(k.startswith("class_towers.") for k in b) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert out_a.trajectory == out_b.trajectory and out_a.selected_step == out_b.selected_step
