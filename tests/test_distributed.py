@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from safespec.distributed import Context
 from tests.world_spec import write_world_spec
@@ -53,8 +54,13 @@ def _trajectory(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "trajectory.jsonl").read_text().splitlines()]
 
 
-def test_two_gloo_ranks_match_one_process(small_world, tmp_path):
+@pytest.mark.parametrize("tower", [False, True], ids=["whole-model", "target-tower"])
+def test_two_gloo_ranks_match_one_process(small_world, tmp_path, tower):
     spec = write_world_spec(tmp_path, small_world, method="lagrangian", steps=40, lr=1e-3)
+    if tower:  # the target's own image tower: its features are sharded and gathered like the shared tower's
+        data = yaml.safe_load(spec.read_text())
+        data["model"]["target_tower"] = True
+        spec.write_text(yaml.safe_dump(data, sort_keys=False))
     one, two = tmp_path / "one", tmp_path / "two"
     single = _run([sys.executable, "-m", "safespec", "run", str(spec), "--quiet", "--out", str(one)],
                   tmp_path / "cache-one", tmp_path)
