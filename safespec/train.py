@@ -134,7 +134,7 @@ class _Towers(torch.nn.Module):
         img = self.model.encode_image(images) if images is not None and shared else None
         towers = self.model.encode_tower_images(images) if images is not None else {}
         text = (lambda h, ids: F.normalize(self.model.project_text(h, ids), dim=-1)) if hidden else self.model.encode_text
-        txt = text(prompts, prompt_heads)
+        txt = text(prompts, prompt_heads) if prompts is not None else None
         cap = text(captions, caption_heads) if captions is not None else None
         return img, towers, txt, cap
 
@@ -333,6 +333,12 @@ class Trainer:
                 self.prompt_inputs = self.model.text_hidden(self.prompt_tokens)
                 if self.caption_tokens is not None:
                     self.caption_inputs = self.model.text_hidden(self.caption_tokens)
+        # with a target tower nothing on the text side trains: the class text features are computed once
+        self.fixed_text = None
+        if self.target_tower:
+            with torch.no_grad(), self.autocast():
+                txt = F.normalize(self.model.project_text(self.prompt_inputs, self.prompt_heads), dim=-1)
+                self.fixed_text = self.model.pool_templates(txt, len(plan.classes)).float()
         # fused AdamW: one kernel over all parameters (CPU and CUDA); on a 2-core CPU the per-parameter loop
         # of the default implementation costs as much as the forward pass of a tiny model
         self.opt = torch.optim.AdamW(params, lr=self.o.lr, weight_decay=self.o.weight_decay, fused=True)
@@ -461,6 +467,7 @@ class Trainer:
             x = torch.cat(parts).to(self.device, non_blocking=True)
         plo, phi, psplit = self._shard(self.prompt_inputs.shape[0])
         heads = self.prompt_heads[plo:phi] if self.prompt_heads is not None else None
+        prompts = self.prompt_inputs[plo:phi] if self.fixed_text is None else None
         caps = cap_heads = None
         if caption_rows is not None:
             nc = len(caption_rows)
@@ -469,7 +476,7 @@ class Trainer:
             cap_heads[:pos_n] = self.plan.objective.target_index
             caps, cap_heads = self.caption_inputs[caption_rows[clo:chi]], cap_heads[clo:chi]
         with self.autocast():
-            img, towers, txt, cap = self.towers(x, self.prompt_inputs[plo:phi], heads, caps, cap_heads,
+            img, towers, txt, cap = self.towers(x, prompts, heads, caps, cap_heads,
                                                 hidden=self.text_frozen, shared=not self.image_frozen)
         gather = self.dist.gather_rows
         if isplit:
@@ -481,8 +488,11 @@ class Trainer:
                 img = torch.cat([img, self._features[id(self.data.store)][_index(p_rows, self.device)]])
         elif isplit:
             img = gather(img, nt + npr)
-        txt = gather(txt, self.prompt_inputs.shape[0]) if psplit else txt
-        text = self.model.pool_templates(txt, len(self.plan.classes))
+        if self.fixed_text is not None:
+            text = self.fixed_text
+        else:
+            txt = gather(txt, self.prompt_inputs.shape[0]) if psplit else txt
+            text = self.model.pool_templates(txt, len(self.plan.classes))
         if cap is not None:
             cap = (gather(cap, nc) if csplit else cap).float()
         return img.float(), towers, text.float(), cap

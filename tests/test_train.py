@@ -422,8 +422,13 @@ def test_the_target_tower_is_all_that_trains_and_every_other_logit_is_the_old_mo
     t = plan.objective.target_index
     assert trainee.model.tower_classes == (t,)
     before = {k: v.clone() for k, v in old.model.state_dict().items()}
+    with torch.no_grad():  # the class text features, computed once, are the model's own
+        assert torch.allclose(trainer.fixed_text, trainee.model.class_text_features(trainer.class_tokens), atol=1e-6)
+    real_project = trainee.model.project_text
+    trainee.model.project_text = lambda *a, **k: pytest.fail("the text side ran in a step")
     for _ in range(4):
         trainer.train_step()
+    trainee.model.project_text = real_project
     after = trainee.model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # the shared model did not move...
     moved = [k for k in after if k.startswith(f"class_towers.{t}.") and
