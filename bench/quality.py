@@ -101,7 +101,7 @@ QUALITY_OVERRIDES = {"optimize.steps": 600, "optimize.eval_every": 100, "optimiz
 
 @contextlib.contextmanager
 def spec_with(spec_path: Path, overrides: dict | None):
-    """``spec_path`` with dotted-path ``overrides`` applied, as a temporary spec beside it (its relative data
+    """``spec_path`` with dotted-path ``overrides`` applied (a number in the path indexes a list), as a temporary spec beside it (its relative data
     paths keep working), removed afterwards."""
     if not overrides:
         yield Path(spec_path)
@@ -114,9 +114,9 @@ def spec_with(spec_path: Path, overrides: dict | None):
     for key, value in overrides.items():
         node = data
         *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        for part in parents:  # a number indexes a list ('protect.0.constraint')
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        node[int(leaf) if isinstance(node, list) else leaf] = value
     fd, tmp = tempfile.mkstemp(prefix=".quality-", suffix=".yaml", dir=Path(spec_path).parent)
     try:
         with os.fdopen(fd, "w") as fh:
