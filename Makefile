@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.safespec-installed
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test bench clean fashion-mnist
+.PHONY: all install demo lint test bench clean fashion-mnist
 all: test
 
 $(PY):
@@ -50,7 +50,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/safespec demo
 
-test: $(STAMP)
+# lint and types first (seconds): a finding fails the build before the tests run
+lint: $(STAMP)
+	$(VENV)/bin/ruff check safespec bench
+	$(VENV)/bin/mypy
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -10,7 +10,8 @@ are kept in ``bench/results/golden-demo.json``.
     python -m bench.golden record --spec specs/demo.yaml --out bench/results/golden-demo.json
     python -m bench.golden check  --spec specs/demo.yaml --against bench/results/golden-demo.json
 
-A fingerprint is only comparable on the same torch build and CPU kind: float kernels differ across them.
+A fingerprint is only comparable on the same torch build and CPU kind (float kernels differ across them);
+runs are recorded on one torch thread.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 from bench.quality import spec_with
 from safespec.runner import run_cycle
@@ -63,7 +66,17 @@ def fingerprint(result: dict, trajectory: list[dict] | None = None) -> dict:
 
 
 def record(spec_path: Path, *, steps: int, cases: dict[str, dict] | None = None, log=print) -> dict:
-    """Run every case for ``steps`` steps from ``spec_path`` and return ``{case: fingerprint}``."""
+    """Run every case for ``steps`` steps from ``spec_path`` and return ``{case: fingerprint}``. Torch runs on
+    one thread meanwhile: a reduction split over more threads rounds differently."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _record(spec_path, steps=steps, cases=cases, log=log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _record(spec_path: Path, *, steps: int, cases: dict[str, dict] | None, log) -> dict:
     out: dict[str, dict] = {}
     for name, over in (cases or CASES).items():
         over = {**over, "optimize.steps": steps, "optimize.warmup_steps": steps // 4,

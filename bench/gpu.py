@@ -24,8 +24,16 @@ from pathlib import Path
 
 import torch
 
-from .overhead import (_bare_step, _draw_batches, _environment, _interleaved, _ratio, _summary, _synthetic_data,
-                       synthetic_plan)
+from .overhead import (
+    _bare_step,
+    _draw_batches,
+    _environment,
+    _interleaved,
+    _ratio,
+    _summary,
+    _synthetic_data,
+    synthetic_plan,
+)
 
 
 def run(*, arch: str = "ViT-B-16", target_batch: int = 256, classes: int = 6, per_class: int = 26,

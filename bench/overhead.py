@@ -34,8 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -276,7 +276,7 @@ def verify_throughput(spec_path: Path = DEMO_SPEC, *, candidates: int = 3, bare_
             with _count_encoded_images() as counter:
                 res = verify_candidate(spec_path, p, out=tmp / f"run-{len(runs)}", cache_dir=tmp / "cache",
                                        command="bench verify",
-                                       log=lambda s: events.append((round(time.perf_counter() - t0, 3), s)))
+                                       log=lambda s, events=events, t0=t0: events.append((round(time.perf_counter() - t0, 3), s)))
             wall = time.perf_counter() - t0
             runs.append({"candidate": i, "seconds": round(wall, 3), "images_encoded": counter["images"],
                          "verdict": res["verdict"], "log": events})

@@ -139,11 +139,10 @@ def _run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print, hel
     import torch
 
     from safespec.certify import certify
-    from safespec.evaluate import PredictionCache, evaluate, image_features
-    from safespec.model import load_model
-    from safespec.runner import _split, load_inputs, make_train_data
-    from safespec.model import build_class_tokens
     from safespec.data import ViewBank
+    from safespec.evaluate import PredictionCache, evaluate, image_features
+    from safespec.model import build_class_tokens, load_model
+    from safespec.runner import _split, load_inputs, make_train_data
     from safespec.train import Split, Trainer
 
     inp = load_inputs(spec_path, log=log)
@@ -246,7 +245,7 @@ def recertify(row: dict) -> dict:
     certificate (a row measured under an earlier test is judged by today's)."""
     if not row.get("tables"):
         return row
-    from safespec.certify import PairedCounts, STATISTICS, status_of
+    from safespec.certify import STATISTICS, PairedCounts, status_of
 
     statuses = [status_of(PairedCounts(t["both_right"], t["negative_flips"], t["positive_flips"], t["both_wrong"]),
                           t["tolerance"], t["confidence"])[0] for t in row["tables"]]
@@ -293,7 +292,7 @@ def table(res: dict) -> str:
             sel += " (old)" if r.get("target_offset") in (None, 0.0) else ""
         if r.get("target_offset") is not None:
             sel += f" ({r['target_offset']:+.4f})"
-        opt = lambda key: "" if r.get(key) is None else r[key]  # noqa: E731
+        opt = lambda key, r=r: "" if r.get(key) is None else r[key]  # noqa: E731
         lines.append(f"| {r['method']} | {'' if r['seed'] is None else r['seed']} "
                      f"| {r['target_old']:.3f} → {r['target_new']:.3f} | {r['target_new'] - r['target_old']:+.3f} "
                      f"| {100 * r['min_change']:+.2f} pt | {100 * r['mean_change']:+.2f} pt | {d['1']}/{d['2']}/{d['3']} "

@@ -102,7 +102,7 @@ def markdown(r: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
-        def size(test):
+        def size(test, row=row):
             s = row[f"{test}_size"]
             text = f"{s:.2%} ({row[f'{test}_worst_p_c']:g})"
             return f"**{text}**" if s > a + 1e-12 else text

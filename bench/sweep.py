@@ -41,7 +41,7 @@ def init(spec):
     """Load the world, v1 and its predictions once per worker process."""
     import torch
     torch.set_num_threads(2)
-    from safespec.evaluate import PredictionCache, evaluate, image_features
+    from safespec.evaluate import PredictionCache, evaluate
     from safespec.model import build_class_tokens, load_model
     from safespec.runner import _split, load_inputs, make_train_data
     inp = load_inputs(Path(spec), log=lambda s: None)
@@ -66,9 +66,9 @@ def curve(lp, y, p_old, t, flips=True):
     prot = [i for i in range(C) if i != t]
     out = []
     for b in OFFSETS:
-        l = lp.copy()
-        l[:, t] += b
-        pred = l.argmax(1)
+        z = lp.copy()
+        z[:, t] += b
+        pred = z.argmax(1)
         a = np.array([(pred[y == c] == c).mean() for c in range(C)])
         d = a - a0
         row = [b, round(float(d[t]), 4), round(float(d[prot].min()), 4), [round(float(x), 4) for x in d]]
@@ -82,10 +82,11 @@ def curve(lp, y, p_old, t, flips=True):
 def job(name, ov, seed):
     """One fine-tune of one variant and seed, traced on held-out at every validation."""
     import torch
+
+    from bench.quality import _row
     from safespec.certify import certify
     from safespec.evaluate import evaluate
     from safespec.train import Trainer
-    from bench.quality import _row
     plan0, old, held, tokens, p_old, dev = (G[k] for k in ("plan", "old", "held", "tokens", "p_old", "dev"))
     C, t = len(plan0.classes), plan0.objective.target_index
     acc_old = p_old.per_class_accuracy(C)
@@ -152,7 +153,7 @@ def analyse(path: Path, max_drop: float = 0.01, budget: float = 0.03) -> list[st
             best = None
             for tr in r["trace"]:
                 held = {x[0]: x for x in tr["held_curve"]}
-                for b, dog, worst, per, _ in tr["val_curve"]:
+                for b, dog, _worst, per, _ in tr["val_curve"]:
                     # (traces written before target_index was recorded are the demo's: dog is class 4)
                     prot = [d for i, d in enumerate(per) if i != r.get("target_index", 4)]
                     if min(prot) >= -max_drop - 1e-9 and (best is None or dog > best[0] + 1e-9
@@ -204,7 +205,7 @@ def main(argv=None) -> None:
                 n, s = running.pop(f)
                 try:
                     r = f.result()
-                except Exception as e:  # noqa: BLE001 (one failed run must not lose the others)
+                except Exception as e:
                     r = {"variant": n, "seed": s, "error": repr(e)}
                 with a.out.open("a") as fh:
                     fh.write(json.dumps(r) + "\n")

@@ -11,8 +11,9 @@ bound comes from the exact unconditional test by default, or from Tango's asympt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -144,7 +145,7 @@ class PairedCounts:
     def drop(self) -> float | None:
         return (self.negative_flips - self.positive_flips) / self.n if self.n else None
 
-    def __add__(self, other: "PairedCounts") -> "PairedCounts":
+    def __add__(self, other: PairedCounts) -> PairedCounts:
         return PairedCounts(self.both_right + other.both_right, self.negative_flips + other.negative_flips,
                             self.positive_flips + other.positive_flips, self.both_wrong + other.both_wrong)
 
@@ -187,7 +188,7 @@ def per_class_table(labels: np.ndarray, old_pred: np.ndarray, new_pred: np.ndarr
 
 # ------------------------------------------------------------------------------------------- statistics
 def status_of(t: PairedCounts, tolerance: float, confidence: float,
-              test: str = stats.DEFAULT_TEST) -> tuple[str, float | None]:
+              test: stats.Test = stats.DEFAULT_TEST) -> tuple[str, float | None]:
     """The status of one table and its drop bound, by ``test`` (``"exact"`` or ``"score"``).
 
     Order matters: a table the test certifies is *certified* at any n (the test is valid at every size, and
@@ -332,7 +333,7 @@ class Certificate:
 
 
 # --------------------------------------------------------------------------------------------- certify
-def _certify_capability(constraint, labels, old_pred, new_pred, require: str, test: str) -> CapabilityResult:
+def _certify_capability(constraint, labels, old_pred, new_pred, require: str, test: stats.Test) -> CapabilityResult:
     tol, conf = float(constraint.tolerance), float(constraint.confidence)
     per_class = []
     pooled = PairedCounts(0, 0, 0, 0)
@@ -343,12 +344,12 @@ def _certify_capability(constraint, labels, old_pred, new_pred, require: str, te
         pooled = pooled + t
     status, bound = status_of(pooled, tol, conf, test)
     n = pooled.n
+    acc_lower: float | None = None
+    flip_upper: float | None = None
     if n:
         acc_lower = stats.clopper_pearson(pooled.new_correct, n, conf, "lower")
         flip_upper = stats.clopper_pearson(pooled.negative_flips, n, conf, "upper")
-    else:
-        acc_lower = flip_upper = None
-    needed = None
+    needed: int | None = None
     if status != "certified" and n:
         needed = stats.needed_n(pooled.negative_flips / n, pooled.positive_flips / n, tol, conf, NEEDED_N_POWER, test)
     return CapabilityResult(

@@ -45,7 +45,7 @@ def report_exception(exc: BaseException) -> int:
         for line in str(exc).splitlines() or [type(exc).__name__]:
             click.echo(line, err=True)
         return int(getattr(exc, "exit_code", EXIT_ERROR)) or EXIT_ERROR
-    if isinstance(exc, click.exceptions.Abort) and isinstance(exc.__context__, KeyboardInterrupt) \
+    if (isinstance(exc, click.exceptions.Abort) and isinstance(exc.__context__, KeyboardInterrupt)) \
             or isinstance(exc, KeyboardInterrupt):
         click.echo("safespec: interrupted", err=True)
         return EXIT_INTERRUPTED
@@ -74,7 +74,7 @@ class SafespecGroup(click.Group):
             rv = super().main(args, prog_name or "safespec", complete_var, standalone_mode=False, **extra)
         except SystemExit:
             raise
-        except BaseException as exc:  # noqa: BLE001 - the one place that turns everything into an exit code
+        except BaseException as exc:
             sys.exit(report_exception(exc))
         sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else EXIT_OK)
 
@@ -105,7 +105,7 @@ def validate(specs: tuple[str, ...], no_data_check: bool) -> int:
     failed = False
     for path in specs:
         try:
-            spec, plan = load_plan(path, check_files=not no_data_check)
+            _, plan = load_plan(path, check_files=not no_data_check)
         except SpecError as e:
             failed = True
             for line in e.lines:

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .spec import Spec
 
@@ -114,7 +114,7 @@ class OptimizerPlan:
 class CertifyPlan:
     confidence: float
     require: str  # "certified" | "preserved"
-    test: str = "exact"  # "exact" | "score": the test behind the drop bound
+    test: Literal["exact", "score"] = "exact"  # the test behind the drop bound
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ import io
 import json
 import os
 import stat
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,7 +163,7 @@ class _DigestStore:
 
     def flush(self) -> None:
         if self.dirty and self.path is not None:
-            from .errors import atomic_write_text  # noqa: PLC0415
+            from .errors import atomic_write_text
 
             try:
                 atomic_write_text(self.path, json.dumps(self.entries, separators=(",", ":")))
@@ -194,7 +195,8 @@ def file_digest(path: str | os.PathLike) -> str:
         raise DataError(f"{p}: cannot read file: {e.strerror or e}") from None
     key = os.fspath(p) if p.is_absolute() else str(p.resolve())  # manifest records are resolved already
     sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    d = _FILE_DIGESTS.get((key, *sig)) or _DIGEST_STORE.get(key, sig)
+    entry = (key, *sig)
+    d = _FILE_DIGESTS.get(entry) or _DIGEST_STORE.get(key, sig)
     if d is None:
         h = hashlib.sha256()
         with open(p, "rb") as f:
@@ -202,7 +204,7 @@ def file_digest(path: str | os.PathLike) -> str:
                 h.update(chunk)
         d = h.hexdigest()
         _DIGEST_STORE.put(key, sig, d)
-    _FILE_DIGESTS[(key, *sig)] = d
+    _FILE_DIGESTS[entry] = d
     return d
 
 
@@ -323,7 +325,7 @@ def _read_folder(src: Path, classes: tuple[str, ...]) -> Manifest:
 def write_manifest(path: str | os.PathLike, rows: Iterable[tuple[str, str, str | None]], *,
                    captions: bool = False) -> None:
     """Write a CSV manifest of ``(relative path, class name, caption)`` rows (atomic)."""
-    from .errors import atomic_write_text  # noqa: PLC0415
+    from .errors import atomic_write_text
 
     buf = io.StringIO(newline="")
     w = csv.writer(buf, lineterminator="\n")
@@ -479,6 +481,7 @@ class ImageBank:
         with ThreadPoolExecutor(1, thread_name_prefix="safespec-prefetch") as ahead:
             pending = ahead.submit(self.__getitem__, batches[0]) if batches else None
             for k, idx in enumerate(batches):
+                assert pending is not None  # a batch to read means one was submitted
                 images = pending.result()
                 if k + 1 < len(batches):
                     pending = ahead.submit(self.__getitem__, batches[k + 1])
@@ -501,7 +504,7 @@ class ViewBank:
     #: shift as a fraction of the side, rotation in degrees, relative scale change; mirror with p = 1/2
     SHIFT, ROTATE, SCALE = 0.1, 12.0, 0.1
 
-    def __init__(self, base: "ImageBank", views: int, seed: int = 0):
+    def __init__(self, base: ImageBank, views: int, seed: int = 0):
         if views < 0:
             raise ValueError(f"views must be >= 0, got {views}")
         self.base, self.views, self.n = base, int(views), len(base)
@@ -531,7 +534,7 @@ class ViewBank:
         images = self.base[ix % self.n]
         aug = ix >= self.n
         if aug.any():
-            import torch.nn.functional as F  # noqa: PLC0415 (only banks with views need it)
+            import torch.nn.functional as F
 
             sel = torch.as_tensor(np.flatnonzero(aug))
             x = images.index_select(0, sel)
@@ -598,7 +601,7 @@ class _Cycle:
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
-    return rng.bit_generator.state
+    return dict(rng.bit_generator.state)
 
 
 def _check_rng_state(st: Any) -> dict:
@@ -658,7 +661,7 @@ class TargetSampler:
         labels = np.asarray(labels, dtype=np.int64)
         if not 0.0 < positive_fraction <= 1.0:
             raise DataError(f"target sampler: positive_fraction {positive_fraction} must be in (0, 1]")
-        self.n_pos = max(1, int(round(batch_size * positive_fraction)))
+        self.n_pos = max(1, round(batch_size * positive_fraction))
         self.n_neg = max(0, int(batch_size) - self.n_pos)
         pos, neg = np.flatnonzero(labels == target_index), np.flatnonzero(labels != target_index)
         if len(pos) == 0:

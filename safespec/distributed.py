@@ -23,8 +23,9 @@ from ``torch.distributed``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -115,13 +116,13 @@ def _all_gather_padded(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local, ctx_dist: Context, n: int):  # type: ignore[override]
+    def forward(ctx, local, ctx_dist: Context, n: int):
         ctx.bounds = ctx_dist.bounds(n)
         ctx.world = ctx_dist.world
         return _all_gather_padded(local.detach(), ctx_dist.sizes(n))
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
+    def backward(ctx, g):
         # every rank computed the same loss from the same gathered rows, so its gradient for its own rows
         # is already complete; DDP averages over ranks, hence the factor
         lo, hi = ctx.bounds
@@ -145,7 +146,7 @@ def setup(log: Callable[[str], Any] | None = None) -> Context:
         return _CONTEXT
     import torch.distributed as dist
 
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and os.environ.get("SAFESPEC_DIST_BACKEND", "") != "gloo"
     if cuda:
         torch.cuda.set_device(local)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,12 +49,14 @@ class Predictions:
     def to_npz_bytes(self) -> bytes:
         import io
         buf = io.BytesIO()
-        extra = {} if self.log_probs is None else {"log_probs": self.log_probs}
-        np.savez(buf, labels=self.labels, preds=self.preds, losses=self.losses, margins=self.margins, **extra)
+        arrays = {"labels": self.labels, "preds": self.preds, "losses": self.losses, "margins": self.margins}
+        if self.log_probs is not None:
+            arrays["log_probs"] = self.log_probs
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         return buf.getvalue()
 
     @classmethod
-    def from_npz(cls, path: Path) -> "Predictions":
+    def from_npz(cls, path: Path) -> Predictions:
         with np.load(path, allow_pickle=False) as z:
             return cls(labels=z["labels"], preds=z["preds"], losses=z["losses"], margins=z["margins"],
                        log_probs=z["log_probs"] if "log_probs" in z.files else None)

@@ -24,9 +24,10 @@ import os
 import pickle
 import socket
 import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -42,15 +43,34 @@ from .errors import ModelError, atomic_write_bytes
 
 open_clip = import_open_clip()
 
-from open_clip.transformer import TextTransformer, text_global_pool  # noqa: E402  (after the compat fix)
-from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict  # noqa: E402
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer  # noqa: E402
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict  # noqa: E402
+from open_clip.transformer import TextTransformer, text_global_pool  # noqa: E402  (after the compat fix)
 
 __all__ = [
-    "SHIPPED_ARCHS", "CHECKPOINT_FORMAT", "LoadedModel", "LowRankHeads", "HeadedCLIP", "ZeroShotClassifier",
-    "ZeroShotOutput", "load_model", "create_model", "save_checkpoint", "load_checkpoint", "read_checkpoint_metadata",
-    "weights_digest", "tensor_digest", "resolve_device", "model_autocast", "build_class_tokens",
-    "zero_shot_logits", "class_logits", "tower_indices", "grouped_low_rank", "naive_routed_projection", "register_shipped_configs",
+    "CHECKPOINT_FORMAT",
+    "SHIPPED_ARCHS",
+    "HeadedCLIP",
+    "LoadedModel",
+    "LowRankHeads",
+    "ZeroShotClassifier",
+    "ZeroShotOutput",
+    "build_class_tokens",
+    "class_logits",
+    "create_model",
+    "grouped_low_rank",
+    "load_checkpoint",
+    "load_model",
+    "model_autocast",
+    "naive_routed_projection",
+    "read_checkpoint_metadata",
+    "register_shipped_configs",
+    "resolve_device",
+    "save_checkpoint",
+    "tensor_digest",
+    "tower_indices",
+    "weights_digest",
+    "zero_shot_logits",
 ]
 
 SHIPPED_CONFIG_DIR = Path(__file__).with_name("model_configs")
@@ -148,7 +168,7 @@ class _SortedGroups(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, A, B, base, order, ids_sorted, segments, inplace):  # type: ignore[override]
+    def forward(ctx, h, A, B, base, order, ids_sorted, segments, inplace):
         if order is None and inplace:
             ctx.mark_dirty(base)
         out, hs, u = _grouped_forward(h, A, B, base, order, ids_sorted, segments, inplace)
@@ -158,7 +178,7 @@ class _SortedGroups(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g):  # type: ignore[override]
+    def backward(ctx, g):
         hs, u, A, B, order, ids_sorted = ctx.saved_tensors
         g = g.contiguous()
         gs = g if order is None else g.index_select(0, order)
@@ -336,7 +356,9 @@ class HeadedCLIP(nn.Module):
     def __init__(self, clip: nn.Module, classes: Sequence[str], heads: LowRankHeads | None = None, *,
                  arch: str = "", model_cfg: dict | None = None, tokenizer_name: str | None = None):
         super().__init__()
-        self.clip = clip
+        # open_clip's modules are untyped: through nn.Module.__getattr__ every attribute would read as
+        # Tensor | Module, so the wrapped model is Any to the type checker
+        self.clip: Any = clip
         self.classes: tuple[str, ...] = tuple(classes)
         self.heads = heads
         self.arch = arch
@@ -364,7 +386,7 @@ class HeadedCLIP(nn.Module):
         # straight into _buffers: register_buffer refuses a name that the property above already holds
         self._buffers["class_bias"] = bias.detach().to(dev, torch.float32).clone()
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's, with the optional class bias set (or cleared) and the class image towers made
         (or dropped) to match the state."""
         sd = dict(state_dict)
@@ -385,7 +407,7 @@ class HeadedCLIP(nn.Module):
     def negative_head(self) -> int:
         return len(self.classes)
 
-    def _text_tower(self) -> tuple[str, nn.Module]:
+    def _text_tower(self) -> tuple[str, Any]:
         c = self.clip
         if isinstance(c, open_clip.CLIP):
             return "clip", c
@@ -591,7 +613,7 @@ def _check_arch(arch: str) -> dict:
     return cfg
 
 
-def _instantiate(model_cfg: dict, preprocess_cfg: dict | None, device: torch.device, seed: int | None) -> nn.Module:
+def _instantiate(model_cfg: dict, preprocess_cfg: dict | None, device: torch.device, seed: int | None) -> Any:
     """Build an open_clip model from a config dict (random init: weights come from a checkpoint or stay random)."""
     cfg = copy.deepcopy(model_cfg)
     text_cfg, vision_cfg = cfg.setdefault("text_cfg", {}), cfg.setdefault("vision_cfg", {})
@@ -661,7 +683,7 @@ def _build_tokenizer(name: str | None, model_cfg: dict | None, context_length: i
                          f"{_first_line(e)}") from e
 
 
-def _finish(clip: nn.Module, classes: Sequence[str], *, arch: str, model_cfg: dict | None, tokenizer_name: str | None,
+def _finish(clip: Any, classes: Sequence[str], *, arch: str, model_cfg: dict | None, tokenizer_name: str | None,
             heads_state: dict[str, torch.Tensor] | None, heads: bool, rank: int, seed: int, device: torch.device,
             precision: str, source: str) -> LoadedModel:
     hc = HeadedCLIP(clip, classes, arch=arch, model_cfg=model_cfg, tokenizer_name=tokenizer_name)
@@ -839,7 +861,7 @@ def _unpickler_reason(e: BaseException) -> tuple[bool, str]:
         if "GLOBAL" in ln or "global" in ln:
             return True, ln.rstrip(".")
     for ln in lines:
-        if ln.startswith("Unsupported") or "error:" in ln.lower() and not ln.endswith(":"):
+        if ln.startswith("Unsupported") or ("error:" in ln.lower() and not ln.endswith(":")):
             return False, ln.rstrip(".")
     return False, _first_line(e)
 

@@ -32,8 +32,24 @@ from typing import Any
 import jinja2
 
 from .errors import RunError, atomic_write_text
-from .report_charts import (DISPLAY_CONFIDENCE, STATUS_COLORS, clean, conf, fmt_int, fmt_num, forest_chart, heatmap,
-                            interval_chart, is_number, line_chart, pct, pp, scatter_chart, sub, wilson_interval)
+from .report_charts import (
+    DISPLAY_CONFIDENCE,
+    STATUS_COLORS,
+    clean,
+    conf,
+    fmt_int,
+    fmt_num,
+    forest_chart,
+    heatmap,
+    interval_chart,
+    is_number,
+    line_chart,
+    pct,
+    pp,
+    scatter_chart,
+    sub,
+    wilson_interval,
+)
 
 SCHEMA_VERSION = 1
 STATUSES = ("certified", "preserved", "violated", "inconclusive")

@@ -8,9 +8,10 @@ autoescaping. Nothing here imports numpy or scipy: the report must render anywhe
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 STATUS_COLORS = {
     "certified": "#1a7f37",
@@ -131,9 +132,9 @@ class Axis:
         return round(self.px_lo + (v - self.lo) * (self.px_hi - self.px_lo) / (self.hi - self.lo), 2)
 
 
-def _axis(values: Iterable[float], px_lo: float, px_hi: float, unit: str = "", pad: float = 0.05,
+def _axis(values: Iterable[float | None], px_lo: float, px_hi: float, unit: str = "", pad: float = 0.05,
           clamp: tuple[float, float] | None = None, count: int = 5) -> Axis:
-    vals = [v for v in values if is_number(v)]
+    vals = [float(v) for v in values if v is not None and is_number(v)]
     lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
     span = hi - lo or max(abs(hi), 1e-3)
     lo, hi = lo - pad * span, hi + pad * span
@@ -214,7 +215,7 @@ def forest_chart(caps: list[dict[str, Any]], *, width: int = 1000) -> dict[str, 
     lower confidence limit (= -drop bound) against that capability's tolerance (the margin)."""
     row_h, left, right, top = 20, 190, 16, 10
     height = top + row_h * len(caps) + 34
-    vals: list[float] = [0.0]
+    vals: list[float | None] = [0.0]  # None: no bound (the axis skips it)
     for c in caps:
         vals += [c["change"], -c["drop_upper_bound"] if is_number(c["drop_upper_bound"]) else None, -c["tolerance"]]
     xa = _axis(vals, left, width - right, unit="pp", pad=0.08, clamp=(-1.0, 1.0))

@@ -14,9 +14,10 @@ import hashlib
 import platform
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -214,7 +215,8 @@ def _flip_thumbnails(inp: Loaded, p_old, p_new, run_dir: Path) -> list[dict]:
     protected = set(plan.protected_indices)
     records = inp.manifests["heldout"].records
     flipped = np.flatnonzero(p_old.correct & ~p_new.correct)
-    out, per_class = [], {}
+    out: list[dict] = []
+    per_class: dict[int, int] = {}
     folder = run_dir / "flips"
     for i in flipped:
         y = int(p_old.labels[i])
@@ -225,8 +227,8 @@ def _flip_thumbnails(inp: Loaded, p_old, p_new, run_dir: Path) -> list[dict]:
         name = f"{y:03d}-{per_class[y]:02d}.png"
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            with Image.open(rec.path) as im:
-                im = im.convert("RGB")
+            with Image.open(rec.path) as src:
+                im = src.convert("RGB")
                 im.thumbnail((96, 96))
                 im.save(folder / name, format="PNG")
         except OSError:

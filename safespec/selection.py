@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy.stats import norm
@@ -216,7 +216,7 @@ class Selector:
             return float("nan")
         return float((margins(logits[self.target_mask], self.labels[self.target_mask], self.target, offset) > 0).mean())
 
-    def assess(self, logits: np.ndarray, *, calibrate: bool) -> "Assessment":
+    def assess(self, logits: np.ndarray, *, calibrate: bool) -> Assessment:
         """The best admissible offset for one candidate's validation ``logits`` (offset 0 without
         ``calibrate``), with the evidence at that offset."""
         logits = np.asarray(logits, dtype=np.float64)
@@ -241,7 +241,7 @@ class Selector:
         hi = np.concatenate([gaps, [np.inf]])
         with np.errstate(invalid="ignore"):
             mid = np.where(np.isfinite(lo) & np.isfinite(hi), (lo + hi) / 2, np.where(np.isfinite(lo), lo + 1.0, hi - 1.0))
-        points = np.where((lo < 0) & (0 <= hi), 0.0, mid)
+        points = np.where((lo < 0) & (hi >= 0), 0.0, mid)
         # from the most target images right (the last interval) down: the first admissible point wins
         for b in points[::-1]:
             if self.probability(logits, float(b)) >= self.q:

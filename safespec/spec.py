@@ -97,7 +97,7 @@ class ModelSpec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSpec":
+    def _one_source(self) -> ModelSpec:
         if self.pretrained is not None and self.checkpoint is not None:
             raise _rule(("checkpoint",), "give either 'pretrained' or 'checkpoint', not both")
         if self.pretrained is None and self.checkpoint is None:
@@ -155,7 +155,7 @@ class ConstraintSpec(_Strict):
     slack: float = Field(0.0, ge=0.0, le=10.0, description="Allowed increase of the metric over the old model's value, in the metric's units (0 = strict; 'distill' needs a slack > 0, in nats).")
 
     @model_validator(mode="after")
-    def _distill_slack(self) -> "ConstraintSpec":
+    def _distill_slack(self) -> ConstraintSpec:
         # KL(old || new) is 0 only at the old model itself: a strict 'distill' constraint would forbid every
         # change, so it fails here rather than as a run that never moves
         if self.metric in ("distill", "focal-distill") and self.slack <= 0.0:
@@ -199,7 +199,7 @@ class GoalSpec(_Strict):
     min_improvement: float | None = Field(None, ge=-1.0, le=1.0, description="Held-out accuracy gain over the old model the target must reach.")
 
     @model_validator(mode="after")
-    def _some(self) -> "GoalSpec":
+    def _some(self) -> GoalSpec:
         if self.min_accuracy is None and self.min_improvement is None:
             raise _rule((), "give 'min_accuracy', 'min_improvement' or both")
         return self
@@ -289,7 +289,7 @@ class OptimizeSpec(_Strict):
     checkpoint_every: int = Field(100, ge=1, description="Save the resumable training state every N steps.")
 
     @model_validator(mode="after")
-    def _warmup(self) -> "OptimizeSpec":
+    def _warmup(self) -> OptimizeSpec:
         if self.warmup_steps >= self.steps:
             raise _rule(("warmup_steps",), f"must be smaller than steps ({self.steps}) (got {self.warmup_steps})")
         if self.method in self.baselines:
@@ -338,7 +338,7 @@ class Spec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _cross_field(self) -> "Spec":
+    def _cross_field(self) -> Spec:
         names = set(self.classes.names)
         listed = list(self.classes.names)
         target = self.target.class_
@@ -361,7 +361,7 @@ class Spec(_Strict):
             raise _rule(("protect", i, "classes"), "'others' covers every non-target class; it must be the only protect entry")
         return self
 
-    def resolve(self, base: Path) -> "Spec":
+    def resolve(self, base: Path) -> Spec:
         """Return a copy whose relative paths (checkpoint, data) are anchored at ``base`` (the spec's folder).
 
         ``report.dir`` stays relative to the working directory, where runs are started."""

@@ -18,7 +18,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -28,7 +28,7 @@ from .compile import Plan, PlanError, compile_spec
 from .errors import SpecError
 from .spec import SPEC_VERSION, Spec
 
-__all__ = ["load_spec", "load_plan", "parse_spec", "read_spec_data", "spec_digest", "starter_spec", "STARTER_DATA"]
+__all__ = ["STARTER_DATA", "load_plan", "load_spec", "parse_spec", "read_spec_data", "spec_digest", "starter_spec"]
 
 Loc = tuple  # a path into the document: str keys and int indices
 
@@ -40,7 +40,7 @@ _MAX_BYTES = 10 * 2**20
 class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 core-schema scalars (see the module docstring)."""
 
-    yaml_implicit_resolvers: dict = {}
+    yaml_implicit_resolvers: ClassVar[dict] = {}
 
 
 for _tag, _regexp, _first in [
@@ -422,16 +422,15 @@ def _message(err: dict[str, Any], loc: Loc, doc: _Doc) -> str:
         return f"required {what} is missing (add '{key}:')"
     if kind == "extra_forbidden":
         key = str(loc[-1])
-        section = _section_of(loc[:-1])
-        known = list(_keys(section)) if section is not None else []
+        owner = _section_of(loc[:-1])
+        known = list(_keys(owner)) if owner is not None else []
         hint = ""
         close = _close_key(loc)
         if close:
             hint = f"; did you mean {close!r}?"
         else:
-            elsewhere = [p for p in _all_keys().get(key, []) if p]
             here = _dotted(tuple(p for p in loc[:-1] if not isinstance(p, int)))
-            elsewhere = [p for p in elsewhere if p != here]
+            elsewhere = [p for p in _all_keys().get(key, []) if p and p != here]
             if elsewhere:
                 hint = f"; it belongs in '{elsewhere[0]}'"
             elif known:
@@ -442,13 +441,12 @@ def _message(err: dict[str, Any], loc: Loc, doc: _Doc) -> str:
         text = "must be one of " + ", ".join(repr(o) for o in options) if options else f"must be {ctx.get('expected')}"
         hint = ""
         if isinstance(value, str) and options:
-            close = difflib.get_close_matches(value, [str(o) for o in options], n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            near = difflib.get_close_matches(value, [str(o) for o in options], n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
         return f"{text}{got}{hint}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        text = _range_text(_bounds(info))
-        if text is None:
-            text = err["msg"].replace("Input should be", "must be")
+        bounds = _range_text(_bounds(info))
+        text = bounds if bounds is not None else err["msg"].replace("Input should be", "must be")
         return text + got
     if kind in ("too_short", "too_long"):
         n = len(value) if isinstance(value, (list, str)) else None
@@ -481,7 +479,7 @@ def _validation_lines(exc: ValidationError, doc: _Doc) -> list[str]:
         ctx = err.get("ctx") or {}
         if err["type"] == "spec_rule":
             loc = loc + tuple(ctx.get("rule_loc", ()))
-        groups.setdefault(loc, []).append((err, tagged))
+        groups.setdefault(loc, []).append((dict(err), tagged))
     # A misspelt required key is one problem, not two: "unknown 'tolerence'; did you mean 'tolerance'?"
     # already says what the "'tolerance' is missing" error would.
     for loc, errs in list(groups.items()):

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 from scipy import optimize
@@ -42,30 +43,30 @@ from scipy.stats import binom as _binom
 from scipy.stats import norm as _norm
 
 __all__ = [
-    "TESTS",
     "DEFAULT_TEST",
     "EXACT_GAMMA",
-    "exact_gamma",
-    "z_value",
-    "restricted_mle",
-    "score_statistic",
-    "drop_upper_bound",
-    "drop_lower_bound",
-    "drop_interval",
-    "noninferiority_pvalue",
-    "wald_drop_upper_bound",
+    "TESTS",
+    "certification_probability",
+    "certifies",
+    "clear_caches",
     "clopper_pearson",
     "clopper_pearson_interval",
-    "exact_pvalue",
+    "drop_interval",
+    "drop_lower_bound",
+    "drop_upper_bound",
     "exact_drop_upper_bound",
-    "upper_bound",
-    "certifies",
+    "exact_gamma",
+    "exact_pvalue",
     "exact_region",
-    "needed_n",
-    "min_informative_n",
     "is_inconclusive",
-    "certification_probability",
-    "clear_caches",
+    "min_informative_n",
+    "needed_n",
+    "noninferiority_pvalue",
+    "restricted_mle",
+    "score_statistic",
+    "upper_bound",
+    "wald_drop_upper_bound",
+    "z_value",
 ]
 
 # Root-finding tolerance on the drop scale. Bounds are reported to 4 decimals; 1e-12 keeps the bound/p-value
@@ -331,7 +332,7 @@ def _score_grid(n: int, delta: float, b_ext: int, c_ext: int) -> np.ndarray:
         _grid_cache.move_to_end(key)
         return t
     B, C = np.meshgrid(np.arange(b_ext + 1), np.arange(c_ext + 1), indexing="ij")
-    t = np.where(B + C <= n, score_statistic(B, C, n, delta), np.inf)
+    t = np.where(n >= B + C, score_statistic(B, C, n, delta), np.inf)
     t.setflags(write=False)
     _grid_cache[key] = t
     _grid_cells += t.size
@@ -374,7 +375,7 @@ def _sup_tail(n: int, delta: float, bmax: np.ndarray, c_hi: int, lo: float, hi: 
     supremum is at least that, so the test does not reject whatever the later steps would find."""
     if hi <= lo:
         return float(_tail([lo], n, delta, bmax, c_hi)[0])
-    done = (lambda x: x + stop[0] > stop[1]) if stop is not None else (lambda x: False)  # noqa: E731
+    done = (lambda x: x + stop[0] > stop[1]) if stop is not None else (lambda x: False)
     g = min(_GRID_MAX, max(_GRID_MIN, math.ceil(_GRID_PER_UNIT * n * (hi - lo)) + 1))
     ps = np.linspace(lo, hi, g)
     v = _tail(ps, n, delta, bmax, c_hi)
@@ -542,8 +543,8 @@ def _bound_brackets(b: int, c: int, n: int, confidence: float):
 
 def _exact_bound(b: int, c: int, n: int, confidence: float) -> float:
     hi = 1.0
-    for _, hi in _bound_brackets(b, c, n, confidence):
-        pass
+    for bracket in _bound_brackets(b, c, n, confidence):
+        hi = bracket[1]  # the last bracket is the tightest
     return hi
 
 

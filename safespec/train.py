@@ -23,9 +23,10 @@ import io
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,8 +35,19 @@ import torch.nn.functional as F
 from .compile import Plan
 from .distributed import context as dist_context
 from .errors import RunError, atomic_write_bytes, atomic_write_text
-from .evaluate import (PredictionCache, Predictions, class_logits, evaluate, feature_key, image_features,
-                       kl_from_old, logits_losses, metric_values, prediction_key, visual_digest)
+from .evaluate import (
+    PredictionCache,
+    Predictions,
+    class_logits,
+    evaluate,
+    feature_key,
+    image_features,
+    kl_from_old,
+    logits_losses,
+    metric_values,
+    prediction_key,
+    visual_digest,
+)
 from .model import TOWER_PREFIX, build_class_tokens, model_autocast
 from .progress import Progress
 from .selection import Assessment, Capability, Selector
@@ -53,7 +65,7 @@ class Split:
     bank: Any  # safespec.data.ImageBank: bank[idx] -> (B,C,H,W); iter_batches(bs)
     labels: np.ndarray
     digest: str
-    captions: list[str] | None = None
+    captions: list[str | None] | None = None  # None: no caption for that row (the template is used)
 
 
 @dataclass
@@ -127,7 +139,7 @@ class _Towers(torch.nn.Module):
         self.model = model
 
     def forward(self, images, prompts, prompt_heads, captions=None, caption_heads=None, *,
-                hidden: bool = False, shared: bool = True):  # type: ignore[override]
+                hidden: bool = False, shared: bool = True):
         """``hidden``: the text inputs are the frozen text tower's outputs; only the projection and the
         heads run. ``shared``: run the shared image tower (False: its features are cached, and the images
         go through the class image towers only)."""
@@ -176,12 +188,12 @@ class ConstraintWeights:
             raise ValueError("beta and multiplier_lr must be positive, rho non-negative")
 
     @classmethod
-    def zeros(cls, method: str, k: int, device="cpu", **kw) -> "ConstraintWeights":
+    def zeros(cls, method: str, k: int, device="cpu", **kw) -> ConstraintWeights:
         z = lambda dt=torch.float32: torch.zeros(k, dtype=dt, device=device)  # noqa: E731
         return cls(method=method, u=z(), seen=z(torch.bool), lam=z(), **kw)
 
     @classmethod
-    def from_plan(cls, method: str, k: int, o, device="cpu") -> "ConstraintWeights":
+    def from_plan(cls, method: str, k: int, o, device="cpu") -> ConstraintWeights:
         return cls.zeros(method, k, device, gamma=o.gamma, beta=o.beta, beta_schedule=o.beta_schedule,
                          form=o.penalty_form, multiplier_lr=o.multiplier_lr, rho=o.rho,
                          max_multiplier=o.max_multiplier, total_steps=o.steps)
@@ -215,7 +227,7 @@ class Trainer:
     def __init__(self, plan: Plan, loaded, data: TrainData, *, method: str | None = None,
                  run_dir: Path | None = None, cache: PredictionCache | None = None, quiet: bool = False,
                  log: Callable[[str], None] | None = None, tag: str | None = None):
-        from .data import ProtectedSampler, TargetSampler  # noqa: PLC0415 (keeps import order light)
+        from .data import ProtectedSampler, TargetSampler
 
         self.plan, self.o = plan, plan.optimizer
         self.method = method or self.o.method
@@ -276,8 +288,10 @@ class Trainer:
         counts = data.heldout_counts
         if counts is None:
             counts = np.bincount(data.validation.labels, minlength=C)
+        ref_val_logp = self.ref_val.log_probs
+        assert ref_val_logp is not None  # asked for above
         self.selector = Selector(
-            self.ref_val.log_probs, data.validation.labels,
+            ref_val_logp, data.validation.labels,
             [Capability(c.name, tuple(c.class_indices), c.tolerance, c.confidence,
                         int(np.asarray(counts)[list(c.class_indices)].sum()), plan.certify.test)
              for c in self.constraints],
@@ -346,7 +360,8 @@ class Trainer:
             self.opt, lambda s: lr_factor(s, self.o.warmup_steps, self.o.steps))
         self.step = 0
         self.trajectory: list[dict] = []
-        self.best_step, self.best_score, self.best_state, self.best_offset = 0, -math.inf, None, 0.0
+        self.best_step, self.best_score, self.best_offset = 0, -math.inf, 0.0
+        self.best_state: dict[str, torch.Tensor] | None = None
         self.seconds = 0.0
 
     def _freeze(self, towers) -> None:
@@ -416,6 +431,7 @@ class Trainer:
         drops = self.validation_drops(new, self.ref_val)
         acc = new.per_class_accuracy(len(self.plan.classes))
         t = self.plan.objective.target_index
+        assert new.log_probs is not None  # evaluated with log_probs=True
         a: Assessment = self.selector.assess(new.log_probs, calibrate=self.calibrate)
         out = {"constraints": cons, "drops": drops, "accuracy": acc, "target": float(acc[t]),
                "score": a.target_accuracy if self.calibrate else float(acc[t]),
@@ -474,6 +490,7 @@ class Trainer:
             clo, chi, csplit = self._shard(nc)
             cap_heads = torch.full((nc,), self.model.negative_head, dtype=torch.long)  # on the host: no sync
             cap_heads[:pos_n] = self.plan.objective.target_index
+            assert self.caption_inputs is not None  # the contrastive objective encoded the captions
             caps, cap_heads = self.caption_inputs[caption_rows[clo:chi]], cap_heads[clo:chi]
         with self.autocast():
             img, towers, txt, cap = self.towers(x, prompts, heads, caps, cap_heads,
@@ -498,7 +515,7 @@ class Trainer:
         return img.float(), towers, text.float(), cap
 
     def train_step(self) -> torch.Tensor:
-        o, dev = self.o, self.device
+        dev = self.device
         pos, neg = self.target_sampler.sample()
         pos_idx = _index(pos, dev)
         t_rows = np.concatenate([pos, neg])
@@ -513,6 +530,7 @@ class Trainer:
         loss = self._target_objective(feats[:nt], {c: f[:nt] for c, f in towers.items()}, text, cap, yt,
                                       len(pos), pos_idx)
         if constrained:
+            assert p_rows is not None
             p_idx = _index(p_rows, dev)
             yp = self.store_labels[p_idx]
             logits, ce, margin = logits_losses(feats[nt:], text, yp, self.tau, self.model.class_bias,
@@ -658,7 +676,7 @@ class Trainer:
         validation["min_certify_probability"] = q
         if self.blocked and self.method in CONSTRAINED:
             validation["blocked"] = self.blocked
-        state = self.old_state if fell_back else self.best_state
+        state = self.old_state if fell_back or self.best_state is None else self.best_state
         return TrainOutcome(method=self.method, state_dict=state, selected_step=self.best_step,
                             fell_back_to_old=fell_back, reason=reason, trajectory=list(self.trajectory),
                             steps=self.step, seconds=self.seconds,
@@ -682,7 +700,7 @@ class Trainer:
             mixed = {k: (old[k].float() * (1 - a) + ft[k].float() * a).to(old[k].dtype)
                      if old[k].is_floating_point() and not torch.equal(old[k], ft[k]) else ft[k] for k in old}
             self.model.load_state_dict(mixed)
-            self.step = int(round(a * 1000))  # the "step" of a mixing weight, for the trajectory only
+            self.step = round(a * 1000)  # the "step" of a mixing weight, for the trajectory only
             v = self.validate() if a > 0 else self.validate_old()
             self.trajectory.append({"alpha": a, "step": self.step, "target_metric": v["target"],
                                     "constraints": {c.name: float(x) for c, x in zip(self.constraints, v["constraints"])},
@@ -690,12 +708,19 @@ class Trainer:
             if v["feasible"]:
                 best = (a, mixed, v)
                 break
-        a, state, v = best
-        if a == 0:  # the old model itself, not a copy of it with an untrained tower
-            state = self.old_state
+        if best is None:
+            # not even the old model is admissible (a held-out split too small to certify anything): keep it,
+            # as the constrained methods do when nothing is admissible
+            a, state = 0.0, self.old_state
+            reason = ("no mixing weight between the old model (0) and the unconstrained fine-tune (1) keeps every "
+                      "constraint on validation, not even 0: the old model is kept")
+        else:
+            a, state, _ = best
+            if a == 0:  # the old model itself, not a copy of it with an untrained tower
+                state = self.old_state
+            reason = (f"largest mixing weight alpha={a:.2f} between the old model (0) and the unconstrained "
+                      f"fine-tune (1) that keeps every constraint on validation")
         self.model.load_state_dict(state)
-        reason = (f"largest mixing weight alpha={a:.2f} between the old model (0) and the unconstrained fine-tune (1) "
-                  f"that keeps every constraint on validation")
         self._write_trajectory()
         return TrainOutcome(method="wise-ft", state_dict=_cpu_state(self.model), selected_step=inner.step,
                             fell_back_to_old=a == 0, reason=reason, trajectory=self.trajectory,

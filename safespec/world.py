@@ -62,10 +62,11 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -131,7 +132,7 @@ class WorldConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "WorldConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> WorldConfig:
         d = dict(d)
         d["templates"] = tuple(d.get("templates", ("a photo of a {}.",)))
         return cls(**d)
@@ -174,18 +175,18 @@ class World:
 # ------------------------------------------------------------------------------------------ source data
 def _reconstruct() -> Callable:
     try:
-        from numpy._core.multiarray import _reconstruct as f  # numpy >= 2
+        from numpy._core import multiarray  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct as f
-    return f
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    return multiarray._reconstruct
 
 
 def _frombuffer() -> Callable:
     try:
-        from numpy._core.numeric import _frombuffer as f  # numpy >= 2
+        from numpy._core import numeric  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.numeric import _frombuffer as f
-    return f
+        from numpy.core import numeric  # type: ignore[no-redef]
+    return numeric._frombuffer  # type: ignore[attr-defined]  # private: what numpy's pickles name
 
 
 #: The only globals a pickled plain numpy array names (protocols 3-5, numpy 1.x and 2.x spellings);
@@ -466,7 +467,7 @@ def _label(config: WorldConfig) -> str:
 
 
 def build_world(root: str | os.PathLike, config: WorldConfig = WorldConfig(), *, progress: bool = True,
-                log: Callable[[str], Any] = print, threads: int | None = 1) -> World:
+                log: Callable[[str], Any] | None = print, threads: int | None = 1) -> World:
     """Build the demo world under ``root``, or reuse it when ``root/world.json`` matches ``config`` and every
     manifest, image and the v1 checkpoint still have their recorded digests.
 
@@ -603,7 +604,7 @@ def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str
 
     def rows(split: str, per_class: Mapping[str, np.ndarray], mirrors: Mapping[str, np.ndarray] | None = None,
              names: Sequence[str] = classes) -> list[tuple[str, str, str | None]]:
-        out_rows = []
+        out_rows: list[tuple[str, str, str | None]] = []
         for name in names:
             out_rows += [(rel[(split, int(i), False)], name, caption.format(name)) for i in per_class.get(name, ())]
             if mirrors is not None:
@@ -643,10 +644,10 @@ def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str
         "target": config.target,
         "source": {"package": f"{src.package} {source['version']}", "licence": src.licence,
                    "images": source["images"], "labels": source["labels"],
-                   "images_total": int(len(images)), "unique": int(len(keep))},
+                   "images_total": len(images), "unique": len(keep)},
         "manifests": {s: {"path": f"{s}.csv", "digest": m.digest(), "n": len(m), "per_class": m.counts()}
                       for s, m in loaded.items()},
-        "mirrored_in_base": {n: int(len(v)) for n, v in plan.mirrors.items() if len(v)},
+        "mirrored_in_base": {n: len(v) for n, v in plan.mirrors.items() if len(v)},
         "unused_unique_images": plan.unused,
         "v1": model_info,
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),

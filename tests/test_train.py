@@ -155,6 +155,15 @@ def test_wise_ft_picks_the_largest_feasible_mixing_weight(world_inputs, tmp_path
     assert outcome.validation["alpha"] == outcome.trajectory[-1]["alpha"]
 
 
+def test_wise_ft_keeps_the_old_model_when_not_even_it_is_admissible(world_inputs, tmp_path):
+    # 5 held-out images per class cannot certify even an unchanged model: no mixing weight is admissible
+    trainer, outcome = _train(world_inputs, tmp_path, "wise-ft", steps=20, eval_every=10, heldout_n=5)
+    assert not any(e["feasible"] for e in outcome.trajectory)
+    assert outcome.fell_back_to_old and outcome.validation["alpha"] == 0.0
+    assert "not even 0" in outcome.reason
+    assert all(torch.equal(outcome.state_dict[k], v) for k, v in trainer.old_state.items())
+
+
 def test_baselines_select_by_the_target_alone(world_inputs, tmp_path, monkeypatch):
     _nothing_admissible(monkeypatch)
     _, outcome = _train(world_inputs, tmp_path, "unconstrained", steps=40, eval_every=20)
