@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from safespec import report, report_charts
+from safespec import report
+from safespec.report import charts as report_charts
+from safespec.report import terminal, view
 from safespec.errors import RunError, SafespecError
 
 from fixtures_report import MIXED, make_result, make_trajectory, many_capabilities, png_bytes, write_run
@@ -210,7 +212,7 @@ def test_many_capabilities_render_with_aggregated_charts(tmp_path: Path):
     assert html.count('class="chart wide"') == 2  # forest and the worst-classes intervals: capped, not 365 rows
     svgs = html.count("<svg")
     # forest + intervals + scatter + target + loss + constraint aggregate + capped small multiples + u + multipliers
-    assert svgs == 3 + 2 + 1 + report.MAX_SMALL_MULTIPLES + 2
+    assert svgs == 3 + 2 + 1 + view.MAX_SMALL_MULTIPLES + 2
 
 
 def test_run_without_training_renders(tmp_path: Path):
@@ -314,9 +316,9 @@ def test_summary_of_many_capabilities_fits_a_screen():
     result = make_result(many_capabilities(365), baselines=False)
     not_met = [c for c in result["capabilities"] if not c["meets_requirement"]]
     lines = report.summary_text(result).splitlines()
-    assert len(lines) <= 1 + report.SUMMARY_MAX_NOT_MET + 2 + 1
+    assert len(lines) <= 1 + terminal.SUMMARY_MAX_NOT_MET + 2 + 1
     shown = [l.split()[1] for l in lines[1:] if l.split()[0] in report.STATUSES]
-    assert shown == [c["name"] for c in not_met][: report.SUMMARY_MAX_NOT_MET]
+    assert shown == [c["name"] for c in not_met][: terminal.SUMMARY_MAX_NOT_MET]
     assert f"+ {365 - len(not_met)} more meeting the requirement" in "\n".join(lines)
 
 
@@ -530,7 +532,7 @@ def test_a_certified_run_whose_target_missed_its_goal_is_marked_not_releasable(t
 
 
 def test_a_calibrated_run_charts_its_selection_score_beside_the_raw_target():
-    from safespec.report import _training_charts
+    from safespec.report.view import _training_charts
 
     traj = [{"step": s, "target_metric": 0.3 + s / 1000, "train_loss": 1.0} for s in (0, 100, 200)]
     assert len(_training_charts(traj, 100)["target"]["series"]) == 1
