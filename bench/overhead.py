@@ -365,7 +365,7 @@ def synthetic_plan(n_protected: int, *, arch: str, classes_per_step: int, per_cl
                    rank: int = 8, freeze: tuple[str, ...] = ()):
     """A plan with ``n_protected`` protected classes (each its own constraint, as in the demo) plus one
     target, the demo's optimizer settings otherwise."""
-    from safespec.compile import compile_spec
+    from safespec.plan import compile_spec
     from safespec.spec import Spec
 
     names = [f"class{i:03d}" for i in range(n_protected)] + ["target"]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from safespec.compile import OptimizerPlan
+from safespec.plan import OptimizerPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 OPT_KEYS = {f.name for f in dataclasses.fields(OptimizerPlan)}

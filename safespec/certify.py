@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import stats
-from .compile import Plan
+from .plan import Plan
 
 STATUSES = ("certified", "preserved", "violated", "inconclusive")
 

@@ -100,7 +100,7 @@ def validate(specs: tuple[str, ...], no_data_check: bool) -> int:
     """Check spec files: syntax, schema, cross-field rules, data files and the plan.
 
     Prints one 'ok' line per valid spec and one line per problem (FILE:LINE:COL: field: message)."""
-    from .specfile import load_plan
+    from .plan import load_plan
 
     failed = False
     for path in specs:
@@ -138,7 +138,7 @@ def schema(output: str | None) -> None:
 @click.option("--name", default=None, help="The spec's name (default: from the file name).")
 def init(path: str, force: bool, name: str | None) -> None:
     """Write a commented starter spec to PATH (default spec.yaml; a folder gets spec.yaml inside)."""
-    from .specfile import STARTER_DATA, starter_spec
+    from .spec import STARTER_DATA, starter_spec
 
     target = Path(path)
     if target.is_dir():
@@ -161,7 +161,7 @@ def init(path: str, force: bool, name: str | None) -> None:
 @_NO_DATA_CHECK
 def compile_cmd(spec: str, no_data_check: bool) -> None:
     """Print the plan the later stages run (JSON): every shorthand expanded, paths resolved."""
-    from .specfile import load_plan
+    from .plan import load_plan
 
     _, plan = load_plan(spec, check_files=not no_data_check)
     click.echo(plan.to_json())
@@ -263,7 +263,7 @@ def report(run_dir: str) -> int:
 def demo(spec_path: str | None, world: str | None, world_only: bool, quiet: bool) -> int:
     """Build the embedded demo world once (Animal-MNIST + the old model v1) and run the demo cycle on it."""
     from .runner import run_cycle
-    from .specfile import load_spec
+    from .spec import load_spec
     from .world import build_world
 
     spec_file = Path(spec_path) if spec_path else Path(__file__).resolve().parent.parent / "specs" / "demo.yaml"

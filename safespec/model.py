@@ -37,9 +37,9 @@ import torch.nn.functional as F
 
 from . import __version__
 from ._compat import import_open_clip
-from .compile import ModelPlan
 from .distributed import context as dist_context
 from .errors import ModelError, atomic_write_bytes
+from .plan import ModelPlan
 
 open_clip = import_open_clip()
 

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .compile import Plan
 from .distributed import context as dist_context
 from .errors import RunError, SafespecError, atomic_write_json
+from .plan import Plan
 
 OUTPUTS = ("result.json", "report.html", "junit.xml")
 MAX_FLIP_THUMBNAILS = 8
@@ -107,7 +107,7 @@ class Loaded:
 
 def load_inputs(spec_path: Path, *, log: Callable[[str], None]) -> Loaded:
     from .data import check_disjoint, read_manifest
-    from .specfile import load_plan
+    from .plan import load_plan
 
     spec, plan = load_plan(spec_path)
     manifests = {split: read_manifest(Path(getattr(plan.data, split)), plan.classes)

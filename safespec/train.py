@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .compile import Plan
 from .distributed import context as dist_context
 from .errors import RunError, atomic_write_bytes, atomic_write_text
 from .evaluate import (
@@ -49,6 +48,7 @@ from .evaluate import (
     visual_digest,
 )
 from .model import TOWER_PREFIX, build_class_tokens, model_autocast
+from .plan import Plan
 from .progress import Progress
 from .selection import Assessment, Capability, Selector
 

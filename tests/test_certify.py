@@ -11,7 +11,7 @@ from safespec import certify as certify_module
 from safespec import stats
 from safespec.certify import (Certificate, PairedCounts, certify, confusion_matrix, paired_counts, per_class_table,
                               status_of)
-from safespec.compile import compile_spec
+from safespec.plan import compile_spec
 from safespec.spec import Spec
 
 CLASSES = ["a", "b", "c", "d", "e", "f", "g"]

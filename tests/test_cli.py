@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from safespec import __version__
 from safespec.cli import SafespecGroup, main
 from safespec.errors import DataError
-from safespec.specfile import load_spec
+from safespec.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = Path(__file__).parent / "specs"

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from safespec.compile import ModelPlan
+from safespec.plan import ModelPlan
 from safespec.errors import ModelError
 from safespec.model import (
     CHECKPOINT_FORMAT, SHIPPED_ARCHS, HeadedCLIP, LowRankHeads, ZeroShotClassifier, build_class_tokens,

@@ -455,7 +455,7 @@ def test_certificate_from_certify_matches_the_schema_and_renders(tmp_path: Path)
     import numpy as np
 
     from safespec.certify import certify
-    from safespec.compile import compile_spec
+    from safespec.plan import compile_spec
     from safespec.spec import Spec
 
     names = ["a", "b", "c", "d", "e", "f", "g"]

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from safespec.cli import main
 from safespec.errors import SpecError
-from safespec.specfile import load_plan, load_spec
+from safespec.plan import load_plan
+from safespec.spec import load_spec
 
 SPECS = Path(__file__).parent / "specs"
 BAD = sorted((SPECS / "bad").glob("*.yaml"))

@@ -11,10 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from safespec.cli import main
-from safespec.compile import Plan, PlanError, compile_spec
+from safespec.plan import Plan, PlanError, compile_spec
 from safespec.errors import SpecError
 from safespec.spec import Spec
-from safespec.specfile import load_plan, load_spec, parse_spec, read_spec_data, spec_digest
+from safespec.plan import load_plan
+from safespec.spec import load_spec, parse_spec, read_spec_data, spec_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = Path(__file__).parent / "specs"

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from safespec.cli import main
 from safespec.spec import Spec, json_schema
-from safespec.specfile import read_spec_data
+from safespec.spec import read_spec_data
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "specs").glob("*.yaml")) + [Path(__file__).parent / "specs" / "good.yaml"]
@@ -173,7 +173,7 @@ def test_docs_cover_every_key():
 
 def test_docs_full_examples_validate(tmp_path: Path):
     """Every complete spec in docs/spec.md (a yaml block that starts with 'safespec:') is valid."""
-    from safespec.specfile import load_plan
+    from safespec.plan import load_plan
 
     text = (ROOT / "docs" / "spec.md").read_text()
     blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if b.lstrip().startswith(("safespec:", "#"))

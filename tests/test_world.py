@@ -135,7 +135,7 @@ def test_small_world_layout(small_world, small_world_config):
 def test_small_world_v1_is_a_real_classifier(small_world):
     """v1, loaded back from its checkpoint the way a spec loads the old model, classifies held-out images
     well above chance (0.1); its recorded accuracies are what it really achieves."""
-    from safespec.compile import ModelPlan
+    from safespec.plan import ModelPlan
     from safespec.model import load_model
     from safespec.world import evaluate_accuracy
 

@@ -181,7 +181,7 @@ def test_second_world_is_reused_and_checked(second_small, tmp_path):
 
 def test_spec_for_changes_only_the_world(second_small, tmp_path):
     from bench.worlds import CHANGED, DEMO_SPEC, spec_for
-    from safespec.specfile import load_spec
+    from safespec.spec import load_spec
 
     path = spec_for(second_small, out_dir=tmp_path / "spec")
     spec = load_spec(path)  # valid, and every file it names exists

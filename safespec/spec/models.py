@@ -6,7 +6,7 @@ Everything here is plain data; nothing imports torch, so a spec can be validated
 a CI lint step) without the training stack.
 
 Cross-field rules report the path of the offending field (``SpecRuleError.loc``) so that the YAML
-loader in :mod:`safespec.specfile` can point at the file and line.
+loader in :mod:`safespec.spec.load` can point at the file and line.
 """
 
 from __future__ import annotations

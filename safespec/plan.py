@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .spec import Spec
+from .errors import SpecError
+from .spec import Spec, read_spec
 
 
 class PlanError(ValueError):
     """A combination the spec language accepts but that cannot be planned.
 
     ``field`` is the spec field's path as written in a spec (``protect[3].name``,
-    ``optimize.batch.protected_classes``), so that :mod:`safespec.specfile` can point at its line."""
+    ``optimize.batch.protected_classes``), so that :mod:`safespec.spec.load` can point at its line."""
 
     def __init__(self, field_path: str, message: str):
         super().__init__(f"{field_path}: {message}")
@@ -235,3 +237,14 @@ def compile_spec(spec: Spec) -> Plan:
         report_dir=str(spec.report.dir),
         title=spec.report.title or spec.name,
     )
+
+
+def load_plan(path: str | os.PathLike, *, check_files: bool = True) -> tuple[Spec, Plan]:
+    """:func:`~safespec.spec.load_spec` then :func:`compile_spec`; a plan error is located in the file too
+    (at the field it is about)."""
+    spec, locate = read_spec(path, check_files=check_files)
+    try:
+        plan = compile_spec(spec)
+    except PlanError as e:
+        raise SpecError([locate(e.field, e.message)]) from None
+    return spec, plan
