@@ -17,7 +17,7 @@ import argparse
 import json
 import time
 
-from safespec import stats
+from safespec.certify import stats
 from safespec.certify import PairedCounts, status_of
 
 CONFIDENCE = 0.95

@@ -155,7 +155,7 @@ def certify_candidate(inp: Loaded, old, new_model, new_digest: str, *, cache, ru
                       device, log, thumbnails: bool = True) -> dict[str, Any]:
     """Evaluate old and new on the held-out split (old cached by digest) and certify; returns the
     result fragment (certificate + per-class numbers + confusion + flips)."""
-    from .certify import certify, confusion_matrix
+    from .certify import certify, confusion_matrix, paired_from_correct
     from .evaluate import evaluate, feature_key, image_features, prediction_key, visual_digest
     from .model import build_class_tokens
 
@@ -193,12 +193,13 @@ def certify_candidate(inp: Loaded, old, new_model, new_digest: str, *, cache, ru
     for c, name in enumerate(plan.classes):
         m = held.labels == c
         o, n = p_old.correct[m], p_new.correct[m]
+        t = paired_from_correct(o, n)
         per_class.append({"class": name, "n": int(m.sum()),
                           "old_accuracy": float(o.mean()) if m.any() else None,
                           "new_accuracy": float(n.mean()) if m.any() else None,
                           "old_loss": float(p_old.losses[m].mean()) if m.any() else None,
                           "new_loss": float(p_new.losses[m].mean()) if m.any() else None,
-                          "negative_flips": int((o & ~n).sum()), "positive_flips": int((~o & n).sum())})
+                          "negative_flips": t.negative_flips, "positive_flips": t.positive_flips})
     out["per_class"] = per_class
     out["confusion"] = {"old": confusion_matrix(held.labels, p_old.preds, C).tolist(),
                         "new": confusion_matrix(held.labels, p_new.preds, C).tolist()}

@@ -45,7 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm
 
-from .stats import DEFAULT_TEST, exact_region, restricted_mle, z_value
+from .certify.certificate import paired_from_correct
+from .certify.stats import DEFAULT_TEST, exact_region, restricted_mle, z_value
 
 #: Candidates' target offsets are searched to this resolution (logit units at the evaluation temperature).
 OFFSET_RESOLUTION = 1e-4
@@ -204,8 +205,8 @@ class Selector:
         out = []
         for cap, mk, s, old_t in zip(self.caps, self.masks, self.bandwidths, self.old_terms):
             t = norm.cdf(-m[mk] / s) - old_t
-            o, w = self.old_correct[mk], m[mk] > 0
-            out.append(_predict(cap, t, (int((o & ~w).sum()), int((~o & w).sum()))))
+            pc = paired_from_correct(self.old_correct[mk], m[mk] > 0)
+            out.append(_predict(cap, t, (pc.negative_flips, pc.positive_flips)))
         return out
 
     def probability(self, logits: np.ndarray, offset: float = 0.0) -> float:

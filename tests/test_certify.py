@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from safespec import certify as certify_module
-from safespec import stats
+from safespec.certify import certificate as certify_module
+from safespec.certify import stats
 from safespec.certify import (Certificate, PairedCounts, certify, confusion_matrix, paired_counts, per_class_table,
                               status_of)
 from safespec.plan import compile_spec
@@ -285,3 +285,17 @@ def test_the_spec_chooses_the_test_and_the_certificate_names_it():
     assert d_exact.status == d_score.status == "inconclusive" and (d_exact.needed_n, d_score.needed_n) == (100, 88)
     with pytest.raises(ValueError):
         certify_module.statistics("wald")
+
+
+def test_one_paired_count_serves_the_certificate_and_selection():
+    """paired_from_correct is where flips are counted; paired_counts is it over predictions."""
+    from safespec.certify import paired_counts, paired_from_correct
+
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    old = np.array([0, 1, 1, 0, 2, 0])
+    new = np.array([1, 1, 1, 1, 2, 2])
+    t = paired_from_correct(old == labels, new == labels)
+    assert (t.both_right, t.negative_flips, t.positive_flips, t.both_wrong) == (2, 1, 2, 1)
+    assert paired_counts(labels, old, new) == t
+    with pytest.raises(ValueError, match="shape"):
+        paired_from_correct(np.ones(3, bool), np.ones(4, bool))

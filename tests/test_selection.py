@@ -155,7 +155,7 @@ def _evidence(test, heldout_n, drop, n=4000):
 
 
 def test_the_exact_certificate_is_predicted_by_its_own_acceptance_region():
-    from safespec.stats import certifies
+    from safespec.certify.stats import certifies
 
     for m in (200, 400):
         e = _evidence("exact", m, 0.0)

@@ -10,7 +10,7 @@ import pytest
 from scipy import optimize
 from scipy.stats import binom, binomtest, norm
 
-from safespec import stats
+from safespec.certify import stats
 
 # ------------------------------------------------------------------------------------------ known values
 # Tango score intervals for the paired difference (b - c) / n, as published (3 decimals). Tables are

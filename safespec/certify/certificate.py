@@ -4,7 +4,7 @@ Inputs are deliberately only labels and the old and new model's predicted class 
 Nothing about training (method, losses, multipliers, selection) can reach the certificate, so a model trained
 anywhere, by anyone, is judged by the same rule, and a certificate can be recomputed from the predictions alone.
 
-The statistics live in :mod:`safespec.stats`; docs/statistics.md says which tests are used and why. The drop
+The statistics live in :mod:`safespec.certify.stats`; docs/statistics.md says which tests are used and why. The drop
 bound comes from the exact unconditional test by default, or from Tango's asymptotic score test when the spec says
 ``certify.test: score``; the certificate's ``statistics`` block names the one used.
 """
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ..plan import Plan
 from . import stats
-from .plan import Plan
 
 STATUSES = ("certified", "preserved", "violated", "inconclusive")
 
@@ -164,8 +164,15 @@ def paired_counts(labels: np.ndarray, old_pred: np.ndarray, new_pred: np.ndarray
         if mask.dtype != bool or mask.shape != labels.shape:
             raise ValueError(f"mask must be a boolean array of length {labels.size}")
         labels, old_pred, new_pred = labels[mask], old_pred[mask], new_pred[mask]
-    old_ok = old_pred == labels
-    new_ok = new_pred == labels
+    return paired_from_correct(old_pred == labels, new_pred == labels)
+
+
+def paired_from_correct(old_ok: np.ndarray, new_ok: np.ndarray) -> PairedCounts:
+    """The paired table from which images each model got right. Flips are counted here and nowhere else:
+    the certificate, selection's validation evidence and the run's per-class table all call this."""
+    old_ok, new_ok = np.asarray(old_ok, dtype=bool), np.asarray(new_ok, dtype=bool)
+    if old_ok.shape != new_ok.shape:
+        raise ValueError(f"old and new correctness differ in shape: {old_ok.shape} vs {new_ok.shape}")
     return PairedCounts(
         both_right=int(np.sum(old_ok & new_ok)),
         negative_flips=int(np.sum(old_ok & ~new_ok)),
