@@ -13,12 +13,15 @@ import torch
 
 from safespec.plan import ModelPlan
 from safespec.errors import ModelError
+from safespec._compat import import_open_clip
 from safespec.model import (
     CHECKPOINT_FORMAT, SHIPPED_ARCHS, HeadedCLIP, LowRankHeads, ZeroShotClassifier, build_class_tokens,
     create_model, grouped_low_rank, load_checkpoint, load_model, model_autocast, naive_routed_projection,
-    open_clip, read_checkpoint_metadata, resolve_device, save_checkpoint, tensor_digest, weights_digest,
+    read_checkpoint_metadata, resolve_device, save_checkpoint, tensor_digest, weights_digest,
     zero_shot_logits,
 )
+
+open_clip = import_open_clip()
 
 ARCH = "safespec-micro-vit"
 CLASSES = ("bear", "cat", "dog", "zebra")
@@ -243,7 +246,7 @@ def test_offline_weights_fail_fast_with_one_line(monkeypatch, tmp_path, arch, pr
 
 
 def test_unreachable_hub_fails_fast_without_the_offline_flag(monkeypatch, tmp_path):
-    import safespec.model as m
+    import safespec.model.hub as m
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(m, "_hub_offline", lambda: False)
     monkeypatch.setattr(m, "_reachable", lambda host, *a, **k: False)
