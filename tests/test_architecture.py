@@ -106,7 +106,7 @@ def test_the_spec_stage_imports_no_torch(module):
     assert not {"model", "train", "evaluate", "data"} & siblings, (module, sorted(siblings))
 
 
-@pytest.mark.parametrize("module", [*_stage_modules("certify"), "selection"])
+@pytest.mark.parametrize("module", _stage_modules("certify"))
 def test_the_certificate_never_depends_on_training(module):
     siblings, outside = _reach(module)
     assert not {"train", "model", "runner"} & siblings and "torch" not in outside, (module, sorted(siblings))

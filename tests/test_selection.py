@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from safespec.selection import Capability, Selector, bandwidth, margins
+from safespec.certify.selection import Capability, Selector, bandwidth, margins
 
 T = 1  # the target class
 C = 4
@@ -148,7 +148,7 @@ def test_bad_inputs_are_refused():
 # ------------------------------------------------------------------------------------------ the test's own margin
 def _evidence(test, heldout_n, drop, n=4000):
     """A capability whose validation images each moved by ``drop`` (terms all equal: no validation noise)."""
-    from safespec.selection import _predict
+    from safespec.certify.selection import _predict
 
     cap = Capability("a", (0,), 0.03, 0.95, heldout_n, test)
     return _predict(cap, np.full(n, drop), (int(drop * n), 0))

@@ -16,7 +16,7 @@ from safespec.evaluate import PredictionCache, evaluate, metric_values
 from safespec.model import load_model
 from safespec.runner import load_inputs, make_train_data
 from safespec.model import build_class_tokens
-from safespec.selection import Selector
+from safespec.certify.selection import Selector
 from safespec.train import Trainer
 
 from world_spec import write_world_spec

@@ -245,7 +245,7 @@ class WiseFTSpec(_Strict):
 
 
 class CalibrateSpec(_Strict):
-    """The target's decision offset, chosen on validation at every evaluation (safespec.selection)."""
+    """The target's decision offset, chosen on validation at every evaluation (docs/selection.md)."""
 
     target_offset: bool = Field(False, description="Choose an offset of the target's logit on validation at every evaluation: the largest whose candidate stays admissible under optimize.select; checkpoints are then compared at their offsets.")
 

@@ -24,7 +24,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .distributed import context as dist_context
-from .errors import RunError, atomic_write_bytes, atomic_write_text
-from .evaluate import (
+from ..certify.selection import Assessment, Capability, Selector
+from ..data import ProtectedSampler, TargetSampler
+from ..distributed import context as dist_context
+from ..errors import RunError, atomic_write_bytes, atomic_write_text
+from ..evaluate import (
     PredictionCache,
     Predictions,
     class_logits,
@@ -47,177 +48,15 @@ from .evaluate import (
     prediction_key,
     visual_digest,
 )
-from .model import TOWER_PREFIX, build_class_tokens, model_autocast
-from .plan import Plan
-from .progress import Progress
-from .selection import Assessment, Capability, Selector
+from ..model import TOWER_PREFIX, build_class_tokens, model_autocast
+from ..plan import Plan
+from ..progress import Progress
+from .data import Split, TrainData, TrainOutcome
+from .schedule import lr_factor
+from .towers import _cpu_state, _index, _Towers
+from .weights import CONSTRAINED, METHODS, ConstraintWeights, beta_at, focal_weights
 
-METHODS = ("penalty", "lagrangian", "unconstrained", "replay", "wise-ft")
-CONSTRAINED = ("penalty", "lagrangian")
 STATE_VERSION = 3  # 2: the calibrated target offset is part of the state; 3: what blocked selection
-
-
-# ------------------------------------------------------------------------------------------ inputs
-@dataclass
-class Split:
-    """One split as training sees it: an image bank, its labels, its digest and (target only) captions."""
-
-    bank: Any  # safespec.data.ImageBank: bank[idx] -> (B,C,H,W); iter_batches(bs)
-    labels: np.ndarray
-    digest: str
-    captions: list[str | None] | None = None  # None: no caption for that row (the template is used)
-
-
-@dataclass
-class TrainData:
-    store: Split
-    target: Split
-    validation: Split
-    #: images per class in the held-out split (its size only: selection predicts the certificate it will
-    #: face); None: assume the validation split's size
-    heldout_counts: np.ndarray | None = None
-
-
-@dataclass
-class TrainOutcome:
-    method: str
-    state_dict: dict[str, torch.Tensor]  # the selected model (CPU tensors)
-    selected_step: int
-    fell_back_to_old: bool
-    reason: str
-    trajectory: list[dict]
-    steps: int
-    seconds: float
-    validation: dict[str, Any] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------ helpers
-#: Focal distillation (Yan et al., CVPR 2021, "Positive-Congruent Training"): an image the old model
-#: classifies correctly weighs 1 + FOCAL_BETA, one it gets wrong weighs 1 (their alpha = 1, beta = 5).
-FOCAL_BETA = 5.0
-
-
-def focal_weights(old_correct: np.ndarray, metric: str) -> np.ndarray:
-    """Per-image weights of the divergence: 1 for 'distill'; 1 + FOCAL_BETA where the old model was right
-    for 'focal-distill', so that the constraint spends its budget on the images a negative flip could
-    come from."""
-    c = np.asarray(old_correct, dtype=np.float32)
-    return 1.0 + FOCAL_BETA * c if metric == "focal-distill" else np.ones_like(c)
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to zero (the paper's schedule)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def beta_at(step: int, total: int, beta: float, schedule: str) -> float:
-    if schedule == "cosine":
-        return beta * 0.5 * (1.0 - math.cos(math.pi * step / max(1, total)))
-    return beta
-
-
-def _index(rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host index rows on ``device`` without waiting: a blocking host-to-device copy synchronises the
-    stream, and a step must never wait for the GPU (bench/gpu.py checks this in CUDA's sync-debug mode)."""
-    return torch.from_numpy(np.asarray(rows)).to(device, non_blocking=True)
-
-
-def _cpu_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-class _Towers(torch.nn.Module):
-    """Everything a step encodes, in one forward call: DistributedDataParallel hooks the gradients of
-    the module it wraps through its forward, so the image batch, the class prompts and the captions go
-    through this one call (each rank passing its own shard of each)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, prompts, prompt_heads, captions=None, caption_heads=None, *,
-                hidden: bool = False, shared: bool = True):
-        """``hidden``: the text inputs are the frozen text tower's outputs; only the projection and the
-        heads run. ``shared``: run the shared image tower (False: its features are cached, and the images
-        go through the class image towers only)."""
-        img = self.model.encode_image(images) if images is not None and shared else None
-        towers = self.model.encode_tower_images(images) if images is not None else {}
-        text = (lambda h, ids: F.normalize(self.model.project_text(h, ids), dim=-1)) if hidden else self.model.encode_text
-        txt = text(prompts, prompt_heads) if prompts is not None else None
-        cap = text(captions, caption_heads) if captions is not None else None
-        return img, towers, txt, cap
-
-
-# ------------------------------------------------------------------------------------------ constraints
-@dataclass
-class ConstraintWeights:
-    """Per-constraint state of a constrained method and the rule that turns it into penalty weights.
-
-    ``update(c, present, step)`` takes this step's constraint estimates c_k (only those ``present`` in the
-    batch count), folds them into the moving averages u_k (first visit sets u_k), updates the multipliers,
-    and returns each constraint's weight w_k. The training loss adds ``w_k * L_k(new)`` so that its gradient
-    is the penalty (or Lagrangian) gradient: beta [u_k]_+ grad L_k for the squared hinge, beta 1[u_k > 0]
-    grad L_k for the hinge, (lambda_k + rho u_k)_+ grad L_k for the Lagrangian, a constant beta for replay.
-    Invalid settings fail here, at construction, not mid-training.
-    """
-
-    method: str
-    u: torch.Tensor
-    seen: torch.Tensor
-    lam: torch.Tensor
-    gamma: float = 0.8
-    beta: float = 100.0
-    beta_schedule: str = "constant"
-    form: str = "squared-hinge"
-    multiplier_lr: float = 10.0
-    rho: float = 0.0
-    max_multiplier: float = 1e4
-    total_steps: int = 1
-
-    def __post_init__(self):
-        if self.method not in ("penalty", "lagrangian", "replay", "unconstrained"):
-            raise ValueError(f"no constraint weights for method {self.method!r}")
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"gamma must be in (0, 1] (got {self.gamma})")
-        if self.form not in ("squared-hinge", "hinge") or self.beta_schedule not in ("constant", "cosine"):
-            raise ValueError(f"unknown penalty form/schedule {self.form!r}/{self.beta_schedule!r}")
-        if self.beta <= 0 or self.multiplier_lr <= 0 or self.rho < 0:
-            raise ValueError("beta and multiplier_lr must be positive, rho non-negative")
-
-    @classmethod
-    def zeros(cls, method: str, k: int, device="cpu", **kw) -> ConstraintWeights:
-        z = lambda dt=torch.float32: torch.zeros(k, dtype=dt, device=device)  # noqa: E731
-        return cls(method=method, u=z(), seen=z(torch.bool), lam=z(), **kw)
-
-    @classmethod
-    def from_plan(cls, method: str, k: int, o, device="cpu") -> ConstraintWeights:
-        return cls.zeros(method, k, device, gamma=o.gamma, beta=o.beta, beta_schedule=o.beta_schedule,
-                         form=o.penalty_form, multiplier_lr=o.multiplier_lr, rho=o.rho,
-                         max_multiplier=o.max_multiplier, total_steps=o.steps)
-
-    @torch.no_grad()
-    def update(self, c: torch.Tensor, present: torch.Tensor, step: int) -> torch.Tensor:
-        if self.method == "replay":
-            return torch.full_like(c, self.beta)
-        g = self.gamma
-        self.u = torch.where(present, torch.where(self.seen, (1 - g) * self.u + g * c, c), self.u)
-        self.seen = self.seen | present
-        if self.method == "penalty":
-            beta = beta_at(step, self.total_steps, self.beta, self.beta_schedule)
-            return beta * (self.u.clamp(min=0) if self.form == "squared-hinge" else (self.u > 0).float())
-        # lagrangian: weight from the current multipliers, then one ascent step on the constraints seen
-        w = (self.lam + self.rho * self.u).clamp(min=0)
-        self.lam = torch.where(present, (self.lam + self.multiplier_lr * self.u).clamp(0, self.max_multiplier), self.lam)
-        return w
-
-    def state_dict(self) -> dict:
-        return {"u": self.u, "seen": self.seen, "lam": self.lam}
-
-    def load_state_dict(self, st: dict) -> None:
-        self.u, self.seen, self.lam = st["u"], st["seen"], st["lam"]
 
 # ------------------------------------------------------------------------------------------ trainer
 class Trainer:
@@ -227,7 +66,6 @@ class Trainer:
     def __init__(self, plan: Plan, loaded, data: TrainData, *, method: str | None = None,
                  run_dir: Path | None = None, cache: PredictionCache | None = None, quiet: bool = False,
                  log: Callable[[str], None] | None = None, tag: str | None = None):
-        from .data import ProtectedSampler, TargetSampler
 
         self.plan, self.o = plan, plan.optimizer
         self.method = method or self.o.method
@@ -284,7 +122,7 @@ class Trainer:
         self.ref_store = self._reference(data.store, log_probs=self.distill)
         # (calibration reads the old model's validation logits too: cached with the reference, not re-run)
         self.ref_val = self._reference(data.validation, log_probs=True)
-        # selection compares every candidate's validation logits with the old model's (safespec.selection)
+        # selection compares every candidate's validation logits with the old model's (safespec.certify.selection)
         counts = data.heldout_counts
         if counts is None:
             counts = np.bincount(data.validation.labels, minlength=C)
@@ -420,7 +258,7 @@ class Trainer:
         return drops
 
     def validate(self) -> dict:
-        """Evaluate on the validation split and assess the candidate (safespec.selection): it is
+        """Evaluate on the validation split and assess the candidate (safespec.certify.selection): it is
         *feasible* when its validation evidence predicts that every capability passes the held-out
         certificate with at least ``optimize.select.min_certify_probability``. With
         ``optimize.calibrate.target_offset`` the target's offset is chosen here too, the admissible one with

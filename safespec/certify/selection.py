@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm
 
-from .certify.certificate import paired_from_correct
-from .certify.stats import DEFAULT_TEST, exact_region, restricted_mle, z_value
+from .certificate import paired_from_correct
+from .stats import DEFAULT_TEST, exact_region, restricted_mle, z_value
 
 #: Candidates' target offsets are searched to this resolution (logit units at the evaluation temperature).
 OFFSET_RESOLUTION = 1e-4
