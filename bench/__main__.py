@@ -215,8 +215,8 @@ def main(argv=None) -> None:
     sections = a.only or list(SECTIONS)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if NEEDS_WORLD & set(sections):
+        from safespec.demo import build_world
         from safespec.spec import load_spec
-        from safespec.world import build_world
 
         build_world(load_spec(SPEC, check_files=False).data.protected.parent, progress=False, log=log)
     RESULTS.mkdir(exist_ok=True)

@@ -218,7 +218,7 @@ def _oracle(inp, plan, acc_old, *, log) -> dict:
     import tempfile
 
     from safespec.data import read_manifest
-    from safespec.world import WorldConfig, train_v1
+    from safespec.demo import WorldConfig, train_v1
 
     world_root = Path(plan.data.protected).parent
     cfg = WorldConfig.from_dict(json.loads((world_root / "world.json").read_text())["config"])

@@ -17,8 +17,7 @@ import argparse
 import json
 import time
 
-from safespec.certify import stats
-from safespec.certify import PairedCounts, status_of
+from safespec.certify import PairedCounts, stats, status_of
 
 CONFIDENCE = 0.95
 SIZES = (30, 50, 100, 200, 400, 1000)

@@ -2,7 +2,7 @@
 
 The demo world (Animal-MNIST, target dog) is where safespec's defaults and the demo spec were tuned. The
 second world asks whether the same settings work on other data: Fashion-MNIST garments, built by the same
-code (``safespec.world``) with the same v1 recipe (arch, steps, lr, batch, warm-up) and the same shape of
+code (``safespec.demo``) with the same v1 recipe (arch, steps, lr, batch, warm-up) and the same shape of
 cycle: one class starved in v1's base-train, nine protected classes.
 
 Target: pullover. It was chosen before any fine-tuning was run on this world, for two reasons. It sits in
@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from safespec.world import SOURCES, World, WorldConfig, build_world
+from safespec.demo import SOURCES, World, WorldConfig, build_world
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_SPEC = REPO / "specs" / "demo.yaml"

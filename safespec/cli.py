@@ -262,9 +262,9 @@ def report(run_dir: str) -> int:
 @_QUIET
 def demo(spec_path: str | None, world: str | None, world_only: bool, quiet: bool) -> int:
     """Build the embedded demo world once (Animal-MNIST + the old model v1) and run the demo cycle on it."""
+    from .demo import build_world
     from .runner import run_cycle
     from .spec import load_spec
-    from .world import build_world
 
     spec_file = Path(spec_path) if spec_path else Path(__file__).resolve().parent.parent / "specs" / "demo.yaml"
     if not spec_file.is_file():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from safespec.world import World, WorldConfig, build_world
+from safespec.demo import World, WorldConfig, build_world
 
 #: The test world: every split and the mirror top-up exercised, at a fraction of the demo's size.
 SMALL_WORLD = WorldConfig(

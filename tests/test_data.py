@@ -167,7 +167,7 @@ def test_store_views_are_fixed_augmented_copies(tmp_path: Path, preload: bool):
 
 @pytest.mark.parametrize("preload", [False, True])
 def test_image_bank_decoding_threads_give_the_same_images(csv_data: Path, preload: bool, monkeypatch):
-    monkeypatch.setattr("safespec.data.THREADED_MIN_PIXELS", 0)  # the test images are tiny
+    monkeypatch.setattr("safespec.data.images.THREADED_MIN_PIXELS", 0)  # the test images are tiny
     bank = ImageBank(read_manifest(csv_data, CLASSES), to_tensor, preload=preload, num_workers=3)
     ref = ImageBank(read_manifest(csv_data, CLASSES), to_tensor, preload=True)
     got = torch.cat([b for _, b in bank.iter_batches(2)])  # the next batch is decoded ahead
@@ -184,7 +184,7 @@ def test_small_images_decode_without_threads(csv_data: Path):
 @pytest.mark.parametrize("preload", [True, False])
 @pytest.mark.parametrize("workers", [0, 3])
 def test_corrupt_image_names_manifest_row_and_image(csv_data: Path, preload: bool, workers: int, monkeypatch):
-    monkeypatch.setattr("safespec.data.THREADED_MIN_PIXELS", 0)
+    monkeypatch.setattr("safespec.data.images.THREADED_MIN_PIXELS", 0)
     bad = csv_data.parent / "img" / "3.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     m = read_manifest(csv_data, CLASSES)
@@ -375,7 +375,7 @@ def test_file_digest_is_cached_by_size_and_mtime(tmp_path: Path):
 
 
 def test_file_digests_persist_across_processes_until_the_file_changes(tmp_path, monkeypatch):
-    from safespec import data as data_mod
+    from safespec.data import digests as data_mod
 
     monkeypatch.setenv("SAFESPEC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(data_mod, "_DIGEST_STORE", data_mod._DigestStore())
@@ -411,7 +411,7 @@ def test_manifest_paths_through_a_symlink_resolve_to_the_file(tmp_path):
 
 @pytest.mark.parametrize("content", ["[1, 2]", '{"x": 3}', "not json", '{"PATH": 7}', '{"PATH": [1, 2]}'])
 def test_a_damaged_digest_store_is_a_cache_miss(tmp_path, monkeypatch, content):
-    from safespec import data as data_mod
+    from safespec.data import digests as data_mod
 
     monkeypatch.setenv("SAFESPEC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(data_mod, "_DIGEST_STORE", data_mod._DigestStore())

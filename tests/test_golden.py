@@ -44,7 +44,7 @@ if __name__ == "__main__":
     import tempfile
 
     from conftest import SMALL_WORLD
-    from safespec.world import build_world
+    from safespec.demo import build_world
 
     with tempfile.TemporaryDirectory() as tmp:
         world = build_world(Path(tmp) / "world", SMALL_WORLD, progress=False, log=lambda *_: None, threads=1)

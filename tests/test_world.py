@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safespec import world as world_mod
+from safespec.demo import world as world_mod
 from safespec.data import check_disjoint, read_manifest
 from safespec.errors import DataError
-from safespec.world import (ANIMAL_CLASSES, WorldConfig, animal_mnist_files, build_world, deduplicate,
+from safespec.demo import (ANIMAL_CLASSES, WorldConfig, animal_mnist_files, build_world, deduplicate,
                             load_animal_mnist, load_numpy_pickle, plan_splits)
 
 
@@ -137,7 +137,7 @@ def test_small_world_v1_is_a_real_classifier(small_world):
     well above chance (0.1); its recorded accuracies are what it really achieves."""
     from safespec.plan import ModelPlan
     from safespec.model import load_model
-    from safespec.world import evaluate_accuracy
+    from safespec.demo import evaluate_accuracy
 
     w = small_world
     mp = ModelPlan(arch=w.config.arch, pretrained=None, checkpoint=str(w.v1_checkpoint), heads=True, rank=8,
@@ -152,7 +152,7 @@ def test_small_world_v1_is_a_real_classifier(small_world):
 
 def test_v1_is_saved_without_heads_and_training_is_deterministic(small_world, small_world_config, tmp_path):
     from safespec.model import read_checkpoint_metadata
-    from safespec.world import train_v1
+    from safespec.demo import train_v1
 
     meta = read_checkpoint_metadata(small_world.v1_checkpoint)
     assert meta["has_heads"] is False and meta["arch"] == small_world_config.arch

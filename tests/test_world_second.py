@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from safespec import world as world_mod
+from safespec.demo import world as world_mod
 from safespec.data import check_disjoint, read_manifest
 from safespec.errors import DataError
-from safespec.world import (ANIMAL_CLASSES, FASHION_CLASSES, FASHION_ENV, SOURCES, WorldConfig, build_world,
+from safespec.demo import (ANIMAL_CLASSES, FASHION_CLASSES, FASHION_ENV, FASHION_FILES, SOURCES, WorldConfig, build_world,
                             deduplicate, fashion_mnist_files, get_source, load_fashion_mnist, plan_splits, read_idx)
 
 #: WorldConfig().digest() before data sources existed (commit 1d4fb39): every demo world built since then
@@ -109,9 +109,9 @@ def test_fashion_mnist_contents(tmp_path, monkeypatch):
     for p in fashion_mnist_files().values():
         shutil.copy(p, tmp_path / p.name)
     monkeypatch.setenv(FASHION_ENV, str(tmp_path))
-    assert set(fashion_mnist_files().values()) == {tmp_path / n for n in world_mod.FASHION_FILES.values()}
+    assert set(fashion_mnist_files().values()) == {tmp_path / n for n in FASHION_FILES.values()}
     # and a damaged copy is refused, not misread
-    p = tmp_path / world_mod.FASHION_FILES["labels"]
+    p = tmp_path / FASHION_FILES["labels"]
     p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-5]))
     with pytest.raises(DataError, match="IDX header says"):
         load_fashion_mnist()
