@@ -53,6 +53,7 @@ demo: $(STAMP)
 # lint and types first (seconds): a finding fails the build before the tests run
 lint: $(STAMP)
 	$(VENV)/bin/ruff check safespec bench
+	$(VENV)/bin/ruff format --check safespec bench tests
 	$(VENV)/bin/mypy
 
 test: lint

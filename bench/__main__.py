@@ -88,10 +88,20 @@ def _heads_goals(r: dict) -> list:
     rows = []
     for key, res in r.items():
         if key.startswith("threads_"):
-            worst = max(res[s][f"{k}_ratio_routed_over_plain"] for s in ("paper_text_batch", "paper_text_batch_shuffled")
-                        if s in res for k in ("forward", "forward_backward"))
-            rows.append((f"heads: routed / plain projection, paper text batch, {key[len('threads_'):]} thread(s), worst",
-                         worst, "<= 2", bool(res["goal_routed_at_most_2x_plain"])))
+            worst = max(
+                res[s][f"{k}_ratio_routed_over_plain"]
+                for s in ("paper_text_batch", "paper_text_batch_shuffled")
+                if s in res
+                for k in ("forward", "forward_backward")
+            )
+            rows.append(
+                (
+                    f"heads: routed / plain projection, paper text batch, {key[len('threads_') :]} thread(s), worst",
+                    worst,
+                    "<= 2",
+                    bool(res["goal_routed_at_most_2x_plain"]),
+                )
+            )
     return rows
 
 
@@ -101,8 +111,10 @@ def _heads_markdown(r: dict) -> str:
         if key.startswith("threads_"):
             for s, v in res.items():
                 if isinstance(v, dict):
-                    lines.append(f"| {key[len('threads_'):]} | {s} ({v['distinct_heads']} heads) "
-                                 f"| {v['forward_ratio_routed_over_plain']} | {v['forward_backward_ratio_routed_over_plain']} |")
+                    lines.append(
+                        f"| {key[len('threads_') :]} | {s} ({v['distinct_heads']} heads) "
+                        f"| {v['forward_ratio_routed_over_plain']} | {v['forward_backward_ratio_routed_over_plain']} |"
+                    )
     return "\n".join(lines + ["", "```json", json.dumps(r, indent=2), "```"])
 
 
@@ -114,13 +126,17 @@ def _quality_markdown(q: dict) -> str:
     if spec != "`specs/demo.yaml`":
         spec = "`specs/demo.yaml` with this world's class names and paths (`bench/worlds.py`, `spec_for`)"
     over = ", ".join(f"`{k}: {v}`" for k, v in (q.get("overrides") or {}).items())
-    return (f"Settings chosen on {TUNED_ON}. "
-            f"Spec: {spec}" + (f" with {over}" if over else "") + f"; the method changes per row, the rest is "
-            f"the spec's. v1 (the old model): {q['target']} {q['v1_accuracy'][t]:.3f}; Δ = new − v1 held-out accuracy "
-            f"of each of the {len(q['classes']) - 1} protected classes; the offset is the calibrated target offset "
-            f"(cosine units) where the spec asks for one; certified counts and exit codes are recomputed from "
-            f"each capability's paired table by the current certificate ({_test_name(q)}).\n\n"
-            + quality.frontier(q) + "\n\n" + quality.table(q))
+    return (
+        f"Settings chosen on {TUNED_ON}. "
+        f"Spec: {spec}" + (f" with {over}" if over else "") + f"; the method changes per row, the rest is "
+        f"the spec's. v1 (the old model): {q['target']} {q['v1_accuracy'][t]:.3f}; Δ = new − v1 held-out accuracy "
+        f"of each of the {len(q['classes']) - 1} protected classes; the offset is the calibrated target offset "
+        f"(cosine units) where the spec asks for one; certified counts and exit codes are recomputed from "
+        f"each capability's paired table by the current certificate ({_test_name(q)}).\n\n"
+        + quality.frontier(q)
+        + "\n\n"
+        + quality.table(q)
+    )
 
 
 def _test_name(q: dict) -> str:
@@ -130,8 +146,14 @@ def _test_name(q: dict) -> str:
 
 
 def _size_goals(r: dict) -> list:
-    return [("exact test: largest false-certification rate on the grid", r["exact_max_size"], f"<= {r['alpha']}",
-             r["exact_max_size"] <= r["alpha"] + 1e-12)]
+    return [
+        (
+            "exact test: largest false-certification rate on the grid",
+            r["exact_max_size"],
+            f"<= {r['alpha']}",
+            r["exact_max_size"] <= r["alpha"] + 1e-12,
+        )
+    ]
 
 
 def _size_markdown(r: dict) -> str:
@@ -147,9 +169,13 @@ def _renderers(section: str) -> tuple:
 
     if section in overhead.SECTIONS:
         return (lambda r: overhead.goals(section, r)), (lambda r: overhead.markdown(section, r))
-    return {"demo": (demo.goals, demo.markdown), "heads": (_heads_goals, _heads_markdown),
-            "quality": ((lambda r: []), _quality_markdown), "quality-second": ((lambda r: []), _quality_markdown),
-            "size": (_size_goals, _size_markdown)}[section]
+    return {
+        "demo": (demo.goals, demo.markdown),
+        "heads": (_heads_goals, _heads_markdown),
+        "quality": ((lambda r: []), _quality_markdown),
+        "quality-second": ((lambda r: []), _quality_markdown),
+        "size": (_size_goals, _size_markdown),
+    }[section]
 
 
 def goals(section: str, r: dict) -> list:
@@ -179,11 +205,18 @@ def render(results: Path, old_text: str = "") -> str:
     old = _split_sections(old_text)
     old_bodies = dict(old)
     loaded = {s: json.loads((results / f"{s}.json").read_text()) for s in SECTIONS if (results / f"{s}.json").exists()}
-    out = ["# Benchmark results", "",
-           "Written by `make bench` (`python -m bench`; `python -m bench --only SECTION...` re-measures some sections "
-           "and keeps the others). Each section names the machine and the day it was measured; its timings were "
-           "taken in one run, interleaved, and are given as ratios.", "",
-           f"## {GOALS_HEADING}", "", "| measure | value | goal | met | section |", "|---|---|---|---|---|"]
+    out = [
+        "# Benchmark results",
+        "",
+        "Written by `make bench` (`python -m bench`; `python -m bench --only SECTION...` re-measures some sections "
+        "and keeps the others). Each section names the machine and the day it was measured; its timings were "
+        "taken in one run, interleaved, and are given as ratios.",
+        "",
+        f"## {GOALS_HEADING}",
+        "",
+        "| measure | value | goal | met | section |",
+        "|---|---|---|---|---|",
+    ]
     for s, r in loaded.items():
         quick = " (quick run)" if r.get("measured", {}).get("quick") else ""
         out += [f"| {name}{quick} | {_fmt(v)} | {goal} | {_fmt(met)} | {s} |" for name, v, goal, met in goals(s, r)]
@@ -193,9 +226,19 @@ def render(results: Path, old_text: str = "") -> str:
         if s in loaded:
             r = loaded[s]
             m = r.get("measured")
-            note = (f"Measured {m['date']} on {m['machine']}"
-                    + (" with `--quick`: short timings, a smoke run of the harness, not a measurement." if m["quick"]
-                       else ".") + "\n\n") if m else ""
+            note = (
+                (
+                    f"Measured {m['date']} on {m['machine']}"
+                    + (
+                        " with `--quick`: short timings, a smoke run of the harness, not a measurement."
+                        if m["quick"]
+                        else "."
+                    )
+                    + "\n\n"
+                )
+                if m
+                else ""
+            )
             out += [f"## {heading}", "", note + markdown(s, r), ""]
         elif heading in old_bodies:
             out += [f"## {heading}", "", old_bodies[heading], ""]
@@ -208,9 +251,16 @@ def render(results: Path, old_text: str = "") -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="safespec benchmarks")
-    ap.add_argument("--quick", action="store_true", help="short timings, one seed, no oracle (a smoke run of the harness)")
-    ap.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
-                    help=f"measure only these sections ({', '.join(SECTIONS)}); the others keep their last results")
+    ap.add_argument(
+        "--quick", action="store_true", help="short timings, one seed, no oracle (a smoke run of the harness)"
+    )
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        metavar="SECTION",
+        help=f"measure only these sections ({', '.join(SECTIONS)}); the others keep their last results",
+    )
     a = ap.parse_args(argv)
     sections = a.only or list(SECTIONS)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731

@@ -65,35 +65,49 @@ def run(spec_path: Path = DEMO_SPEC, *, quick: bool = False, log=lambda s: None)
         result_path = tmp / "run" / "result.json"
         result = json.loads(result_path.read_text()) if result_path.exists() else None
         stderr_tail = (tmp / "stderr").read_text(errors="replace").strip().splitlines()[-5:]
-    peak_mib = usage.ru_maxrss / 1024 if sys.platform != "darwin" else usage.ru_maxrss / 2 ** 20
+    peak_mib = usage.ru_maxrss / 1024 if sys.platform != "darwin" else usage.ru_maxrss / 2**20
     return {
         "command": f"safespec run {shown(spec_path)} --quiet"
-                   + (" (the spec cut to a few steps, no baselines: --quick)" if quick else ""),
-        "quick": quick, "exit_code": proc.returncode, "wall_s": round(wall, 1),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_mib": round(peak_mib, 1),
+        + (" (the spec cut to a few steps, no baselines: --quick)" if quick else ""),
+        "quick": quick,
+        "exit_code": proc.returncode,
+        "wall_s": round(wall, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_rss_mib": round(peak_mib, 1),
         "verdict": result["verdict"] if result else None,
         "target_goal_met": result["target"]["goal_met"] if result else None,
         "training_seconds": result["training"]["seconds"] if result and result.get("training") else None,
         "methods": [result["method"], *[b["method"] for b in result["baselines"]]] if result else None,
-        "prediction_cache": "empty at start", "cpus": os.cpu_count(),
-        "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "prediction_cache": "empty at start",
+        "cpus": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "stderr_tail": stderr_tail if proc.returncode not in (0, 1) else [],
     }
 
 
 def goals(r: dict) -> list[tuple[str, float, str, bool]]:
-    return [("demo wall time, s" + (" (quick: cut spec)" if r["quick"] else ""), r["wall_s"],
-             f"<= {GOAL_SECONDS:.0f}", r["wall_s"] <= GOAL_SECONDS and r["exit_code"] in (0, 1))]
+    return [
+        (
+            "demo wall time, s" + (" (quick: cut spec)" if r["quick"] else ""),
+            r["wall_s"],
+            f"<= {GOAL_SECONDS:.0f}",
+            r["wall_s"] <= GOAL_SECONDS and r["exit_code"] in (0, 1),
+        )
+    ]
 
 
 def markdown(r: dict) -> str:
-    lines = [f"`{r['command']}` in a subprocess, world built, prediction cache {r['prediction_cache']}; "
-             f"{r['cpus']} cores, load average {r['load_average_before'][0]} before, "
-             f"{r['load_average_after'][0]} after.", "",
-             "| wall s | CPU s | peak RSS MiB | exit code | verdict | target goal met | training s (main method) | methods |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_mib']} | {r['exit_code']} | {r['verdict']} "
-             f"| {r['target_goal_met']} | {r['training_seconds']} | {', '.join(r['methods'] or [])} |"]
+    lines = [
+        f"`{r['command']}` in a subprocess, world built, prediction cache {r['prediction_cache']}; "
+        f"{r['cpus']} cores, load average {r['load_average_before'][0]} before, "
+        f"{r['load_average_after'][0]} after.",
+        "",
+        "| wall s | CPU s | peak RSS MiB | exit code | verdict | target goal met | training s (main method) | methods |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_mib']} | {r['exit_code']} | {r['verdict']} "
+        f"| {r['target_goal_met']} | {r['training_seconds']} | {', '.join(r['methods'] or [])} |",
+    ]
     if r["stderr_tail"]:
         lines += ["", "The run failed:", "", "```", *r["stderr_tail"], "```"]
     return "\n".join(lines)

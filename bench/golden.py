@@ -37,16 +37,33 @@ CASES: dict[str, dict] = {
     "replay": {"optimize.method": "replay", "optimize.calibrate": {"target_offset": False}},
     "wise-ft": {"optimize.method": "wise-ft", "optimize.calibrate": {"target_offset": False}},
     "contrastive": {"optimize.method": "penalty", "optimize.objective": "contrastive"},
-    "focal-distill": {"optimize.method": "lagrangian", "optimize.store_views": 2,
-                      "protect.0.constraint": {"metric": "focal-distill", "slack": 0.003}},
-    "target-tower": {"optimize.method": "lagrangian", "model.target_tower": True,
-                     "optimize.calibrate": {"target_offset": True}},
+    "focal-distill": {
+        "optimize.method": "lagrangian",
+        "optimize.store_views": 2,
+        "protect.0.constraint": {"metric": "focal-distill", "slack": 0.003},
+    },
+    "target-tower": {
+        "optimize.method": "lagrangian",
+        "model.target_tower": True,
+        "optimize.calibrate": {"target_offset": True},
+    },
 }
 
 
 #: The trajectory fields that training computes (a run that keeps the old model still trained: these see it).
-TRAJECTORY_FIELDS = ("step", "train_loss", "target_metric", "constraints", "val_drop", "u", "multipliers",
-                     "certify_probability", "val_drop_smooth", "target_offset", "target_calibrated")
+TRAJECTORY_FIELDS = (
+    "step",
+    "train_loss",
+    "target_metric",
+    "constraints",
+    "val_drop",
+    "u",
+    "multipliers",
+    "certify_probability",
+    "val_drop_smooth",
+    "target_offset",
+    "target_calibrated",
+)
 
 
 def fingerprint(result: dict, trajectory: list[dict] | None = None) -> dict:
@@ -59,9 +76,21 @@ def fingerprint(result: dict, trajectory: list[dict] | None = None) -> dict:
         "target_offset": sel.get("target_offset"),
         "model_digest": result["provenance"]["new_model"]["digest"],
         "target": {k: result["target"][k] for k in ("old_accuracy", "new_accuracy", "goal_met")},
-        "capabilities": {c["name"]: {k: c[k] for k in ("status", "negative_flips", "positive_flips", "both_right",
-                                                       "both_wrong", "new_accuracy", "drop_upper_bound")}
-                         for c in result["capabilities"]},
+        "capabilities": {
+            c["name"]: {
+                k: c[k]
+                for k in (
+                    "status",
+                    "negative_flips",
+                    "positive_flips",
+                    "both_right",
+                    "both_wrong",
+                    "new_accuracy",
+                    "drop_upper_bound",
+                )
+            }
+            for c in result["capabilities"]
+        },
     }
 
 
@@ -79,9 +108,14 @@ def record(spec_path: Path, *, steps: int, cases: dict[str, dict] | None = None,
 def _record(spec_path: Path, *, steps: int, cases: dict[str, dict] | None, log) -> dict:
     out: dict[str, dict] = {}
     for name, over in (cases or CASES).items():
-        over = {**over, "optimize.steps": steps, "optimize.warmup_steps": steps // 4,
-                "optimize.eval_every": max(1, steps // 2),
-                "optimize.checkpoint_every": steps, "optimize.baselines": []}
+        over = {
+            **over,
+            "optimize.steps": steps,
+            "optimize.warmup_steps": steps // 4,
+            "optimize.eval_every": max(1, steps // 2),
+            "optimize.checkpoint_every": steps,
+            "optimize.baselines": [],
+        }
         with tempfile.TemporaryDirectory(prefix="golden-") as tmp, spec_with(spec_path, over) as path:
             run_dir = Path(tmp) / name
             result = run_cycle(path, quiet=True, out=run_dir, log=lambda s: None, command="bench.golden")

@@ -36,9 +36,19 @@ from .overhead import (
 )
 
 
-def run(*, arch: str = "ViT-B-16", target_batch: int = 256, classes: int = 6, per_class: int = 26,
-        images_per_class: int = 64, precision: str = "bf16", warmup: int = 5, rounds: int = 4, per_round: int = 10,
-        device: str | None = None) -> dict:
+def run(
+    *,
+    arch: str = "ViT-B-16",
+    target_batch: int = 256,
+    classes: int = 6,
+    per_class: int = 26,
+    images_per_class: int = 64,
+    precision: str = "bf16",
+    warmup: int = 5,
+    rounds: int = 4,
+    per_round: int = 10,
+    device: str | None = None,
+) -> dict:
     from safespec.evaluate import PredictionCache
     from safespec.model import create_model, model_autocast
     from safespec.train import Trainer
@@ -47,8 +57,9 @@ def run(*, arch: str = "ViT-B-16", target_batch: int = 256, classes: int = 6, pe
     if dev.type != "cuda":
         precision = "fp32"  # bf16 autocast is the GPU option; on a CPU the check only proves the script runs
     n_prot = classes - 1
-    plan = synthetic_plan(n_prot, arch=arch, classes_per_step=min(n_prot, 5), per_class=per_class,
-                          target_batch=target_batch)
+    plan = synthetic_plan(
+        n_prot, arch=arch, classes_per_step=min(n_prot, 5), per_class=per_class, target_batch=target_batch
+    )
     plan = dataclasses.replace(plan, model=dataclasses.replace(plan.model, device=str(dev), precision=precision))
     loaded = create_model(arch, plan.classes, heads=True, rank=plan.model.rank, seed=0, device=dev, precision=precision)
     size = loaded.model.clip.visual.image_size
@@ -58,12 +69,24 @@ def run(*, arch: str = "ViT-B-16", target_batch: int = 256, classes: int = 6, pe
         trainer = Trainer(plan, loaded, data, method="penalty", cache=PredictionCache(Path(tmp)), quiet=True)
     bare_model = copy.deepcopy(trainer.model)
     o = plan.optimizer
-    opt = torch.optim.AdamW([p for p in bare_model.parameters() if p.requires_grad], lr=o.lr,
-                            weight_decay=o.weight_decay, fused=True)
-    bare = _bare_step(bare_model, opt, trainer.class_tokens, _draw_batches(plan, data, 8, dev),
-                      lambda: model_autocast(dev, precision), o.constraint_tau, dev)
-    ms = {k: _summary(v) for k, v in _interleaved({"bare": bare, "penalty": trainer.train_step}, warmup=warmup,
-                                                   rounds=rounds, per_round=per_round, device=dev).items()}
+    opt = torch.optim.AdamW(
+        [p for p in bare_model.parameters() if p.requires_grad], lr=o.lr, weight_decay=o.weight_decay, fused=True
+    )
+    bare = _bare_step(
+        bare_model,
+        opt,
+        trainer.class_tokens,
+        _draw_batches(plan, data, 8, dev),
+        lambda: model_autocast(dev, precision),
+        o.constraint_tau,
+        dev,
+    )
+    ms = {
+        k: _summary(v)
+        for k, v in _interleaved(
+            {"bare": bare, "penalty": trainer.train_step}, warmup=warmup, rounds=rounds, per_round=per_round, device=dev
+        ).items()
+    }
     syncs = None
     if dev.type == "cuda":  # any synchronisation inside a step raises here
         torch.cuda.set_sync_debug_mode("error")
@@ -73,19 +96,24 @@ def run(*, arch: str = "ViT-B-16", target_batch: int = 256, classes: int = 6, pe
             syncs = "none"
         except RuntimeError as e:  # name the line of safespec that synchronised, not only the error
             import traceback
+
             ours = [f for f in traceback.extract_tb(e.__traceback__) if "safespec" in f.filename]
             where = f" at {Path(ours[-1].filename).name}:{ours[-1].lineno}: {ours[-1].line}" if ours else ""
             syncs = str(e).splitlines()[0] + where
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "arch": arch,
-        "image_size": list(shape[1:]), "precision": precision,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "arch": arch,
+        "image_size": list(shape[1:]),
+        "precision": precision,
         "batch": {"target": target_batch, "protected_classes": min(n_prot, 5), "per_class": per_class},
-        "step_ms": ms, "ratio": {"penalty": _ratio(ms["penalty"], ms["bare"])},
+        "step_ms": ms,
+        "ratio": {"penalty": _ratio(ms["penalty"], ms["bare"])},
         "host_syncs_in_step": syncs,
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 2) if dev.type == "cuda" else None,
-        "torch": torch.__version__, **_environment(),
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
+        "torch": torch.__version__,
+        **_environment(),
     }
 
 

@@ -46,13 +46,14 @@ def _time(fn: Callable[[], object], *, min_runs: int = 20, min_seconds: float = 
     return 1000.0 * min(times)
 
 
-def _scenario(head_ids: torch.Tensor, *, width: int, embed: int, rank: int, num_heads: int, naive: bool,
-              seed: int = 0) -> dict:
+def _scenario(
+    head_ids: torch.Tensor, *, width: int, embed: int, rank: int, num_heads: int, naive: bool, seed: int = 0
+) -> dict:
     g = torch.Generator().manual_seed(seed)
     n = head_ids.numel()
     h = torch.randn(n, width, generator=g, requires_grad=True)
-    W = torch.nn.Parameter(torch.randn(width, embed, generator=g) * width ** -0.5)
-    A = torch.nn.Parameter(torch.randn(num_heads, width, rank, generator=g) * width ** -0.5)
+    W = torch.nn.Parameter(torch.randn(width, embed, generator=g) * width**-0.5)
+    A = torch.nn.Parameter(torch.randn(num_heads, width, rank, generator=g) * width**-0.5)
     B = torch.nn.Parameter(torch.randn(num_heads, rank, embed, generator=g) * 0.01)
     grad_out = torch.randn(n, embed, generator=g)
 
@@ -69,6 +70,7 @@ def _scenario(head_ids: torch.Tensor, *, width: int, embed: int, rank: int, num_
         def run():
             with torch.no_grad():
                 f()
+
         return run
 
     def fwd_bwd(f):
@@ -76,12 +78,16 @@ def _scenario(head_ids: torch.Tensor, *, width: int, embed: int, rank: int, num_
 
         def run():
             torch.autograd.grad(f(), params, grad_out)
+
         return run
 
     with torch.no_grad():  # the grouped computation is the naive one, re-associated
         err = (routed() - naive_fn()).abs().max().item() if naive else None
     out: dict = {
-        "prompts": n, "distinct_heads": int(head_ids.unique().numel()), "width": width, "embed": embed,
+        "prompts": n,
+        "distinct_heads": int(head_ids.unique().numel()),
+        "width": width,
+        "embed": embed,
         "rank": rank,
         "forward_ms": {"plain": _time(fwd(plain)), "routed": _time(fwd(routed))},
         "forward_backward_ms": {"plain": _time(fwd_bwd(plain)), "routed": _time(fwd_bwd(routed))},
@@ -89,7 +95,7 @@ def _scenario(head_ids: torch.Tensor, *, width: int, embed: int, rank: int, num_
     if naive:
         out["forward_ms"]["naive"] = _time(fwd(naive_fn), min_runs=3, min_seconds=1.0)
         out["forward_backward_ms"]["naive"] = _time(fwd_bwd(naive_fn), min_runs=3, min_seconds=1.0)
-        out["naive_per_sample_tensor_mb"] = round(n * width * embed * 4 / 2 ** 20, 1)
+        out["naive_per_sample_tensor_mb"] = round(n * width * embed * 4 / 2**20, 1)
         out["max_abs_difference_routed_vs_naive"] = err
     for key in ("forward_ms", "forward_backward_ms"):
         t = out[key]
@@ -110,16 +116,20 @@ def _one(threads: int) -> dict:
         perm = torch.randperm(paper.numel(), generator=torch.Generator().manual_seed(0))
         res = {
             # rows in head order, as safespec's trainer passes them (captions of the target, then negatives)
-            "paper_text_batch": _scenario(paper.sort().values, width=512, embed=512, rank=32,
-                                          num_heads=classes + 1, naive=True),
+            "paper_text_batch": _scenario(
+                paper.sort().values, width=512, embed=512, rank=32, num_heads=classes + 1, naive=True
+            ),
             # the same rows in random order: one gather of h and one scatter of the output more
-            "paper_text_batch_shuffled": _scenario(paper[perm], width=512, embed=512, rank=32,
-                                                   num_heads=classes + 1, naive=False),
+            "paper_text_batch_shuffled": _scenario(
+                paper[perm], width=512, embed=512, rank=32, num_heads=classes + 1, naive=False
+            ),
             "many_heads": _scenario(torch.arange(262), width=512, embed=512, rank=32, num_heads=366, naive=False),
         }
         res["goal_routed_at_most_2x_plain"] = all(
             res[k][f"{r}_ratio_routed_over_plain"] <= 2.0
-            for k in ("paper_text_batch", "paper_text_batch_shuffled") for r in ("forward", "forward_backward"))
+            for k in ("paper_text_batch", "paper_text_batch_shuffled")
+            for r in ("forward", "forward_backward")
+        )
         return res
     finally:
         torch.set_num_threads(previous)

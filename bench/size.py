@@ -47,8 +47,9 @@ def _timing(quick: bool) -> dict:
         stats.clear_caches()
         t0 = time.perf_counter()
         status, bound = status_of(PairedCounts(400 - b - c, b, c, 0), 0.03, CONFIDENCE, "exact")
-        per_table.append({"b": b, "c": c, "status": status, "bound": round(bound, 5),
-                          "seconds": round(time.perf_counter() - t0, 4)})
+        per_table.append(
+            {"b": b, "c": c, "status": status, "bound": round(bound, 5), "seconds": round(time.perf_counter() - t0, 4)}
+        )
     needed = []
     for b, c in TIMED_NEEDED[:1] if quick else TIMED_NEEDED:
         stats.clear_caches()
@@ -58,8 +59,14 @@ def _timing(quick: bool) -> dict:
         score = stats.needed_n(b / 400, c / 400, 0.03, CONFIDENCE, 0.8, "score")
         needed.append({"b": b, "c": c, "needed_n": m, "score_needed_n": score, "seconds": seconds})
     secs = [r["seconds"] for r in per_table]
-    return {"n": 400, "tolerance": 0.03, "tables": per_table, "max_seconds": max(secs),
-            "mean_seconds": round(sum(secs) / len(secs), 4), "needed_n": needed}
+    return {
+        "n": 400,
+        "tolerance": 0.03,
+        "tables": per_table,
+        "max_seconds": max(secs),
+        "mean_seconds": round(sum(secs) / len(secs), 4),
+        "needed_n": needed,
+    }
 
 
 def run(*, quick: bool = False) -> dict:
@@ -75,15 +82,22 @@ def run(*, quick: bool = False) -> dict:
                 size, at = _worst(test, n, tol, p_cs)
                 row[f"{test}_size"] = round(size, 5)
                 row[f"{test}_worst_p_c"] = at
-                row[f"{test}_power"] = round(stats.certification_probability(POWER_RATE, POWER_RATE, n, tol,
-                                                                              CONFIDENCE, test), 4)
+                row[f"{test}_power"] = round(
+                    stats.certification_probability(POWER_RATE, POWER_RATE, n, tol, CONFIDENCE, test), 4
+                )
             rows.append(row)
     seconds = time.perf_counter() - t0
     return {
-        "confidence": CONFIDENCE, "alpha": round(1 - CONFIDENCE, 10), "gamma": stats.EXACT_GAMMA,
-        "p_c_grid": list(p_cs), "power_rates": [POWER_RATE, POWER_RATE], "rows": rows,
-        "exact_max_size": max(r["exact_size"] for r in rows), "score_max_size": max(r["score_size"] for r in rows),
-        "grid_seconds": round(seconds, 1), "timing": _timing(quick),
+        "confidence": CONFIDENCE,
+        "alpha": round(1 - CONFIDENCE, 10),
+        "gamma": stats.EXACT_GAMMA,
+        "p_c_grid": list(p_cs),
+        "power_rates": [POWER_RATE, POWER_RATE],
+        "rows": rows,
+        "exact_max_size": max(r["exact_size"] for r in rows),
+        "score_max_size": max(r["score_size"] for r in rows),
+        "grid_seconds": round(seconds, 1),
+        "timing": _timing(quick),
     }
 
 
@@ -101,23 +115,37 @@ def markdown(r: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
+
         def size(test, row=row):
             s = row[f"{test}_size"]
             text = f"{s:.2%} ({row[f'{test}_worst_p_c']:g})"
             return f"**{text}**" if s > a + 1e-12 else text
-        lines.append(f"| {row['n']} | {row['tolerance']:g} | {size('exact')} | {size('score')} "
-                     f"| {row['exact_power']:.3f} | {row['score_power']:.3f} |")
-    lines += ["", f"Largest size on the grid: exact {r['exact_max_size']:.2%}, Tango {r['score_max_size']:.2%} "
-                  f"(bold: above the nominal {a:.0%}). The grid took {r['grid_seconds']} s."]
+
+        lines.append(
+            f"| {row['n']} | {row['tolerance']:g} | {size('exact')} | {size('score')} "
+            f"| {row['exact_power']:.3f} | {row['score_power']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Largest size on the grid: exact {r['exact_max_size']:.2%}, Tango {r['score_max_size']:.2%} "
+        f"(bold: above the nominal {a:.0%}). The grid took {r['grid_seconds']} s.",
+    ]
     t = r.get("timing")
     if t:
-        lines += ["", f"Time of one capability's exact certificate from cold caches (bound, fail-closed decision, "
-                      f"inconclusive threshold), n = {t['n']}, tolerance {t['tolerance']}: mean {t['mean_seconds']} s, "
-                      f"max {t['max_seconds']} s over the tables (b, c) = "
-                      + ", ".join(f"({x['b']}, {x['c']})" for x in t["tables"]) + ". `needed_n` (exact; Tango's "
-                      "in brackets), cold: "
-                      + "; ".join(f"({x['b']}, {x['c']}): {x['needed_n']} ({x['score_needed_n']}) in {x['seconds']} s"
-                                  for x in t["needed_n"]) + "."]
+        lines += [
+            "",
+            f"Time of one capability's exact certificate from cold caches (bound, fail-closed decision, "
+            f"inconclusive threshold), n = {t['n']}, tolerance {t['tolerance']}: mean {t['mean_seconds']} s, "
+            f"max {t['max_seconds']} s over the tables (b, c) = "
+            + ", ".join(f"({x['b']}, {x['c']})" for x in t["tables"])
+            + ". `needed_n` (exact; Tango's "
+            "in brackets), cold: "
+            + "; ".join(
+                f"({x['b']}, {x['c']}): {x['needed_n']} ({x['score_needed_n']}) in {x['seconds']} s"
+                for x in t["needed_n"]
+            )
+            + ".",
+        ]
     return "\n".join(lines)
 
 

@@ -40,10 +40,12 @@ G: dict = {}  # one worker's loaded inputs
 def init(spec):
     """Load the world, v1 and its predictions once per worker process."""
     import torch
+
     torch.set_num_threads(2)
     from safespec.evaluate import PredictionCache, evaluate
     from safespec.model import build_class_tokens, load_model
     from safespec.runner import _split, load_inputs, make_train_data
+
     inp = load_inputs(Path(spec), log=lambda s: None)
     plan = inp.plan
     old = load_model(plan.model, plan.classes)
@@ -54,8 +56,18 @@ def init(spec):
     p_old = evaluate(old.model, tokens, held.bank, held.labels, 0.05, device=dev)
     val = data.validation
     p_old_val = evaluate(old.model, tokens, val.bank, val.labels, 0.05, device=dev)
-    G.update(p_old_val=p_old_val, inp=inp, plan=plan, old=old, data=data, held=held, tokens=tokens, p_old=p_old,
-             dev=dev, cache=PredictionCache())
+    G.update(
+        p_old_val=p_old_val,
+        inp=inp,
+        plan=plan,
+        old=old,
+        data=data,
+        held=held,
+        tokens=tokens,
+        p_old=p_old,
+        dev=dev,
+        cache=PredictionCache(),
+    )
 
 
 def curve(lp, y, p_old, t, flips=True):
@@ -87,6 +99,7 @@ def job(name, ov, seed):
     from safespec.certify import certify
     from safespec.evaluate import evaluate
     from safespec.train import Trainer
+
     plan0, old, held, tokens, p_old, dev = (G[k] for k in ("plan", "old", "held", "tokens", "p_old", "dev"))
     C, t = len(plan0.classes), plan0.objective.target_index
     acc_old = p_old.per_class_accuracy(C)
@@ -99,8 +112,13 @@ def job(name, ov, seed):
         raise ValueError(f"variant {name!r}: unknown optimizer fields {bad}")
     plan = dataclasses.replace(plan0, optimizer=o)
     if metric or slack is not None:
-        plan = dataclasses.replace(plan, constraints=tuple(dataclasses.replace(
-            c, metric=metric or c.metric, slack=c.slack if slack is None else slack) for c in plan.constraints))
+        plan = dataclasses.replace(
+            plan,
+            constraints=tuple(
+                dataclasses.replace(c, metric=metric or c.metric, slack=c.slack if slack is None else slack)
+                for c in plan.constraints
+            ),
+        )
     if freeze is not None:
         plan = dataclasses.replace(plan, model=dataclasses.replace(plan.model, freeze=tuple(freeze)))
     torch.manual_seed(seed)
@@ -111,17 +129,26 @@ def job(name, ov, seed):
         def validate(self):
             v = super().validate()
             if self.step > 0:
-                p = evaluate(self.model, tokens, held.bank, held.labels, 0.05, device=dev, autocast=self.autocast,
-                             log_probs=True)
+                p = evaluate(
+                    self.model, tokens, held.bank, held.labels, 0.05, device=dev, autocast=self.autocast, log_probs=True
+                )
                 d = p.per_class_accuracy(C) - acc_old
                 prot = [i for i in range(C) if i != t]
                 val = self.data.validation
-                pv = evaluate(self.model, tokens, val.bank, val.labels, 0.05, device=dev, autocast=self.autocast,
-                              log_probs=True)
-                trace.append({"step": self.step, "dog": round(float(d[t]), 4), "min": round(float(d[prot].min()), 4),
-                              "feasible": v["feasible"], "val_dog": round(float(v["accuracy"][t]), 4),
-                              "val_curve": curve(pv.log_probs, val.labels, G["p_old_val"], t),
-                              "held_curve": curve(p.log_probs, held.labels, p_old, t, flips=False)})
+                pv = evaluate(
+                    self.model, tokens, val.bank, val.labels, 0.05, device=dev, autocast=self.autocast, log_probs=True
+                )
+                trace.append(
+                    {
+                        "step": self.step,
+                        "dog": round(float(d[t]), 4),
+                        "min": round(float(d[prot].min()), 4),
+                        "feasible": v["feasible"],
+                        "val_dog": round(float(v["accuracy"][t]), 4),
+                        "val_curve": curve(pv.log_probs, val.labels, G["p_old_val"], t),
+                        "held_curve": curve(p.log_probs, held.labels, p_old, t, flips=False),
+                    }
+                )
             return v
 
     t0 = time.perf_counter()
@@ -130,10 +157,20 @@ def job(name, ov, seed):
     p_new = evaluate(trainee.model, tokens, held.bank, held.labels, 0.05, device=dev)
     cert = certify(plan, held.labels, p_old.preds, p_new.preds)
     n_cert = sum(c["status"] == "certified" for c in cert.to_dict()["capabilities"])
-    row = _row(o.method, seed, plan.classes, t, acc_old, p_new.per_class_accuracy(C), n_cert,
-               round(time.perf_counter() - t0, 1), {"selected_step": outcome.selected_step})
-    row.update(variant=name, overrides=ov | {"metric": metric, "slack": slack, "freeze": freeze}, trace=trace,
-               target_index=t)
+    row = _row(
+        o.method,
+        seed,
+        plan.classes,
+        t,
+        acc_old,
+        p_new.per_class_accuracy(C),
+        n_cert,
+        round(time.perf_counter() - t0, 1),
+        {"selected_step": outcome.selected_step},
+    )
+    row.update(
+        variant=name, overrides=ov | {"metric": metric, "slack": slack, "freeze": freeze}, trace=trace, target_index=t
+    )
     return row
 
 
@@ -156,13 +193,15 @@ def analyse(path: Path, max_drop: float = 0.01, budget: float = 0.03) -> list[st
                 for b, dog, _worst, per, _ in tr["val_curve"]:
                     # (traces written before target_index was recorded are the demo's: dog is class 4)
                     prot = [d for i, d in enumerate(per) if i != r.get("target_index", 4)]
-                    if min(prot) >= -max_drop - 1e-9 and (best is None or dog > best[0] + 1e-9
-                                                          or (abs(dog - best[0]) < 1e-9 and abs(b) < abs(best[2]))):
+                    if min(prot) >= -max_drop - 1e-9 and (
+                        best is None or dog > best[0] + 1e-9 or (abs(dog - best[0]) < 1e-9 and abs(b) < abs(best[2]))
+                    ):
                         best = (dog, tr["step"], b, held[b][1], held[b][2])
             picks.append(best)
         bar = all(p is not None and p[4] >= -budget - 1e-9 and p[3] >= 0.15 for p in picks)
-        cells = " | ".join("v1" if p is None else f"step {p[1]} b{p[2]:+.1f}: {p[3]:+.3f} / {100 * p[4]:+.2f} pt"
-                           for p in picks)
+        cells = " | ".join(
+            "v1" if p is None else f"step {p[1]} b{p[2]:+.1f}: {p[3]:+.3f} / {100 * p[4]:+.2f} pt" for p in picks
+        )
         out.append(f"{v:28s} {cells}{'   <- bar' if bar else ''}")
     return out
 
@@ -190,8 +229,7 @@ def main(argv=None) -> None:
     spec = str(ROOT / "specs" / "demo.yaml")
     init(spec)  # the old model's references, cached once before the workers start
     G.clear()
-    with ProcessPoolExecutor(a.workers, mp_context=mp.get_context("spawn"), initializer=init,
-                             initargs=(spec,)) as ex:
+    with ProcessPoolExecutor(a.workers, mp_context=mp.get_context("spawn"), initializer=init, initargs=(spec,)) as ex:
         todo = [(n, ov, s) for n, ov in variants for s in a.seeds]
         running = {}
         while todo or running:
@@ -209,9 +247,16 @@ def main(argv=None) -> None:
                     r = {"variant": n, "seed": s, "error": repr(e)}
                 with a.out.open("a") as fh:
                     fh.write(json.dumps(r) + "\n")
-                print(f"{n} seed {s}: " + (r["error"] if "error" in r else
-                      f"selected step {r['selected_step']}: dog {r['target_new'] - r['target_old']:+.3f}, "
-                      f"worst {100 * r['min_change']:+.2f} pt ({r['seconds']} s)"), flush=True)
+                print(
+                    f"{n} seed {s}: "
+                    + (
+                        r["error"]
+                        if "error" in r
+                        else f"selected step {r['selected_step']}: dog {r['target_new'] - r['target_old']:+.3f}, "
+                        f"worst {100 * r['min_change']:+.2f} pt ({r['seconds']} s)"
+                    ),
+                    flush=True,
+                )
             if time.time() > deadline and todo:
                 print(f"deadline: {len(todo)} runs not started", flush=True)
                 todo = []

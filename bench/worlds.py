@@ -58,17 +58,37 @@ SECOND = WorldConfig(
 #: The same world at test size: a micro-ViT, a few images, a few steps; every split and the mirror top-up
 #: are exercised (40 base images + 20 mirrors per protected class). Builds in seconds.
 SECOND_SMALL = dataclasses.replace(
-    SECOND, heldout_per_class=30, validation_per_class=15, base_per_class=40, target_in_base=12,
-    store_min_per_class=60, target_positives=40, target_negatives_per_class=6, arch="safespec-micro-vit",
-    steps=120, lr=2e-3, warmup_steps=12)
+    SECOND,
+    heldout_per_class=30,
+    validation_per_class=15,
+    base_per_class=40,
+    target_in_base=12,
+    store_min_per_class=60,
+    target_positives=40,
+    target_negatives_per_class=6,
+    arch="safespec-micro-vit",
+    steps=120,
+    lr=2e-3,
+    warmup_steps=12,
+)
 
 WORLDS: dict[str, WorldConfig] = {"second": SECOND, "second-small": SECOND_SMALL}
-DEFAULT_ROOTS: dict[str, Path] = {"second": REPO / "out" / "world-second",
-                                  "second-small": REPO / "out" / "world-second-small"}
+DEFAULT_ROOTS: dict[str, Path] = {
+    "second": REPO / "out" / "world-second",
+    "second-small": REPO / "out" / "world-second-small",
+}
 
 #: The only parts of the demo spec that spec_for changes; everything else is the demo's, value for value.
-CHANGED = ("classes.names", "target.class", "data.protected", "data.target", "data.validation", "data.heldout",
-           "model.checkpoint", "report.dir")
+CHANGED = (
+    "classes.names",
+    "target.class",
+    "data.protected",
+    "data.target",
+    "data.validation",
+    "data.heldout",
+    "model.checkpoint",
+    "report.dir",
+)
 
 
 def spec_for(world: World, base: str | os.PathLike = DEMO_SPEC, out_dir: str | os.PathLike | None = None) -> Path:
@@ -88,23 +108,28 @@ def spec_for(world: World, base: str | os.PathLike = DEMO_SPEC, out_dir: str | o
     spec["model"]["checkpoint"] = str(Path(world.v1_checkpoint).resolve())
     spec["report"]["dir"] = str((out / "run").resolve())
     path = out / "spec.yaml"
-    path.write_text(f"# Written by bench/worlds.py from {base.name}: its settings, this world's data "
-                    f"({world.root}).\n" + yaml.safe_dump(spec, sort_keys=False))
+    path.write_text(
+        f"# Written by bench/worlds.py from {base.name}: its settings, this world's data "
+        f"({world.root}).\n" + yaml.safe_dump(spec, sort_keys=False)
+    )
     return path
 
 
 def build(name: str, root: str | os.PathLike | None = None, *, quiet: bool = False, threads: int | None = 1) -> World:
     config = WORLDS[name]
     log = (lambda *_: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    return build_world(Path(root) if root else DEFAULT_ROOTS[name], config, progress=not quiet, log=log,
-                       threads=threads)
+    return build_world(
+        Path(root) if root else DEFAULT_ROOTS[name], config, progress=not quiet, log=log, threads=threads
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.worlds", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for cmd, what in (("build", "build (or reuse) a world and print v1's held-out accuracy per class"),
-                      ("spec", "build (or reuse) a world and write the demo spec pointed at it")):
+    for cmd, what in (
+        ("build", "build (or reuse) a world and print v1's held-out accuracy per class"),
+        ("spec", "build (or reuse) a world and write the demo spec pointed at it"),
+    ):
         p = sub.add_parser(cmd, help=what)
         p.add_argument("world", choices=sorted(WORLDS))
         p.add_argument("--root", default=None, help="where the world lives (default: out/world-<name>)")

@@ -25,33 +25,53 @@ import torch
 TORCHVISION_SCHEMAS: dict[str, str] = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "roi_align": ("roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-                  "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor"),
-    "_roi_align_backward": ("_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, "
-                            "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, "
-                            "SymInt height, SymInt width, int sampling_ratio, bool aligned) -> Tensor"),
-    "qroi_align": ("qroi_align(Tensor input, Tensor rois, float input_scale, int input_zero_point, "
-                   "float rois_scale, int rois_zero_point, float spatial_scale, SymInt pooled_height, "
-                   "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor"),
-    "roi_pool": ("roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-                 "SymInt pooled_width) -> (Tensor, Tensor)"),
-    "_roi_pool_backward": ("_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, "
-                           "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, "
-                           "SymInt height, SymInt width) -> Tensor"),
-    "ps_roi_align": ("ps_roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-                     "SymInt pooled_width, int sampling_ratio) -> (Tensor, Tensor)"),
-    "_ps_roi_align_backward": ("_ps_roi_align_backward(Tensor grad, Tensor rois, Tensor channel_mapping, "
-                               "float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
-                               "int sampling_ratio, SymInt batch_size, SymInt channels, SymInt height, "
-                               "SymInt width) -> Tensor"),
-    "ps_roi_pool": ("ps_roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-                    "SymInt pooled_width) -> (Tensor, Tensor)"),
-    "_ps_roi_pool_backward": ("_ps_roi_pool_backward(Tensor grad, Tensor rois, Tensor channel_mapping, "
-                              "float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
-                              "SymInt batch_size, SymInt channels, SymInt height, SymInt width) -> Tensor"),
-    "deform_conv2d": ("deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, "
-                      "SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, "
-                      "SymInt dilation_w, SymInt groups, SymInt offset_groups, bool use_mask) -> Tensor"),
+    "roi_align": (
+        "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+        "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor"
+    ),
+    "_roi_align_backward": (
+        "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, "
+        "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, "
+        "SymInt height, SymInt width, int sampling_ratio, bool aligned) -> Tensor"
+    ),
+    "qroi_align": (
+        "qroi_align(Tensor input, Tensor rois, float input_scale, int input_zero_point, "
+        "float rois_scale, int rois_zero_point, float spatial_scale, SymInt pooled_height, "
+        "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor"
+    ),
+    "roi_pool": (
+        "roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+        "SymInt pooled_width) -> (Tensor, Tensor)"
+    ),
+    "_roi_pool_backward": (
+        "_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, "
+        "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, "
+        "SymInt height, SymInt width) -> Tensor"
+    ),
+    "ps_roi_align": (
+        "ps_roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+        "SymInt pooled_width, int sampling_ratio) -> (Tensor, Tensor)"
+    ),
+    "_ps_roi_align_backward": (
+        "_ps_roi_align_backward(Tensor grad, Tensor rois, Tensor channel_mapping, "
+        "float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
+        "int sampling_ratio, SymInt batch_size, SymInt channels, SymInt height, "
+        "SymInt width) -> Tensor"
+    ),
+    "ps_roi_pool": (
+        "ps_roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+        "SymInt pooled_width) -> (Tensor, Tensor)"
+    ),
+    "_ps_roi_pool_backward": (
+        "_ps_roi_pool_backward(Tensor grad, Tensor rois, Tensor channel_mapping, "
+        "float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
+        "SymInt batch_size, SymInt channels, SymInt height, SymInt width) -> Tensor"
+    ),
+    "deform_conv2d": (
+        "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, "
+        "SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, "
+        "SymInt dilation_w, SymInt groups, SymInt offset_groups, bool use_mask) -> Tensor"
+    ),
 }
 
 _MISSING_OP = re.compile(r"^operator torchvision::(\w+) does not exist$")

@@ -45,8 +45,9 @@ def report_exception(exc: BaseException) -> int:
         for line in str(exc).splitlines() or [type(exc).__name__]:
             click.echo(line, err=True)
         return int(getattr(exc, "exit_code", EXIT_ERROR)) or EXIT_ERROR
-    if (isinstance(exc, click.exceptions.Abort) and isinstance(exc.__context__, KeyboardInterrupt)) \
-            or isinstance(exc, KeyboardInterrupt):
+    if (isinstance(exc, click.exceptions.Abort) and isinstance(exc.__context__, KeyboardInterrupt)) or isinstance(
+        exc, KeyboardInterrupt
+    ):
         click.echo("safespec: interrupted", err=True)
         return EXIT_INTERRUPTED
     if isinstance(exc, click.exceptions.Abort):
@@ -58,16 +59,23 @@ def report_exception(exc: BaseException) -> int:
     if _debug():
         traceback.print_exception(exc)
     first = (str(exc).splitlines() or [""])[0]
-    click.echo(f"safespec: internal error: {type(exc).__name__}: {first} "
-               f"(set SAFESPEC_DEBUG=1 to see the traceback)", err=True)
+    click.echo(
+        f"safespec: internal error: {type(exc).__name__}: {first} (set SAFESPEC_DEBUG=1 to see the traceback)", err=True
+    )
     return EXIT_ERROR
 
 
 class SafespecGroup(click.Group):
     """A click group whose commands share one error policy (see the module docstring)."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
@@ -89,8 +97,11 @@ def main() -> None:
     """
 
 
-_NO_DATA_CHECK = click.option("--no-data-check", is_flag=True,
-                              help="Do not check that data files and the checkpoint exist (lint a spec whose data lives elsewhere).")
+_NO_DATA_CHECK = click.option(
+    "--no-data-check",
+    is_flag=True,
+    help="Do not check that data files and the checkpoint exist (lint a spec whose data lives elsewhere).",
+)
 
 
 @main.command()
@@ -111,15 +122,22 @@ def validate(specs: tuple[str, ...], no_data_check: bool) -> int:
             for line in e.lines:
                 click.echo(line, err=True)
             continue
-        click.echo(f"{path}: ok ({len(plan.classes)} classes, target {plan.objective.target_class!r}, "
-                   f"{len(plan.constraints)} protected capabilit{'y' if len(plan.constraints) == 1 else 'ies'}, "
-                   f"method {plan.optimizer.method})")
+        click.echo(
+            f"{path}: ok ({len(plan.classes)} classes, target {plan.objective.target_class!r}, "
+            f"{len(plan.constraints)} protected capabilit{'y' if len(plan.constraints) == 1 else 'ies'}, "
+            f"method {plan.optimizer.method})"
+        )
     return EXIT_ERROR if failed else EXIT_OK
 
 
 @main.command()
-@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write the schema to this file instead of standard output.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write the schema to this file instead of standard output.",
+)
 def schema(output: str | None) -> None:
     """Print the JSON Schema of the spec language (for editors and linters; see docs/spec.md)."""
     from .spec import json_schema
@@ -148,12 +166,15 @@ def init(path: str, force: bool, name: str | None) -> None:
     if name is None:
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", target.stem).strip("-._") or "my-cycle"
     elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise click.BadParameter("use letters, digits, '.', '_' and '-', starting with a letter or digit",
-                                 param_hint="'--name'")
+        raise click.BadParameter(
+            "use letters, digits, '.', '_' and '-', starting with a letter or digit", param_hint="'--name'"
+        )
     _write(target, starter_spec(name))
     click.echo(f"wrote {target}")
-    click.echo(f"next: put your manifests at {', '.join(STARTER_DATA)} (relative to the spec), "
-               f"edit the classes, then run: safespec validate {target}")
+    click.echo(
+        f"next: put your manifests at {', '.join(STARTER_DATA)} (relative to the spec), "
+        f"edit the classes, then run: safespec validate {target}"
+    )
 
 
 @main.command("compile")
@@ -168,9 +189,12 @@ def compile_cmd(spec: str, no_data_check: bool) -> None:
 
 
 # --------------------------------------------------------------------------------- the release cycle
-_QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar; only the summary (also implied by CI=1 for the bar).")
-_OUT = click.option("--out", type=click.Path(file_okay=False), default=None,
-                    help="Run directory (default: the spec's report.dir).")
+_QUIET = click.option(
+    "--quiet", "-q", is_flag=True, help="No progress bar; only the summary (also implied by CI=1 for the bar)."
+)
+_OUT = click.option(
+    "--out", type=click.Path(file_okay=False), default=None, help="Run directory (default: the spec's report.dir)."
+)
 
 
 def _log(quiet: bool):
@@ -209,8 +233,12 @@ def release_ok(result: dict) -> bool:
 @main.command()
 @click.argument("spec", metavar="SPEC")
 @click.option("--resume", is_flag=True, help="Continue from the training state saved in the run directory.")
-@click.option("--method", type=click.Choice(["penalty", "lagrangian", "unconstrained", "replay", "wise-ft"]),
-              default=None, help="Override optimize.method (e.g. to certify a baseline).")
+@click.option(
+    "--method",
+    type=click.Choice(["penalty", "lagrangian", "unconstrained", "replay", "wise-ft"]),
+    default=None,
+    help="Override optimize.method (e.g. to certify a baseline).",
+)
 @_OUT
 @_QUIET
 def run(spec: str, resume: bool, method: str | None, out: str | None, quiet: bool) -> int:
@@ -221,15 +249,20 @@ def run(spec: str, resume: bool, method: str | None, out: str | None, quiet: boo
     from .runner import run_cycle
 
     talk = _distributed(quiet)
-    result = run_cycle(spec, resume=resume, quiet=not talk, out=Path(out) if out else None, method=method,
-                       log=_log(not talk))
+    result = run_cycle(
+        spec, resume=resume, quiet=not talk, out=Path(out) if out else None, method=method, log=_log(not talk)
+    )
     return _summarise(result, show=_is_main())  # the summary is the result: printed even when quiet
 
 
 @main.command()
 @click.argument("spec", metavar="SPEC")
-@click.option("--candidate", required=True, type=click.Path(dir_okay=False),
-              help="Checkpoint of the new model (.safetensors, or a weights-only torch file).")
+@click.option(
+    "--candidate",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Checkpoint of the new model (.safetensors, or a weights-only torch file).",
+)
 @_OUT
 @_QUIET
 def verify(spec: str, candidate: str, out: str | None, quiet: bool) -> int:
@@ -254,11 +287,22 @@ def report(run_dir: str) -> int:
 
 
 @main.command()
-@click.option("--spec", "spec_path", type=click.Path(dir_okay=False), default=None,
-              help="The demo spec (default: specs/demo.yaml of this checkout).")
-@click.option("--world", type=click.Path(file_okay=False), default=None,
-              help="Where the demo world lives (default: the folder of the spec's data manifests).")
-@click.option("--world-only", is_flag=True, help="Build (or check) the demo world and print v1's accuracies; no training.")
+@click.option(
+    "--spec",
+    "spec_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The demo spec (default: specs/demo.yaml of this checkout).",
+)
+@click.option(
+    "--world",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the demo world lives (default: the folder of the spec's data manifests).",
+)
+@click.option(
+    "--world-only", is_flag=True, help="Build (or check) the demo world and print v1's accuracies; no training."
+)
 @_QUIET
 def demo(spec_path: str | None, world: str | None, world_only: bool, quiet: bool) -> int:
     """Build the embedded demo world once (Animal-MNIST + the old model v1) and run the demo cycle on it."""
@@ -281,8 +325,7 @@ def demo(spec_path: str | None, world: str | None, world_only: bool, quiet: bool
     click.echo(f"report: {load_spec(spec_file, check_files=False).report.dir / 'report.html'}")
     if code != EXIT_OK:
         # the demo is a showcase, not a release gate: it ran to the end and says what it found
-        click.echo("demo: the release gate would refuse this model (`safespec run` exits 1 here); "
-                   "the report says why")
+        click.echo("demo: the release gate would refuse this model (`safespec run` exits 1 here); the report says why")
     return EXIT_OK
 
 

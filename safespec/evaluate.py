@@ -48,6 +48,7 @@ class Predictions:
 
     def to_npz_bytes(self) -> bytes:
         import io
+
         buf = io.BytesIO()
         arrays = {"labels": self.labels, "preds": self.preds, "losses": self.losses, "margins": self.margins}
         if self.log_probs is not None:
@@ -58,8 +59,13 @@ class Predictions:
     @classmethod
     def from_npz(cls, path: Path) -> Predictions:
         with np.load(path, allow_pickle=False) as z:
-            return cls(labels=z["labels"], preds=z["preds"], losses=z["losses"], margins=z["margins"],
-                       log_probs=z["log_probs"] if "log_probs" in z.files else None)
+            return cls(
+                labels=z["labels"],
+                preds=z["preds"],
+                losses=z["losses"],
+                margins=z["margins"],
+                log_probs=z["log_probs"] if "log_probs" in z.files else None,
+            )
 
 
 def kl_from_old(old_log_probs, new_log_probs):
@@ -83,9 +89,14 @@ def metric_values(pred_losses: torch.Tensor | np.ndarray, margins, metric: str):
     return torch.sigmoid(-margins)
 
 
-def logits_losses(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
-                  tau: float, bias: torch.Tensor | None = None, towers: Mapping[int, torch.Tensor] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def logits_losses(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float,
+    bias: torch.Tensor | None = None,
+    towers: Mapping[int, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zero-shot logits (:func:`class_logits`), per-sample CE and true-minus-best-other margins for a batch."""
     logits = class_logits(image_features, text_features, tau, bias, towers)
     losses = F.cross_entropy(logits.float(), labels, reduction="none")
@@ -106,8 +117,9 @@ def _batches(bank, n: int, batch_size: int, features: torch.Tensor | None):
 
 
 @torch.no_grad()
-def image_features(model, bank, *, batch_size: int = 256, device: str | torch.device = "cpu",
-                   autocast=None) -> torch.Tensor:
+def image_features(
+    model, bank, *, batch_size: int = 256, device: str | torch.device = "cpu", autocast=None
+) -> torch.Tensor:
     """Normalised image features (N, D) of every image of ``bank``, float32 on the CPU, computed exactly as
     :func:`evaluate` computes them (same batches, same precision), so that predictions from them are the
     same bits."""
@@ -139,9 +151,19 @@ def feature_key(visual: str, data_digest: str, precision: str | None) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: float, *,
-             batch_size: int = 256, device: str | torch.device = "cpu", autocast=None,
-             features: torch.Tensor | None = None, log_probs: bool = False) -> Predictions:
+def evaluate(
+    model,
+    class_tokens: torch.Tensor,
+    bank,
+    labels: np.ndarray,
+    tau: float,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    autocast=None,
+    features: torch.Tensor | None = None,
+    log_probs: bool = False,
+) -> Predictions:
     """Evaluate ``model`` (a HeadedCLIP) on every image of ``bank``; the text side is computed once.
     ``features`` (from :func:`image_features` of a model with the same image tower) replace the image pass;
     ``log_probs`` keeps every image's class log-probabilities (N x C) as well."""
@@ -181,8 +203,13 @@ def evaluate(model, class_tokens: torch.Tensor, bank, labels: np.ndarray, tau: f
     lp = None
     if log_probs:  # (rows, C) even on a rank without rows, so that the gather's shapes agree
         lp = d.gather_numpy(torch.cat(lps).numpy() if lps else np.zeros((0, text.shape[0]), np.float32), n)
-    return Predictions(labels=np.asarray(labels, dtype=np.int64), preds=cat(preds, np.int64),
-                       losses=cat(losses, np.float32), margins=cat(margins, np.float32), log_probs=lp)
+    return Predictions(
+        labels=np.asarray(labels, dtype=np.int64),
+        preds=cat(preds, np.int64),
+        losses=cat(losses, np.float32),
+        margins=cat(margins, np.float32),
+        log_probs=lp,
+    )
 
 
 def default_cache_dir() -> Path:
@@ -220,11 +247,13 @@ class PredictionCache:
 
     def features(self, key: str, compute) -> torch.Tensor:
         """Cached image features (N, D), or ``compute()``'s (then stored)."""
+
         def load(path: Path) -> torch.Tensor:
             return torch.from_numpy(np.load(path, allow_pickle=False))
 
         def dump(t: torch.Tensor) -> bytes:
             import io
+
             buf = io.BytesIO()
             np.save(buf, t.numpy(), allow_pickle=False)
             return buf.getvalue()
@@ -252,8 +281,23 @@ class PredictionCache:
         return out
 
 
-def prediction_key(model_digest: str, data_digest: str, classes: Sequence[str], templates: Sequence[str],
-                   tau: float, heads: bool, log_probs: bool = False) -> str:
+def prediction_key(
+    model_digest: str,
+    data_digest: str,
+    classes: Sequence[str],
+    templates: Sequence[str],
+    tau: float,
+    heads: bool,
+    log_probs: bool = False,
+) -> str:
     extra = {"log_probs": True} if log_probs else {}  # keys of existing caches stay as they were
-    return PredictionCache.key(model=model_digest, data=data_digest, classes=list(classes),
-                               templates=list(templates), tau=tau, heads=heads, v=1, **extra)
+    return PredictionCache.key(
+        model=model_digest,
+        data=data_digest,
+        classes=list(classes),
+        templates=list(templates),
+        tau=tau,
+        heads=heads,
+        v=1,
+        **extra,
+    )

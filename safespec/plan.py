@@ -167,41 +167,57 @@ def compile_spec(spec: Spec) -> Plan:
                 name = f"{p.name}/{g[0]}" if p.name else g[0]
             else:
                 name = p.name or "+".join(g)
-            constraints.append(Constraint(
-                name=name, classes=tuple(g), class_indices=tuple(index[c] for c in g),
-                metric=p.constraint.metric, slack=p.constraint.slack,
-                tolerance=p.tolerance, confidence=conf,
-            ))
+            constraints.append(
+                Constraint(
+                    name=name,
+                    classes=tuple(g),
+                    class_indices=tuple(index[c] for c in g),
+                    metric=p.constraint.metric,
+                    slack=p.constraint.slack,
+                    tolerance=p.tolerance,
+                    confidence=conf,
+                )
+            )
             source.append(i)
     seen: dict[str, int] = {}
     for k, c in enumerate(constraints):
         if c.name in seen:
             i, first = source[k], source[seen[c.name]]
             where = "" if i == first else f" (protect[{first}] has it too)"
-            raise PlanError(f"protect[{i}].name" if spec.protect[i].name else f"protect[{i}].classes",
-                            f"two capabilities are named {c.name!r}{where}; give each a distinct name")
+            raise PlanError(
+                f"protect[{i}].name" if spec.protect[i].name else f"protect[{i}].classes",
+                f"two capabilities are named {c.name!r}{where}; give each a distinct name",
+            )
         seen[c.name] = k
 
     o = spec.optimize
     n_protected = sum(len(c.classes) for c in constraints)
     if o.batch.protected_classes > n_protected:
-        raise PlanError("optimize.batch.protected_classes",
-                        f"draws {o.batch.protected_classes} protected classes per step but only {n_protected} "
-                        f"{'is' if n_protected == 1 else 'are'} protected")
+        raise PlanError(
+            "optimize.batch.protected_classes",
+            f"draws {o.batch.protected_classes} protected classes per step but only {n_protected} "
+            f"{'is' if n_protected == 1 else 'are'} protected",
+        )
     positives = round(o.batch.target * o.batch.positive_fraction)
     if not 1 <= positives <= o.batch.target - 1:
-        raise PlanError("optimize.batch.positive_fraction",
-                        f"a target batch of {o.batch.target} with positive_fraction {o.batch.positive_fraction} "
-                        f"has {positives} positives; it needs at least one positive and one negative")
+        raise PlanError(
+            "optimize.batch.positive_fraction",
+            f"a target batch of {o.batch.target} with positive_fraction {o.batch.positive_fraction} "
+            f"has {positives} positives; it needs at least one positive and one negative",
+        )
     if o.eval_every > o.steps:
-        raise PlanError("optimize.eval_every",
-                        f"must be at most steps ({o.steps}) (got {o.eval_every}); checkpoint selection needs "
-                        f"at least one evaluation during training")
+        raise PlanError(
+            "optimize.eval_every",
+            f"must be at most steps ({o.steps}) (got {o.eval_every}); checkpoint selection needs "
+            f"at least one evaluation during training",
+        )
     if o.calibrate.target_offset:
         if o.method not in ("penalty", "lagrangian"):
-            raise PlanError("optimize.calibrate.target_offset",
-                            f"calibrates the constrained methods (penalty, lagrangian), but the method is "
-                            f"{o.method!r}; a baseline is kept as trained, so the setting would do nothing")
+            raise PlanError(
+                "optimize.calibrate.target_offset",
+                f"calibrates the constrained methods (penalty, lagrangian), but the method is "
+                f"{o.method!r}; a baseline is kept as trained, so the setting would do nothing",
+            )
     m = spec.model
     if set(m.freeze) == {"image", "text"} and not m.heads.enabled and not m.target_tower:
         raise PlanError("model.freeze", "both towers are frozen and the heads are disabled: nothing would be trained")
@@ -214,23 +230,58 @@ def compile_spec(spec: Spec) -> Plan:
         description=spec.description,
         classes=names,
         templates=tuple(spec.classes.templates),
-        model=ModelPlan(arch=m.arch, pretrained=m.pretrained, checkpoint=s(m.checkpoint), heads=m.heads.enabled,
-                        rank=m.heads.rank, device=m.device, precision=m.precision, freeze=tuple(m.freeze),
-                        target_tower=m.target_tower),
-        data=DataPlan(protected=str(spec.data.protected), target=str(spec.data.target),
-                      validation=str(spec.data.validation), heldout=str(spec.data.heldout), base=s(spec.data.base)),
+        model=ModelPlan(
+            arch=m.arch,
+            pretrained=m.pretrained,
+            checkpoint=s(m.checkpoint),
+            heads=m.heads.enabled,
+            rank=m.heads.rank,
+            device=m.device,
+            precision=m.precision,
+            freeze=tuple(m.freeze),
+            target_tower=m.target_tower,
+        ),
+        data=DataPlan(
+            protected=str(spec.data.protected),
+            target=str(spec.data.target),
+            validation=str(spec.data.validation),
+            heldout=str(spec.data.heldout),
+            base=s(spec.data.base),
+        ),
         constraints=tuple(constraints),
-        objective=Objective(target_class=target, target_index=index[target], kind=o.objective,
-                            min_accuracy=spec.target.goal.min_accuracy, min_improvement=spec.target.goal.min_improvement),
+        objective=Objective(
+            target_class=target,
+            target_index=index[target],
+            kind=o.objective,
+            min_accuracy=spec.target.goal.min_accuracy,
+            min_improvement=spec.target.goal.min_improvement,
+        ),
         optimizer=OptimizerPlan(
-            method=o.method, baselines=tuple(o.baselines), steps=o.steps, seed=o.seed, lr=o.lr,
-            weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, target_batch=o.batch.target,
-            positive_fraction=o.batch.positive_fraction, protected_classes_per_step=o.batch.protected_classes,
-            per_class=o.batch.per_class, gamma=o.gamma, constraint_tau=o.constraint_tau, temperature=o.temperature,
-            beta=o.penalty.beta, beta_schedule=o.penalty.schedule, penalty_form=o.penalty.form,
-            multiplier_lr=o.lagrangian.multiplier_lr, rho=o.lagrangian.rho, max_multiplier=o.lagrangian.max_multiplier,
-            wise_ft_grid=o.wise_ft.grid, eval_every=o.eval_every, checkpoint_every=o.checkpoint_every,
-            calibrate_target=o.calibrate.target_offset, min_certify_probability=o.select.min_certify_probability,
+            method=o.method,
+            baselines=tuple(o.baselines),
+            steps=o.steps,
+            seed=o.seed,
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            warmup_steps=o.warmup_steps,
+            target_batch=o.batch.target,
+            positive_fraction=o.batch.positive_fraction,
+            protected_classes_per_step=o.batch.protected_classes,
+            per_class=o.batch.per_class,
+            gamma=o.gamma,
+            constraint_tau=o.constraint_tau,
+            temperature=o.temperature,
+            beta=o.penalty.beta,
+            beta_schedule=o.penalty.schedule,
+            penalty_form=o.penalty.form,
+            multiplier_lr=o.lagrangian.multiplier_lr,
+            rho=o.lagrangian.rho,
+            max_multiplier=o.lagrangian.max_multiplier,
+            wise_ft_grid=o.wise_ft.grid,
+            eval_every=o.eval_every,
+            checkpoint_every=o.checkpoint_every,
+            calibrate_target=o.calibrate.target_offset,
+            min_certify_probability=o.select.min_certify_probability,
             store_views=o.store_views,
         ),
         certify=CertifyPlan(confidence=spec.certify.confidence, require=spec.certify.require, test=spec.certify.test),

@@ -22,8 +22,17 @@ def interactive_default() -> bool:
 class Progress:
     """``with Progress(total, "train", quiet=...) as p: p.update(1, status="worst u=+0.01")``."""
 
-    def __init__(self, total: int, desc: str, *, quiet: bool = False, bar: bool | None = None,
-                 log: Callable[[str], None] | None = None, every_percent: int = 10, initial: int = 0):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        *,
+        quiet: bool = False,
+        bar: bool | None = None,
+        log: Callable[[str], None] | None = None,
+        every_percent: int = 10,
+        initial: int = 0,
+    ):
         self.total = max(int(total), 1)
         self.desc = desc
         self.quiet = quiet
@@ -34,8 +43,11 @@ class Progress:
         self._next_log = (initial // self.every + 1) * self.every
         self._t0 = time.perf_counter()
         self._n0 = initial
-        self._bar = tqdm(total=self.total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-                         file=sys.stderr) if self.bar_on else None
+        self._bar = (
+            tqdm(total=self.total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+            if self.bar_on
+            else None
+        )
 
     def update(self, k: int = 1, status: str | None = None) -> None:
         self.n += k
@@ -50,8 +62,10 @@ class Progress:
             rate = (self.n - self._n0) / dt if dt > 0 else 0.0
             eta = (self.total - self.n) / rate if rate > 0 else float("nan")
             extra = f" {status}" if status else ""
-            self.log(f"{self.desc}: {self.n}/{self.total} ({100 * self.n // self.total}%) "
-                     f"{rate:.2f} {'step'}/s ETA {eta:.0f}s{extra}")
+            self.log(
+                f"{self.desc}: {self.n}/{self.total} ({100 * self.n // self.total}%) "
+                f"{rate:.2f} {'step'}/s ETA {eta:.0f}s{extra}"
+            )
 
     def close(self) -> None:
         if self._bar is not None:

@@ -38,8 +38,13 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"safespec": __version__, "python": platform.python_version()}
-    for name, dist in (("torch", "torch"), ("open_clip", "open_clip_torch"), ("numpy", "numpy"),
-                       ("pydantic", "pydantic"), ("scipy", "scipy")):
+    for name, dist in (
+        ("torch", "torch"),
+        ("open_clip", "open_clip_torch"),
+        ("numpy", "numpy"),
+        ("pydantic", "pydantic"),
+        ("scipy", "scipy"),
+    ):
         try:
             out[name] = md.version(dist)
         except md.PackageNotFoundError:
@@ -73,14 +78,18 @@ class RunDir:
         if not self.writes:
             return
         self.clear_outputs()
-        atomic_write_json(self.path / "state.json", {"state": "failed", "reason": reason,
-                                                     "started": getattr(self, "started", None), "failed": _now()})
+        atomic_write_json(
+            self.path / "state.json",
+            {"state": "failed", "reason": reason, "started": getattr(self, "started", None), "failed": _now()},
+        )
 
     def complete(self, verdict: str) -> None:
         if not self.writes:
             return
-        atomic_write_json(self.path / "state.json", {"state": "complete", "verdict": verdict,
-                                                     "started": self.started, "finished": _now()})
+        atomic_write_json(
+            self.path / "state.json",
+            {"state": "complete", "verdict": verdict, "started": self.started, "finished": _now()},
+        )
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -110,16 +119,33 @@ def load_inputs(spec_path: Path, *, log: Callable[[str], None]) -> Loaded:
     from .plan import load_plan
 
     spec, plan = load_plan(spec_path)
-    manifests = {split: read_manifest(Path(getattr(plan.data, split)), plan.classes)
-                 for split in ("protected", "target", "validation", "heldout")}
+    manifests = {
+        split: read_manifest(Path(getattr(plan.data, split)), plan.classes)
+        for split in ("protected", "target", "validation", "heldout")
+    }
     # the store and the target set may share images (negatives are drawn from the base training set);
     # the certificate's held-out split and the selection's validation split must share none with anything
-    check_disjoint(manifests, pairs=[("heldout", "validation"), ("heldout", "protected"), ("heldout", "target"),
-                                     ("validation", "protected"), ("validation", "target")])
+    check_disjoint(
+        manifests,
+        pairs=[
+            ("heldout", "validation"),
+            ("heldout", "protected"),
+            ("heldout", "target"),
+            ("validation", "protected"),
+            ("validation", "target"),
+        ],
+    )
     digests = {k: m.digest() for k, m in manifests.items()}
     raw = Path(spec_path).read_bytes()  # one read: the text the report shows is the text the digest names
-    return Loaded(spec=spec, plan=plan, spec_path=spec_path, spec_text=raw.decode("utf-8"),
-                  spec_digest="sha256:" + hashlib.sha256(raw).hexdigest(), manifests=manifests, digests=digests)
+    return Loaded(
+        spec=spec,
+        plan=plan,
+        spec_path=spec_path,
+        spec_text=raw.decode("utf-8"),
+        spec_digest="sha256:" + hashlib.sha256(raw).hexdigest(),
+        manifests=manifests,
+        digests=digests,
+    )
 
 
 def make_train_data(inp: Loaded, preprocess):
@@ -135,10 +161,12 @@ def make_train_data(inp: Loaded, preprocess):
 
         bank = ViewBank(store.bank, views, seed=inp.plan.optimizer.seed)
         store = Split(bank=bank, labels=bank.labels, digest=bank.digest(store.digest))
-    return TrainData(store=store,
-                     target=_split(inp.manifests["target"], preprocess, inp.digests["target"]),
-                     validation=_split(inp.manifests["validation"], preprocess, inp.digests["validation"]),
-                     heldout_counts=np.bincount(held.labels, minlength=len(inp.plan.classes)))
+    return TrainData(
+        store=store,
+        target=_split(inp.manifests["target"], preprocess, inp.digests["target"]),
+        validation=_split(inp.manifests["validation"], preprocess, inp.digests["validation"]),
+        heldout_counts=np.bincount(held.labels, minlength=len(inp.plan.classes)),
+    )
 
 
 def _split(manifest, preprocess, digest: str):
@@ -146,13 +174,18 @@ def _split(manifest, preprocess, digest: str):
     from .train import Split
 
     captions = [r.caption for r in manifest.records]
-    return Split(bank=ImageBank(manifest, preprocess, num_workers=decode_workers()), labels=manifest.labels, digest=digest,
-                 captions=captions if any(c for c in captions) else None)
+    return Split(
+        bank=ImageBank(manifest, preprocess, num_workers=decode_workers()),
+        labels=manifest.labels,
+        digest=digest,
+        captions=captions if any(c for c in captions) else None,
+    )
 
 
 # ----------------------------------------------------------------------------------- certification
-def certify_candidate(inp: Loaded, old, new_model, new_digest: str, *, cache, run_dir: Path,
-                      device, log, thumbnails: bool = True) -> dict[str, Any]:
+def certify_candidate(
+    inp: Loaded, old, new_model, new_digest: str, *, cache, run_dir: Path, device, log, thumbnails: bool = True
+) -> dict[str, Any]:
     """Evaluate old and new on the held-out split (old cached by digest) and certify; returns the
     result fragment (certificate + per-class numbers + confusion + flips)."""
     from .certify import certify, confusion_matrix, paired_from_correct
@@ -172,14 +205,19 @@ def certify_candidate(inp: Loaded, old, new_model, new_digest: str, *, cache, ru
 
     def evaluate_(model):
         if shared and not features:
-            features.append(cache.features(feature_key(vis, held.digest, "fp32"),
-                                           lambda: image_features(old.model, held.bank, device=device)))
-        return evaluate(model, tokens, held.bank, held.labels, tau, device=device,
-                        features=features[0] if shared else None)
+            features.append(
+                cache.features(
+                    feature_key(vis, held.digest, "fp32"), lambda: image_features(old.model, held.bank, device=device)
+                )
+            )
+        return evaluate(
+            model, tokens, held.bank, held.labels, tau, device=device, features=features[0] if shared else None
+        )
 
     def preds(model, digest):
-        key = prediction_key(digest, held.digest, plan.classes, plan.templates, tau,
-                             heads=getattr(model, "heads", None) is not None)
+        key = prediction_key(
+            digest, held.digest, plan.classes, plan.templates, tau, heads=getattr(model, "heads", None) is not None
+        )
         return cache.get_or_compute(key, lambda: evaluate_(model))
 
     log("evaluating the old model on the held-out split")
@@ -194,15 +232,23 @@ def certify_candidate(inp: Loaded, old, new_model, new_digest: str, *, cache, ru
         m = held.labels == c
         o, n = p_old.correct[m], p_new.correct[m]
         t = paired_from_correct(o, n)
-        per_class.append({"class": name, "n": int(m.sum()),
-                          "old_accuracy": float(o.mean()) if m.any() else None,
-                          "new_accuracy": float(n.mean()) if m.any() else None,
-                          "old_loss": float(p_old.losses[m].mean()) if m.any() else None,
-                          "new_loss": float(p_new.losses[m].mean()) if m.any() else None,
-                          "negative_flips": t.negative_flips, "positive_flips": t.positive_flips})
+        per_class.append(
+            {
+                "class": name,
+                "n": int(m.sum()),
+                "old_accuracy": float(o.mean()) if m.any() else None,
+                "new_accuracy": float(n.mean()) if m.any() else None,
+                "old_loss": float(p_old.losses[m].mean()) if m.any() else None,
+                "new_loss": float(p_new.losses[m].mean()) if m.any() else None,
+                "negative_flips": t.negative_flips,
+                "positive_flips": t.positive_flips,
+            }
+        )
     out["per_class"] = per_class
-    out["confusion"] = {"old": confusion_matrix(held.labels, p_old.preds, C).tolist(),
-                        "new": confusion_matrix(held.labels, p_new.preds, C).tolist()}
+    out["confusion"] = {
+        "old": confusion_matrix(held.labels, p_old.preds, C).tolist(),
+        "new": confusion_matrix(held.labels, p_new.preds, C).tolist(),
+    }
     out["flips"] = _flip_thumbnails(inp, p_old, p_new, run_dir) if thumbnails and dist_context().is_main else []
     return out
 
@@ -234,29 +280,64 @@ def _flip_thumbnails(inp: Loaded, p_old, p_new, run_dir: Path) -> list[dict]:
                 im.save(folder / name, format="PNG")
         except OSError:
             continue  # the image was readable at evaluation; a vanished file only loses its thumbnail
-        out.append({"class": plan.classes[y], "path": f"flips/{name}", "source": str(rec.path),
-                    "old_pred": plan.classes[int(p_old.preds[i])], "new_pred": plan.classes[int(p_new.preds[i])]})
+        out.append(
+            {
+                "class": plan.classes[y],
+                "path": f"flips/{name}",
+                "source": str(rec.path),
+                "old_pred": plan.classes[int(p_old.preds[i])],
+                "new_pred": plan.classes[int(p_new.preds[i])],
+            }
+        )
     return out
 
 
 def _baseline_summary(method: str, frag: dict) -> dict:
-    return {"method": method, "verdict": frag["verdict"],
-            "capabilities": [{"name": c["name"], "status": c["status"], "accuracy_change": c["accuracy_change"],
-                              "drop_upper_bound": c["drop_upper_bound"]} for c in frag["capabilities"]],
-            "target": {"old_accuracy": frag["target"]["old_accuracy"], "new_accuracy": frag["target"]["new_accuracy"],
-                       "goal_met": frag["target"]["goal_met"]}}
+    return {
+        "method": method,
+        "verdict": frag["verdict"],
+        "capabilities": [
+            {
+                "name": c["name"],
+                "status": c["status"],
+                "accuracy_change": c["accuracy_change"],
+                "drop_upper_bound": c["drop_upper_bound"],
+            }
+            for c in frag["capabilities"]
+        ],
+        "target": {
+            "old_accuracy": frag["target"]["old_accuracy"],
+            "new_accuracy": frag["target"]["new_accuracy"],
+            "goal_met": frag["target"]["goal_met"],
+        },
+    }
 
 
 def _provenance(inp: Loaded, old, new_info: dict, command: str, started: str, seed: int | None) -> dict:
-    return {"spec_digest": inp.spec_digest, "old_model": {"source": old.source, "digest": old.digest},
-            "new_model": new_info, "data": dict(inp.digests), "seed": seed, "versions": versions(),
-            "command": command, "started": started, "finished": _now(), "host": platform.node(),
-            "processes": dist_context().world}
+    return {
+        "spec_digest": inp.spec_digest,
+        "old_model": {"source": old.source, "digest": old.digest},
+        "new_model": new_info,
+        "data": dict(inp.digests),
+        "seed": seed,
+        "versions": versions(),
+        "command": command,
+        "started": started,
+        "finished": _now(),
+        "host": platform.node(),
+        "processes": dist_context().world,
+    }
 
 
 def _spec_block(inp: Loaded) -> dict:
-    return {"name": inp.plan.name, "title": inp.plan.title, "description": inp.plan.description,
-            "path": str(inp.spec_path), "digest": inp.spec_digest, "text": inp.spec_text}
+    return {
+        "name": inp.plan.name,
+        "title": inp.plan.title,
+        "description": inp.plan.description,
+        "path": str(inp.spec_path),
+        "digest": inp.spec_digest,
+        "text": inp.spec_text,
+    }
 
 
 def _finish(rd: RunDir, result: dict, *, log) -> dict:
@@ -273,9 +354,17 @@ def _finish(rd: RunDir, result: dict, *, log) -> dict:
 
 
 # ----------------------------------------------------------------------------------- commands
-def run_cycle(spec_path: Path | str, *, resume: bool = False, quiet: bool = False, out: Path | None = None,
-              cache_dir: Path | None = None, command: str | None = None,
-              log: Callable[[str], None] = print, method: str | None = None) -> dict:
+def run_cycle(
+    spec_path: Path | str,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    out: Path | None = None,
+    cache_dir: Path | None = None,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+    method: str | None = None,
+) -> dict:
     """``safespec run``: the whole cycle. Returns the result dict (its ``verdict`` decides the exit code)."""
     import copy
     import dataclasses
@@ -310,27 +399,54 @@ def run_cycle(spec_path: Path | str, *, resume: bool = False, quiet: bool = Fals
             trainee.model.load_state_dict(outcome.state_dict)
             path = rd.path / "models" / f"{m}.safetensors"
             if rd.writes:
-                digest = save_checkpoint(trainee.model, path, {"method": m, "spec": plan.name,
-                                                               "selected_step": str(outcome.selected_step)})
+                digest = save_checkpoint(
+                    trainee.model, path, {"method": m, "spec": plan.name, "selected_step": str(outcome.selected_step)}
+                )
             else:
                 digest = weights_digest(trainee.model)
             log(f"{m}: {outcome.reason}")
-            results[m] = certify_candidate(inp, old, trainee.model, digest, cache=cache, run_dir=rd.path,
-                                           device=device, log=log, thumbnails=m == main_method)
+            results[m] = certify_candidate(
+                inp,
+                old,
+                trainee.model,
+                digest,
+                cache=cache,
+                run_dir=rd.path,
+                device=device,
+                log=log,
+                thumbnails=m == main_method,
+            )
             outcomes[m] = (outcome, path, digest)
             del trainer, trainee
         outcome, path, digest = outcomes[main_method]
         result = dict(results[main_method])
-        result.update({
-            "spec": _spec_block(inp), "method": main_method, "classes": list(plan.classes),
-            "selection": {"step": outcome.selected_step, "reason": outcome.reason,
-                          "fell_back_to_old": outcome.fell_back_to_old, **outcome.validation},
-            "training": {"steps": outcome.steps, "seconds": round(outcome.seconds, 2),
-                         "trajectory": "trajectory.jsonl"},
-            "baselines": [_baseline_summary(m, results[m]) for m in results if m != main_method],
-            "provenance": _provenance(inp, old, {"path": str(path.relative_to(rd.path)), "digest": digest},
-                                      command, rd.started, plan.optimizer.seed),
-        })
+        result.update(
+            {
+                "spec": _spec_block(inp),
+                "method": main_method,
+                "classes": list(plan.classes),
+                "selection": {
+                    "step": outcome.selected_step,
+                    "reason": outcome.reason,
+                    "fell_back_to_old": outcome.fell_back_to_old,
+                    **outcome.validation,
+                },
+                "training": {
+                    "steps": outcome.steps,
+                    "seconds": round(outcome.seconds, 2),
+                    "trajectory": "trajectory.jsonl",
+                },
+                "baselines": [_baseline_summary(m, results[m]) for m in results if m != main_method],
+                "provenance": _provenance(
+                    inp,
+                    old,
+                    {"path": str(path.relative_to(rd.path)), "digest": digest},
+                    command,
+                    rd.started,
+                    plan.optimizer.seed,
+                ),
+            }
+        )
         traj = rd.path / f"trajectory-{main_method}.jsonl"
         if rd.writes and traj.exists():
             shutil.copyfile(traj, rd.path / "trajectory.jsonl")
@@ -340,9 +456,15 @@ def run_cycle(spec_path: Path | str, *, resume: bool = False, quiet: bool = Fals
         raise
 
 
-def verify_candidate(spec_path: Path | str, candidate: Path | str, *, out: Path | None = None,
-                     cache_dir: Path | None = None, command: str | None = None,
-                     log: Callable[[str], None] = print) -> dict:
+def verify_candidate(
+    spec_path: Path | str,
+    candidate: Path | str,
+    *,
+    out: Path | None = None,
+    cache_dir: Path | None = None,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """``safespec verify``: certify a model trained elsewhere against the spec's old model."""
     import dataclasses
 
@@ -363,13 +485,22 @@ def verify_candidate(spec_path: Path | str, candidate: Path | str, *, out: Path 
         old = load_model(plan.model, plan.classes)
         new = load_model(dataclasses.replace(plan.model, pretrained=None, checkpoint=str(candidate)), plan.classes)
         device = next(old.model.parameters()).device
-        result = certify_candidate(inp, old, new.model, new.digest, cache=cache, run_dir=rd.path, device=device, log=log)
-        result.update({
-            "spec": _spec_block(inp), "method": "verify", "classes": list(plan.classes),
-            "selection": None, "training": None, "baselines": [],
-            "provenance": _provenance(inp, old, {"path": str(candidate), "digest": new.digest}, command,
-                                      rd.started, None),
-        })
+        result = certify_candidate(
+            inp, old, new.model, new.digest, cache=cache, run_dir=rd.path, device=device, log=log
+        )
+        result.update(
+            {
+                "spec": _spec_block(inp),
+                "method": "verify",
+                "classes": list(plan.classes),
+                "selection": None,
+                "training": None,
+                "baselines": [],
+                "provenance": _provenance(
+                    inp, old, {"path": str(candidate), "digest": new.digest}, command, rd.started, None
+                ),
+            }
+        )
         return _finish(rd, result, log=log)
     except BaseException as exc:
         rd.fail(failure_reason(exc))

@@ -115,7 +115,10 @@ def test_the_certificate_never_depends_on_training(module):
 @pytest.mark.parametrize("module", _stage_modules("report"))
 def test_the_report_needs_no_model_torch_or_training(module):
     siblings, outside = _reach(module)
-    assert not {"model", "train", "evaluate", "runner"} & siblings and "torch" not in outside, (module, sorted(siblings))
+    assert not {"model", "train", "evaluate", "runner"} & siblings and "torch" not in outside, (
+        module,
+        sorted(siblings),
+    )
 
 
 def test_nothing_imports_the_cli():

@@ -66,8 +66,17 @@ def test_step_overhead_and_verify_on_the_small_world(small_world, tmp_path):
 
 
 def test_scaling_in_protected_classes_at_a_tiny_size():
-    res = overhead.scaling((2, 5), arch="safespec-micro-vit", classes_per_step=2, per_class=2, target_batch=4,
-                           images_per_class=2, warmup=1, rounds=1, per_round=1)
+    res = overhead.scaling(
+        (2, 5),
+        arch="safespec-micro-vit",
+        classes_per_step=2,
+        per_class=2,
+        target_batch=4,
+        images_per_class=2,
+        warmup=1,
+        rounds=1,
+        per_round=1,
+    )
     assert set(res["variants"]) == {"all_trained", "text_frozen"}
     assert all(set(v["step_ms"]) == {"2", "5"} for v in res["variants"].values())
     assert set(res["ratio"]) == set(res["ratio_text_frozen"]) == {"5_over_2"}
@@ -79,13 +88,32 @@ def test_re_running_one_section_keeps_the_others(tmp_path):
     without JSON (or written by hand) are kept as they were."""
     results = tmp_path / "results"
     results.mkdir()
-    old = ("# Benchmark results\n\nold preamble\n\n## " + bench_main.HEADINGS["heads"] + "\n\nheads text kept\n\n"
-           "## Status against the goals (read this first)\n\nwritten by hand\n")
-    (results / "demo.json").write_text(json.dumps({
-        "command": "safespec run x --quiet", "quick": True, "exit_code": 1, "wall_s": 12.0, "cpu_s": 20.0,
-        "peak_rss_mib": 500.0, "verdict": "not_certified", "target_goal_met": False, "training_seconds": 5.0, "methods": ["lagrangian"],
-        "prediction_cache": "empty at start", "cpus": 2, "load_average_before": [0.1], "load_average_after": [0.2],
-        "stderr_tail": [], "measured": {"date": "2000-01-01 00:00", "machine": "test machine", "quick": True}}))
+    old = (
+        "# Benchmark results\n\nold preamble\n\n## " + bench_main.HEADINGS["heads"] + "\n\nheads text kept\n\n"
+        "## Status against the goals (read this first)\n\nwritten by hand\n"
+    )
+    (results / "demo.json").write_text(
+        json.dumps(
+            {
+                "command": "safespec run x --quiet",
+                "quick": True,
+                "exit_code": 1,
+                "wall_s": 12.0,
+                "cpu_s": 20.0,
+                "peak_rss_mib": 500.0,
+                "verdict": "not_certified",
+                "target_goal_met": False,
+                "training_seconds": 5.0,
+                "methods": ["lagrangian"],
+                "prediction_cache": "empty at start",
+                "cpus": 2,
+                "load_average_before": [0.1],
+                "load_average_after": [0.2],
+                "stderr_tail": [],
+                "measured": {"date": "2000-01-01 00:00", "machine": "test machine", "quick": True},
+            }
+        )
+    )
     text = bench_main.render(results, old)
     assert "heads text kept" in text and "written by hand" in text and "old preamble" not in text
     assert bench_main.HEADINGS["demo"] in text and "| 12.0 |" in text and "test machine" in text
@@ -96,8 +124,12 @@ def test_re_running_one_section_keeps_the_others(tmp_path):
 def test_frozen_tower_speedup_on_the_small_world(small_world, tmp_path):
     spec = write_world_spec(tmp_path, small_world, steps=30)
     res = overhead.frozen_towers(spec, warmup=1, rounds=1, per_round=1)
-    assert set(res["step_ms"]) == {"all trained", "image frozen, encoded every step", "image frozen, features cached",
-                                   "image and text frozen, cached"}
+    assert set(res["step_ms"]) == {
+        "all trained",
+        "image frozen, encoded every step",
+        "image frozen, features cached",
+        "image and text frozen, cached",
+    }
     assert all(v > 0 for v in res["speedup"].values())
     assert overhead.goals("frozen", res) == [] and overhead.markdown("frozen", res)
     json.dumps(res)
@@ -106,8 +138,17 @@ def test_frozen_tower_speedup_on_the_small_world(small_world, tmp_path):
 def test_the_prepared_gpu_script_runs_on_a_cpu_at_a_tiny_size():
     from bench import gpu
 
-    res = gpu.run(arch="safespec-micro-vit", target_batch=4, classes=3, per_class=2, images_per_class=2, warmup=1,
-                  rounds=1, per_round=1, device="cpu")
+    res = gpu.run(
+        arch="safespec-micro-vit",
+        target_batch=4,
+        classes=3,
+        per_class=2,
+        images_per_class=2,
+        warmup=1,
+        rounds=1,
+        per_round=1,
+        device="cpu",
+    )
     assert res["device"] == "cpu" and res["precision"] == "fp32" and res["host_syncs_in_step"] is None
     r = res["ratio"]["penalty"]
     assert all(math.isfinite(v) and v > 0 for v in r.values())
@@ -119,12 +160,14 @@ def test_the_shift_frontier_is_exact_on_a_hand_made_problem():
     (shift just over 0.5); with any drop allowed, both target images at class 1's expense, class 2 kept."""
     from bench.quality import frontier_from_logits
 
-    logits = np.array([
-        [0.0, 0.5, -9.0],  # target image, gap 0.5 to class 1
-        [0.0, -9.0, 2.0],  # target image, gap 2.0 to class 2
-        [1.0, 2.0, -9.0],  # class 1 image, target 1.0 below
-        [-1.0, -9.0, 2.0],  # class 2 image, target 3.0 below
-    ])
+    logits = np.array(
+        [
+            [0.0, 0.5, -9.0],  # target image, gap 0.5 to class 1
+            [0.0, -9.0, 2.0],  # target image, gap 2.0 to class 2
+            [1.0, 2.0, -9.0],  # class 1 image, target 1.0 below
+            [-1.0, -9.0, 2.0],  # class 2 image, target 3.0 below
+        ]
+    )
     labels = np.array([0, 0, 1, 2])
     f = {r["budget_pt"]: r for r in frontier_from_logits(logits, labels, 0, budgets=(0, 100))}
     assert f[0]["target_gain"] == pytest.approx(0.5) and f[0]["worst_change"] == 0.0
@@ -138,8 +181,14 @@ def test_the_quality_harness_reports_each_method_and_the_frontier_on_the_small_w
 
     spec = write_world_spec(tmp_path, small_world, steps=4, eval_every=2, warmup_steps=1)
     # overrides apply to a temporary spec beside the original (relative data paths), which is removed after
-    res = quality.run(spec, [0], ["unconstrained"], oracle=False, log=lambda s: None,
-                      overrides={"optimize.steps": 6, "optimize.eval_every": 3})
+    res = quality.run(
+        spec,
+        [0],
+        ["unconstrained"],
+        oracle=False,
+        log=lambda s: None,
+        overrides={"optimize.steps": 6, "optimize.eval_every": 3},
+    )
     assert res["overrides"] == {"optimize.steps": 6, "optimize.eval_every": 3}
     assert sorted(p.name for p in spec.parent.iterdir() if p.name.startswith(".quality-")) == []
     (row,) = res["rows"]
@@ -147,7 +196,9 @@ def test_the_quality_harness_reports_each_method_and_the_frontier_on_the_small_w
     assert row["method"] == "unconstrained" and row["target_old"] == pytest.approx(res["v1_accuracy"][4])
     assert [f["budget_pt"] for f in res["shift_frontier"]] == [1, 2, 3]
     gains = [f["target_gain"] for f in res["shift_frontier"]]
-    assert gains == sorted(gains) and all(f["worst_change"] >= -f["budget_pt"] / 100 - 1e-9 for f in res["shift_frontier"])
+    assert gains == sorted(gains) and all(
+        f["worst_change"] >= -f["budget_pt"] / 100 - 1e-9 for f in res["shift_frontier"]
+    )
     assert "Shift frontier" in quality.table(res)
 
 
@@ -160,10 +211,16 @@ def test_the_sweep_analysis_picks_the_best_offset_that_validation_allows(tmp_pat
         return [b, dog, min(x for i, x in enumerate(per) if i != 1), per, []]
 
     trace = [
-        {"step": 50, "val_curve": [point(0.0, 0.30, [-0.05, 0.30, 0.0]), point(-1.0, 0.20, [-0.01, 0.20, 0.0])],
-         "held_curve": [[0.0, 0.28, -0.06, []], [-1.0, 0.18, -0.02, []]]},
-        {"step": 100, "val_curve": [point(0.0, 0.25, [-0.02, 0.25, 0.0]), point(-1.0, 0.10, [0.0, 0.10, 0.0])],
-         "held_curve": [[0.0, 0.24, -0.04, []], [-1.0, 0.09, -0.01, []]]},
+        {
+            "step": 50,
+            "val_curve": [point(0.0, 0.30, [-0.05, 0.30, 0.0]), point(-1.0, 0.20, [-0.01, 0.20, 0.0])],
+            "held_curve": [[0.0, 0.28, -0.06, []], [-1.0, 0.18, -0.02, []]],
+        },
+        {
+            "step": 100,
+            "val_curve": [point(0.0, 0.25, [-0.02, 0.25, 0.0]), point(-1.0, 0.10, [0.0, 0.10, 0.0])],
+            "held_curve": [[0.0, 0.24, -0.04, []], [-1.0, 0.09, -0.01, []]],
+        },
     ]
     f = tmp_path / "sweep.jsonl"
     f.write_text(json.dumps({"variant": "v", "seed": 0, "target_index": 1, "trace": trace}) + "\n")

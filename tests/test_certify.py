@@ -9,8 +9,15 @@ import pytest
 
 from safespec.certify import certificate as certify_module
 from safespec.certify import stats
-from safespec.certify import (Certificate, PairedCounts, certify, confusion_matrix, paired_counts, per_class_table,
-                              status_of)
+from safespec.certify import (
+    Certificate,
+    PairedCounts,
+    certify,
+    confusion_matrix,
+    paired_counts,
+    per_class_table,
+    status_of,
+)
 from safespec.plan import compile_spec
 from safespec.spec import Spec
 
@@ -19,13 +26,20 @@ CLASSES = ["a", "b", "c", "d", "e", "f", "g"]
 
 def make_plan(protect, target="g", goal=None, require="certified", confidence=0.95, test=None):
     spec = {
-        "safespec": 1, "name": "t", "model": {"arch": "x", "pretrained": "openai"},
+        "safespec": 1,
+        "name": "t",
+        "model": {"arch": "x", "pretrained": "openai"},
         "classes": {"names": CLASSES},
         "data": {"protected": "p.csv", "target": "t.csv", "validation": "v.csv", "heldout": "h.csv"},
         "protect": protect,
         "target": {"class": target, "goal": goal or {"min_improvement": 0.1}},
-        "optimize": {"batch": {"protected_classes": 1}, "steps": 100, "warmup_steps": 0, "eval_every": 50,
-                     "checkpoint_every": 50},
+        "optimize": {
+            "batch": {"protected_classes": 1},
+            "steps": 100,
+            "warmup_steps": 0,
+            "eval_every": 50,
+            "checkpoint_every": 50,
+        },
         "certify": {"require": require, "confidence": confidence, **({"test": test} if test else {})},
     }
     return compile_spec(Spec.model_validate(spec))
@@ -48,13 +62,13 @@ def make_arrays(tables: dict[str, tuple[int, int, int, int]], seed=0):
 
 
 TABLES = {
-    "a": (390, 2, 2, 6),     # certified at 3 points
-    "b": (380, 8, 2, 10),    # drop 1.5 points, bound just above 3: preserved
-    "c": (360, 20, 2, 18),   # drop 4.5 points: violated
-    "d": (50, 0, 0, 0),      # perfect but 50 < 100 images (88 for Tango's test): inconclusive
-    "e": (30, 0, 15, 5),     # small, but 15 positive flips certify it anyway
+    "a": (390, 2, 2, 6),  # certified at 3 points
+    "b": (380, 8, 2, 10),  # drop 1.5 points, bound just above 3: preserved
+    "c": (360, 20, 2, 18),  # drop 4.5 points: violated
+    "d": (50, 0, 0, 0),  # perfect but 50 < 100 images (88 for Tango's test): inconclusive
+    "e": (30, 0, 15, 5),  # small, but 15 positive flips certify it anyway
     # "f" has no held-out images at all
-    "g": (35, 5, 25, 35),    # target: 40% -> 60%
+    "g": (35, 5, 25, 35),  # target: 40% -> 60%
 }
 
 
@@ -90,8 +104,13 @@ def test_every_status_on_hand_built_predictions():
     cert = certify(plan, *make_arrays(TABLES))
     by = {c.name: c for c in cert.capabilities}
     assert {k: v.status for k, v in by.items()} == {
-        "a": "certified", "b": "preserved", "c": "violated", "d": "inconclusive", "e": "certified",
-        "f": "inconclusive"}
+        "a": "certified",
+        "b": "preserved",
+        "c": "violated",
+        "d": "inconclusive",
+        "e": "certified",
+        "f": "inconclusive",
+    }
     # The statuses follow from the exact test's bounds and decisions, recomputed here from the counts.
     assert by["a"].drop_upper_bound == stats.exact_drop_upper_bound(2, 2, 400, 0.95)
     assert by["a"].drop_upper_bound <= 0.03 < by["b"].drop_upper_bound
@@ -147,8 +166,16 @@ def test_pooled_multiclass_capability_and_per_class_breakdown():
     assert pa.status == status_of(pa.table, 0.05, 0.9)[0]
     d = cap.to_dict()
     assert [r["class"] for r in d["per_class"]] == ["a", "b"]
-    assert set(d["per_class"][0]) == {"class", "n", "old_accuracy", "new_accuracy", "negative_flips",
-                                      "positive_flips", "drop_upper_bound", "status"}
+    assert set(d["per_class"][0]) == {
+        "class",
+        "n",
+        "old_accuracy",
+        "new_accuracy",
+        "negative_flips",
+        "positive_flips",
+        "drop_upper_bound",
+        "status",
+    }
 
 
 def test_each_expansion_gives_one_capability_per_class():
@@ -230,10 +257,27 @@ def test_success_needs_both_safety_and_goal():
 
 
 # ------------------------------------------------------------------------------------------------- JSON
-CAPABILITY_KEYS = {"name", "classes", "status", "meets_requirement", "tolerance", "confidence", "n",
-                   "old_accuracy", "new_accuracy", "accuracy_change", "drop_upper_bound", "new_accuracy_lower",
-                   "flip_rate_upper", "negative_flips", "positive_flips", "both_right", "both_wrong", "needed_n",
-                   "per_class"}
+CAPABILITY_KEYS = {
+    "name",
+    "classes",
+    "status",
+    "meets_requirement",
+    "tolerance",
+    "confidence",
+    "n",
+    "old_accuracy",
+    "new_accuracy",
+    "accuracy_change",
+    "drop_upper_bound",
+    "new_accuracy_lower",
+    "flip_rate_upper",
+    "negative_flips",
+    "positive_flips",
+    "both_right",
+    "both_wrong",
+    "needed_n",
+    "per_class",
+}
 
 
 def _walk(x):
@@ -278,8 +322,11 @@ def test_the_spec_chooses_the_test_and_the_certificate_names_it():
             continue
         assert s.drop_upper_bound == stats.drop_upper_bound(t.negative_flips, t.positive_flips, t.n, 0.95)
         assert e.drop_upper_bound == stats.exact_drop_upper_bound(t.negative_flips, t.positive_flips, t.n, 0.95)
-        assert s.needed_n == (None if s.needed_n is None else
-                              stats.needed_n(t.negative_flips / t.n, t.positive_flips / t.n, 0.03, 0.95, test="score"))
+        assert s.needed_n == (
+            None
+            if s.needed_n is None
+            else stats.needed_n(t.negative_flips / t.n, t.positive_flips / t.n, 0.03, 0.95, test="score")
+        )
     # "d" (50 unchanged images) is inconclusive by both: 88 images are Tango's minimum, 100 the exact test's
     d_exact, d_score = exact.capabilities[3], score.capabilities[3]
     assert d_exact.status == d_score.status == "inconclusive" and (d_exact.needed_n, d_score.needed_n) == (100, 88)

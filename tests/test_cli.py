@@ -43,7 +43,10 @@ def test_help_everywhere(args):
 def test_validate_ok_line():
     result = run("validate", str(SPECS / "good.yaml"))
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"{SPECS / 'good.yaml'}: ok (3 classes, target 'dog', 2 protected capabilities, method penalty)\n"
+    assert (
+        result.stdout
+        == f"{SPECS / 'good.yaml'}: ok (3 classes, target 'dog', 2 protected capabilities, method penalty)\n"
+    )
     assert result.stderr == ""
 
 
@@ -52,8 +55,7 @@ def test_validate_several_reports_each_and_fails_if_any_fails():
     result = run("validate", str(SPECS / "good.yaml"), str(bad), str(SPECS / "good.yaml"))
     assert result.exit_code == 2
     assert result.stdout.count(": ok (") == 2
-    assert result.stderr.splitlines() == [
-        f"{bad}:20:5: protect[1].tolerance: must be between 0 and 1 (got 1.5)"]
+    assert result.stderr.splitlines() == [f"{bad}:20:5: protect[1].tolerance: must be between 0 and 1 (got 1.5)"]
 
 
 def test_validate_no_data_check():
@@ -217,8 +219,13 @@ def test_python_m_safespec_and_no_torch_on_import(tmp_path: Path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "heavy: []"
 
-    out = subprocess.run([sys.executable, "-m", "safespec", "validate", str(SPECS / "bad" / "wrong-version.yaml")],
-                         capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "safespec", "validate", str(SPECS / "bad" / "wrong-version.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert out.stderr.startswith(f"{SPECS / 'bad' / 'wrong-version.yaml'}:2:1: safespec: unsupported")
     assert "Traceback" not in out.stderr

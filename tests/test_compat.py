@@ -41,6 +41,7 @@ def test_open_clip_imports_and_transforms_run_in_a_fresh_interpreter():
 def test_declared_operators_exist_with_their_real_schemas():
     _compat.import_open_clip()
     import torch
+
     for op in _compat.declared_ops:
         schema = getattr(torch.ops.torchvision, op).default._schema
         assert str(schema) == f"torchvision::{_compat.TORCHVISION_SCHEMAS[op]}"
@@ -52,16 +53,21 @@ def _fake_import(exc: BaseException):
     def fake(name):
         calls.append(name)
         raise exc
+
     return fake, calls
 
 
-@pytest.mark.parametrize("exc", [
-    RuntimeError("CUDA driver version is insufficient for CUDA runtime version"),
-    ImportError("No module named 'torchvision'"),
-    OSError("libc10_cuda.so: cannot open shared object file"),
-    RuntimeError("operator torchvision::frobnicate does not exist"),  # not a torchvision operator we know
-    RuntimeError("operator torchvision::nms does not exist (while tracing)"),  # not exactly the failure
-], ids=["runtime", "import", "oserror", "unknown-op", "other-message"])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("CUDA driver version is insufficient for CUDA runtime version"),
+        ImportError("No module named 'torchvision'"),
+        OSError("libc10_cuda.so: cannot open shared object file"),
+        RuntimeError("operator torchvision::frobnicate does not exist"),  # not a torchvision operator we know
+        RuntimeError("operator torchvision::nms does not exist (while tracing)"),  # not exactly the failure
+    ],
+    ids=["runtime", "import", "oserror", "unknown-op", "other-message"],
+)
 def test_other_import_errors_are_not_swallowed(monkeypatch, exc):
     before = list(_compat.declared_ops)
     fake, calls = _fake_import(exc)
@@ -87,7 +93,9 @@ def test_the_failure_is_not_fixed_when_the_operator_already_exists(monkeypatch):
 
 
 def test_missing_operator_detection_is_exact():
-    assert _compat._missing_torchvision_op(RuntimeError("operator torchvision::roi_align_xyz does not exist")) \
+    assert (
+        _compat._missing_torchvision_op(RuntimeError("operator torchvision::roi_align_xyz does not exist"))
         == "roi_align_xyz"
+    )
     assert _compat._missing_torchvision_op(ValueError("operator torchvision::roi_align_xyz does not exist")) is None
     assert _compat._missing_torchvision_op(RuntimeError("operator aten::nms does not exist")) is None

@@ -12,8 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from safespec.data import (ImageBank, ViewBank, ProtectedSampler, TargetSampler, check_disjoint, file_digest,
-                           read_manifest, write_manifest)
+from safespec.data import (
+    ImageBank,
+    ViewBank,
+    ProtectedSampler,
+    TargetSampler,
+    check_disjoint,
+    file_digest,
+    read_manifest,
+    write_manifest,
+)
 from safespec.errors import DataError, SafespecError
 
 CLASSES = ("cat", "dog", "cow")
@@ -79,16 +87,22 @@ def test_folder_manifest(tmp_path: Path):
     assert m.captions == [None, None, None]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("path,label\nimg/0.png,horse\n", r"m\.csv:row 2: unknown label 'horse' \(expected one of 'cat', 'dog', 'cow'\)"),
-    ("path,label\nimg/0.png,dgo\n", r"m\.csv:row 2: unknown label 'dgo'.*did you mean 'dog'\?"),
-    ("path,label\nimg/0.png,cat\nimg/0.png,cat,extra\n", r"m\.csv:row 3: malformed row: 3 columns, expected 2"),
-    ("path,label\nimg/0.png\n", r"m\.csv:row 2: malformed row: 1 columns, expected 2"),
-    ("path,label\n,cat\n", r"m\.csv:row 2: malformed row: empty path"),
-    ("file,class\nimg/0.png,cat\n", r"m\.csv:row 1: bad header 'file,class'"),
-    ("", r"m\.csv: empty manifest"),
-    ("path,label\n", r"m\.csv: empty manifest: a header but no images"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "path,label\nimg/0.png,horse\n",
+            r"m\.csv:row 2: unknown label 'horse' \(expected one of 'cat', 'dog', 'cow'\)",
+        ),
+        ("path,label\nimg/0.png,dgo\n", r"m\.csv:row 2: unknown label 'dgo'.*did you mean 'dog'\?"),
+        ("path,label\nimg/0.png,cat\nimg/0.png,cat,extra\n", r"m\.csv:row 3: malformed row: 3 columns, expected 2"),
+        ("path,label\nimg/0.png\n", r"m\.csv:row 2: malformed row: 1 columns, expected 2"),
+        ("path,label\n,cat\n", r"m\.csv:row 2: malformed row: empty path"),
+        ("file,class\nimg/0.png,cat\n", r"m\.csv:row 1: bad header 'file,class'"),
+        ("", r"m\.csv: empty manifest"),
+        ("path,label\n", r"m\.csv: empty manifest: a header but no images"),
+    ],
+)
 def test_csv_errors_name_file_and_row(tmp_path: Path, text: str, message: str):
     make_image(tmp_path / "img" / "0.png", 1)
     with pytest.raises(DataError, match=message) as e:
@@ -234,8 +248,11 @@ def test_check_disjoint_same_file_and_same_content(tmp_path: Path):
     b = read_manifest(write(tmp_path / "b.csv", "path,label\nb/0.png,cat\nb/1.png,dog\n"), CLASSES)
     check_disjoint({"train": a, "heldout": b})
     c = read_manifest(write(tmp_path / "c.csv", "path,label\nb/2.png,cat\na/1.png,dog\n"), CLASSES)
-    with pytest.raises(DataError, match=r"splits 'train' and 'heldout' overlap \(1 image\(s\)\).*a\.csv:row 3.*"
-                                        r"c\.csv:row 3.*the same file"):
+    with pytest.raises(
+        DataError,
+        match=r"splits 'train' and 'heldout' overlap \(1 image\(s\)\).*a\.csv:row 3.*"
+        r"c\.csv:row 3.*the same file",
+    ):
         check_disjoint({"train": a, "heldout": c})
     # a byte-identical copy under another name is the same image
     (tmp_path / "b" / "copy.png").write_bytes((tmp_path / "a" / "0.png").read_bytes())
@@ -265,7 +282,7 @@ def test_protected_sampler_balance_and_no_duplicates():
         assert set(drawn.tolist()) <= {0, 1, 2, 4, 5}
         assert len(idx) == 9
         for j, c in enumerate(drawn):
-            block = idx[3 * j:3 * j + 3]
+            block = idx[3 * j : 3 * j + 3]
             assert (labels[block] == c).all()
             assert len(set(block.tolist())) == 3  # no duplicates within a class in one step
             used[int(c)].update(block.tolist())
@@ -283,7 +300,7 @@ def test_protected_sampler_uses_each_image_once_per_cycle():
     for _ in range(3):  # 3 steps x 4 = 12 = one full pass per class
         idx, drawn = s.sample()
         for j, c in enumerate(drawn):
-            got[int(c)].extend(idx[4 * j:4 * j + 4].tolist())
+            got[int(c)].extend(idx[4 * j : 4 * j + 4].tolist())
     for c in (0, 1):
         assert sorted(got[c]) == list(range(12 * c, 12 * c + 12))
 
@@ -371,6 +388,7 @@ def test_file_digest_is_cached_by_size_and_mtime(tmp_path: Path):
     d = file_digest(p)
     assert d == file_digest(p)
     import hashlib
+
     assert d == hashlib.sha256(p.read_bytes()).hexdigest()
 
 

@@ -45,8 +45,14 @@ def _free_port() -> int:
 
 
 def _run(cmd: list[str], cache: Path, tmp: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SAFESPEC_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "CI": "true",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {
+        **os.environ,
+        "SAFESPEC_CACHE_DIR": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "CI": "true",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
 
 
@@ -62,12 +68,34 @@ def test_two_gloo_ranks_match_one_process(small_world, tmp_path, tower):
         data["model"]["target_tower"] = True
         spec.write_text(yaml.safe_dump(data, sort_keys=False))
     one, two = tmp_path / "one", tmp_path / "two"
-    single = _run([sys.executable, "-m", "safespec", "run", str(spec), "--quiet", "--out", str(one)],
-                  tmp_path / "cache-one", tmp_path)
+    single = _run(
+        [sys.executable, "-m", "safespec", "run", str(spec), "--quiet", "--out", str(one)],
+        tmp_path / "cache-one",
+        tmp_path,
+    )
     assert single.returncode in (0, 1), single.stderr
-    ddp = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port()), "-m", "safespec", "run", str(spec), "--quiet", "--out", str(two)],
-               tmp_path / "cache-two", tmp_path)
+    ddp = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "safespec",
+            "run",
+            str(spec),
+            "--quiet",
+            "--out",
+            str(two),
+        ],
+        tmp_path / "cache-two",
+        tmp_path,
+    )
     assert ddp.returncode in (0, 1), ddp.stderr[-3000:]
     assert ddp.returncode == single.returncode
 

@@ -15,9 +15,23 @@ from safespec.plan import ModelPlan
 from safespec.errors import ModelError
 from safespec._compat import import_open_clip
 from safespec.model import (
-    CHECKPOINT_FORMAT, SHIPPED_ARCHS, HeadedCLIP, LowRankHeads, ZeroShotClassifier, build_class_tokens,
-    create_model, grouped_low_rank, load_checkpoint, load_model, model_autocast, naive_routed_projection,
-    read_checkpoint_metadata, resolve_device, save_checkpoint, tensor_digest, weights_digest,
+    CHECKPOINT_FORMAT,
+    SHIPPED_ARCHS,
+    HeadedCLIP,
+    LowRankHeads,
+    ZeroShotClassifier,
+    build_class_tokens,
+    create_model,
+    grouped_low_rank,
+    load_checkpoint,
+    load_model,
+    model_autocast,
+    naive_routed_projection,
+    read_checkpoint_metadata,
+    resolve_device,
+    save_checkpoint,
+    tensor_digest,
+    weights_digest,
     zero_shot_logits,
 )
 
@@ -29,8 +43,9 @@ TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a {} silhouette.")
 
 
 def plan(**kw) -> ModelPlan:
-    base = dict(arch=ARCH, pretrained=None, checkpoint=None, heads=True, rank=4, device="cpu", precision="fp32",
-                freeze=())
+    base = dict(
+        arch=ARCH, pretrained=None, checkpoint=None, heads=True, rank=4, device="cpu", precision="fp32", freeze=()
+    )
     base.update(kw)
     return ModelPlan(**base)
 
@@ -109,14 +124,18 @@ def test_gradients_reach_only_the_heads_that_were_used(headed):
     model.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("ids", [
-    [0, 1, 2, 3] * 8,                                              # equal groups: one batched matmul
-    [5] * 28 + [0, 1, 2, 3],                                       # one big head + rare heads
-    [0] * 10 + [1] * 2 + [2] * 12 + [3] + [4] * 3 + [5] * 20,      # rare heads between big ones
-    [40] * 30 + list(range(100)),                                  # more rare rows than one gathered block
-    [2] * 32,                                                      # one head
-    list(range(32)),                                               # one row per head
-], ids=["equal", "skewed", "interleaved", "blocked", "single", "all-distinct"])
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [0, 1, 2, 3] * 8,  # equal groups: one batched matmul
+        [5] * 28 + [0, 1, 2, 3],  # one big head + rare heads
+        [0] * 10 + [1] * 2 + [2] * 12 + [3] + [4] * 3 + [5] * 20,  # rare heads between big ones
+        [40] * 30 + list(range(100)),  # more rare rows than one gathered block
+        [2] * 32,  # one head
+        list(range(32)),  # one row per head
+    ],
+    ids=["equal", "skewed", "interleaved", "blocked", "single", "all-distinct"],
+)
 @pytest.mark.parametrize("shuffled", [True, False], ids=["shuffled", "in-head-order"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
 def test_grouped_routing_equals_the_naive_per_sample_routing(ids, shuffled, inplace):
@@ -137,8 +156,9 @@ def test_grouped_routing_equals_the_naive_per_sample_routing(ids, shuffled, inpl
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     with torch.no_grad():  # B = 0: the base comes back bit for bit, whatever the path
         base = (h @ W).float()
-        assert torch.equal(grouped_low_rank(h.float(), A.float(), torch.zeros_like(B).float(), head_ids, base=base),
-                           base)
+        assert torch.equal(
+            grouped_low_rank(h.float(), A.float(), torch.zeros_like(B).float(), head_ids, base=base), base
+        )
 
 
 def test_grouped_routing_rejects_bad_head_ids():
@@ -242,11 +262,12 @@ def test_offline_weights_fail_fast_with_one_line(monkeypatch, tmp_path, arch, pr
     assert time.monotonic() - t0 < 20
     msg = one_line(e)
     assert "not in the cache" in msg and "HF_HUB_OFFLINE" in msg and "model.checkpoint" in msg
-    assert (pretrained.split(":")[-1] in msg)
+    assert pretrained.split(":")[-1] in msg
 
 
 def test_unreachable_hub_fails_fast_without_the_offline_flag(monkeypatch, tmp_path):
     import safespec.model.hub as m
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(m, "_hub_offline", lambda: False)
     monkeypatch.setattr(m, "_reachable", lambda host, *a, **k: False)
@@ -269,8 +290,7 @@ def test_device_and_precision():
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def test_checkpoint_round_trip_keeps_digest_and_logits(headed, images, tmp_path):
-    model = HeadedCLIP(headed.model.clip, CLASSES, arch=ARCH, model_cfg=headed.model.model_cfg,
-                       tokenizer_name=ARCH)
+    model = HeadedCLIP(headed.model.clip, CLASSES, arch=ARCH, model_cfg=headed.model.model_cfg, tokenizer_name=ARCH)
     model.add_heads(rank=4, seed=5)
     with torch.no_grad():
         model.heads.B.normal_(std=0.1)  # trained heads, so the round trip must carry them
@@ -301,6 +321,7 @@ def _malicious(marker):
     class Exploit:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     return Exploit()
 
 
@@ -413,7 +434,7 @@ def test_classifier_computes_the_text_side_once_per_evaluation(headed, images):
     object.__setattr__(model, "class_text_features", counting)
     try:
         model.train()
-        out = zs.predict_batches([images[i:i + 2] for i in range(0, 6, 2)])
+        out = zs.predict_batches([images[i : i + 2] for i in range(0, 6, 2)])
         assert model.training  # mode restored
     finally:
         del model.class_text_features
@@ -430,6 +451,7 @@ def _fake_hub_cache(cache, repo: str, clip, cfg: dict) -> None:
     import json
 
     from safetensors.torch import save_file
+
     rev = "0123456789abcdef0123456789abcdef01234567"
     root = cache / f"models--{repo.replace('/', '--')}"
     (root / "refs").mkdir(parents=True)
@@ -442,12 +464,15 @@ def _fake_hub_cache(cache, repo: str, clip, cfg: dict) -> None:
 
 def test_cached_hf_hub_models_load_offline_through_open_clip(monkeypatch, tmp_path, headless, images):
     import huggingface_hub.constants as hub_constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     cfg = open_clip.get_model_config(ARCH)
     _fake_hub_cache(tmp_path / "hub", "safespec-test/micro", headless.model.clip, cfg)
     t0 = time.monotonic()
-    lm = load_model(plan(pretrained="hf-hub:safespec-test/micro", heads=False), CLASSES, cache_dir=str(tmp_path / "hub"))
+    lm = load_model(
+        plan(pretrained="hf-hub:safespec-test/micro", heads=False), CLASSES, cache_dir=str(tmp_path / "hub")
+    )
     assert time.monotonic() - t0 < 20
     assert lm.digest == headless.digest and "hf-hub:safespec-test/micro" in lm.source
     assert lm.tokenizer(["a photo of a cat."]).shape == (1, 16)
@@ -469,6 +494,7 @@ def test_heads_need_open_clips_own_text_tower():
             super().__init__()
             self.text = torch.nn.Linear(4, 4)
             self.visual = torch.nn.Linear(4, 4)
+
     model = HeadedCLIP(HFLike(), CLASSES)
     with pytest.raises(ModelError) as e:
         model.add_heads(rank=2)
@@ -598,7 +624,10 @@ def test_malformed_class_towers_in_a_checkpoint_are_one_located_line(headed, tmp
     model.add_class_tower(0)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     from safetensors.torch import save_file
-    bad_index = {("class_towers.9." + k.split(".", 2)[2] if k.startswith("class_towers.") else k): v for k, v in sd.items()}
+
+    bad_index = {
+        ("class_towers.9." + k.split(".", 2)[2] if k.startswith("class_towers.") else k): v for k, v in sd.items()
+    }
     save_file(bad_index, str(tmp_path / "a.safetensors"))
     with pytest.raises(ModelError) as e:
         load_model(plan(checkpoint=str(tmp_path / "a.safetensors")), CLASSES)
@@ -608,7 +637,9 @@ def test_malformed_class_towers_in_a_checkpoint_are_one_located_line(headed, tmp
     with pytest.raises(ModelError) as e:
         load_model(plan(checkpoint=str(tmp_path / "b.safetensors")), CLASSES)
     assert "malformed class image towers" in one_line(e) and "class_towers.0.proj" in str(e.value)
-    named = {("class_towers.dog." + k.split(".", 2)[2] if k.startswith("class_towers.") else k): v for k, v in sd.items()}
+    named = {
+        ("class_towers.dog." + k.split(".", 2)[2] if k.startswith("class_towers.") else k): v for k, v in sd.items()
+    }
     save_file(named, str(tmp_path / "c.safetensors"))
     with pytest.raises(ModelError) as e:
         load_model(plan(checkpoint=str(tmp_path / "c.safetensors")), CLASSES)

@@ -83,8 +83,9 @@ def test_first_visit_sets_u_and_unseen_constraints_keep_their_state():
 
 
 def test_hinge_form_and_cosine_beta():
-    cw = ConstraintWeights.zeros("penalty", 2, beta=100.0, gamma=1.0, form="hinge", beta_schedule="cosine",
-                                 total_steps=100)
+    cw = ConstraintWeights.zeros(
+        "penalty", 2, beta=100.0, gamma=1.0, form="hinge", beta_schedule="cosine", total_steps=100
+    )
     assert cw.update(torch.tensor([0.3, -0.1]), torch.ones(2, dtype=torch.bool), 0).tolist() == [0.0, 0.0]
     w = cw.update(torch.tensor([0.3, -0.1]), torch.ones(2, dtype=torch.bool), 50)
     assert w.tolist() == pytest.approx([50.0, 0.0])
@@ -95,8 +96,10 @@ def test_replay_weights_are_constant_and_ignore_the_reference():
     assert cw.update(torch.tensor([-3.0, 3.0]), torch.ones(2, dtype=torch.bool), 0).tolist() == [5.0, 5.0]
 
 
-@pytest.mark.parametrize("kw", [dict(gamma=0.0), dict(gamma=1.5), dict(beta=-1.0), dict(form="cubic"),
-                                dict(multiplier_lr=0.0), dict(rho=-1.0)])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(gamma=0.0), dict(gamma=1.5), dict(beta=-1.0), dict(form="cubic"), dict(multiplier_lr=0.0), dict(rho=-1.0)],
+)
 def test_invalid_settings_fail_at_construction(kw):
     with pytest.raises(ValueError):
         ConstraintWeights.zeros("penalty", 2, **kw)

@@ -168,8 +168,11 @@ def test_thumbnail_paths_cannot_leave_the_run_directory(tmp_path: Path):
 
 
 def test_strings_from_spec_manifest_and_files_are_escaped(tmp_path: Path):
-    evil = [("bear", [("bear", 400, 360, 4, 6)]), (XSS, [(XSS, 400, 320, 30, 6)]),
-            ('x" onmouseover="alert(1)', [("cat", 400, 350, 5, 3)])]
+    evil = [
+        ("bear", [("bear", 400, 360, 4, 6)]),
+        (XSS, [(XSS, 400, 320, 30, 6)]),
+        ('x" onmouseover="alert(1)', [("cat", 400, 350, 5, 3)]),
+    ]
     result = make_result(evil, target=(f"dog{XSS}", 400, 156, 10, 94))
     result["spec"].update(name=XSS, title=XSS, description=XSS, text=f"name: {XSS}", path=XSS, digest=XSS)
     result["method"] = XSS
@@ -422,6 +425,7 @@ def test_synthetic_results_match_the_shipped_schema():
             walk(sub, f"{where}.{k}")
         if isinstance(s.get("items"), dict):
             walk(s["items"], f"{where}[]")
+
     walk(schema)
 
 
@@ -459,19 +463,31 @@ def test_certificate_from_certify_matches_the_schema_and_renders(tmp_path: Path)
     from safespec.spec import Spec
 
     names = ["a", "b", "c", "d", "e", "f", "g"]
-    spec = Spec.model_validate({
-        "safespec": 1, "name": "contract", "model": {"arch": "x", "pretrained": "openai"},
-        "classes": {"names": names},
-        "data": {"protected": "p.csv", "target": "t.csv", "validation": "v.csv", "heldout": "h.csv"},
-        "protect": [{"classes": ["a", "b"], "name": "ab", "tolerance": 0.03},
-                    {"classes": ["c", "d", "e", "f"], "each": True, "tolerance": 0.03}],
-        "target": {"class": "g", "goal": {"min_improvement": 0.1}},
-        "optimize": {"steps": 100, "warmup_steps": 0},
-    })
+    spec = Spec.model_validate(
+        {
+            "safespec": 1,
+            "name": "contract",
+            "model": {"arch": "x", "pretrained": "openai"},
+            "classes": {"names": names},
+            "data": {"protected": "p.csv", "target": "t.csv", "validation": "v.csv", "heldout": "h.csv"},
+            "protect": [
+                {"classes": ["a", "b"], "name": "ab", "tolerance": 0.03},
+                {"classes": ["c", "d", "e", "f"], "each": True, "tolerance": 0.03},
+            ],
+            "target": {"class": "g", "goal": {"min_improvement": 0.1}},
+            "optimize": {"steps": 100, "warmup_steps": 0},
+        }
+    )
     plan = compile_spec(spec)
     # per class: (both right, old right only, new right only, both wrong); "f" has no held-out images
-    tables = {"a": (390, 2, 2, 6), "b": (380, 8, 2, 10), "c": (360, 20, 2, 18), "d": (50, 0, 0, 0),
-              "e": (30, 0, 15, 5), "g": (35, 5, 25, 35)}
+    tables = {
+        "a": (390, 2, 2, 6),
+        "b": (380, 8, 2, 10),
+        "c": (360, 20, 2, 18),
+        "d": (50, 0, 0, 0),
+        "e": (30, 0, 15, 5),
+        "g": (35, 5, 25, 35),
+    }
     labels, old, new = [], [], []
     for name, (rr, rw, wr, ww) in tables.items():
         y = names.index(name)
@@ -484,8 +500,9 @@ def test_certificate_from_certify_matches_the_schema_and_renders(tmp_path: Path)
     result = make_result(baselines=False)
     result.update(cert)
     result["classes"] = names
-    result["per_class"] = [{"class": n, "n": sum(tables.get(n, (0,))), "old_accuracy": None, "new_accuracy": None}
-                           for n in names]
+    result["per_class"] = [
+        {"class": n, "n": sum(tables.get(n, (0,))), "old_accuracy": None, "new_accuracy": None} for n in names
+    ]
     result["confusion"] = None
     result["flips"] = []
     assert report.validate_result(result) == []

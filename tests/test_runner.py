@@ -44,8 +44,15 @@ def test_run_writes_a_complete_run_directory(unconstrained_run):
 def test_unconstrained_fine_tune_forgets_and_verify_says_so(unconstrained_run, tmp_path):
     folder, spec, _ = unconstrained_run
     run = folder / "run"
-    res = _cli("verify", str(spec), "--candidate", str(run / "models" / "unconstrained.safetensors"),
-               "--out", str(tmp_path / "verify"), "--quiet")
+    res = _cli(
+        "verify",
+        str(spec),
+        "--candidate",
+        str(run / "models" / "unconstrained.safetensors"),
+        "--out",
+        str(tmp_path / "verify"),
+        "--quiet",
+    )
     assert res.exit_code == 1, res.output
     result = json.loads((tmp_path / "verify" / "result.json").read_text())
     assert result["verdict"] == "not_certified"
@@ -130,14 +137,24 @@ def test_a_target_tower_run_moves_only_the_target_and_verify_reproduces_it(small
     assert res.exit_code in (0, 1), res.output
     from safespec.model import read_checkpoint_metadata
 
-    assert read_checkpoint_metadata(run / "models" / "unconstrained.safetensors")["class_towers"] == [small_world.config.target]
+    assert read_checkpoint_metadata(run / "models" / "unconstrained.safetensors")["class_towers"] == [
+        small_world.config.target
+    ]
     # an unconstrained tower forgets, but only into the target: every protected image it loses goes there
     assert result["flips"], "the unconstrained tower flipped no protected image: the test shows nothing"
     assert {f["new_pred"] for f in result["flips"]} == {small_world.config.target}
-    again = _cli("verify", str(spec), "--candidate", str(run / "models" / "unconstrained.safetensors"),
-                 "--out", str(tmp_path / "verify"), "--quiet")
+    again = _cli(
+        "verify",
+        str(spec),
+        "--candidate",
+        str(run / "models" / "unconstrained.safetensors"),
+        "--out",
+        str(tmp_path / "verify"),
+        "--quiet",
+    )
     assert again.exit_code == res.exit_code, again.output
     checked = json.loads((tmp_path / "verify" / "result.json").read_text())
-    assert [(c["name"], c["negative_flips"], c["positive_flips"]) for c in checked["capabilities"]] == \
-           [(c["name"], c["negative_flips"], c["positive_flips"]) for c in result["capabilities"]]
+    assert [(c["name"], c["negative_flips"], c["positive_flips"]) for c in checked["capabilities"]] == [
+        (c["name"], c["negative_flips"], c["positive_flips"]) for c in result["capabilities"]
+    ]
     assert checked["target"]["new_accuracy"] == result["target"]["new_accuracy"]

@@ -95,8 +95,9 @@ def test_one_image_crossing_its_boundary_is_no_cliff():
 def test_fewer_heldout_images_lower_the_probability():
     old, y = _old()
     new = _flip(old, y, 0, 1)
-    probs = [Selector(old, y, _caps(heldout_n=m), T, 0.8).assess(new, calibrate=False).probability
-             for m in (200, 400, 2000)]
+    probs = [
+        Selector(old, y, _caps(heldout_n=m), T, 0.8).assess(new, calibrate=False).probability for m in (200, 400, 2000)
+    ]
     assert probs[0] < probs[1] < probs[2]
 
 

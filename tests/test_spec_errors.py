@@ -80,12 +80,16 @@ def test_crlf_line_endings_keep_line_numbers(tmp_path: Path):
     assert line.startswith(f"{crlf}:20:5: protect[1].tolerance: must be between 0 and 1 (got 1.5)")
 
 
-@pytest.mark.parametrize("content, fragment", [
-    (b"", "empty spec"),
-    (b"# only a comment\n\n", "empty spec"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary file"),
-    (b"safespec: 1\nname: caf\xe9\n", "not UTF-8"),
-], ids=["empty", "comments-only", "binary", "latin-1"])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"", "empty spec"),
+        (b"# only a comment\n\n", "empty spec"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary file"),
+        (b"safespec: 1\nname: caf\xe9\n", "not UTF-8"),
+    ],
+    ids=["empty", "comments-only", "binary", "latin-1"],
+)
 def test_unreadable_files(tmp_path: Path, content: bytes, fragment: str):
     path = tmp_path / "spec.yaml"
     path.write_bytes(content)
@@ -149,8 +153,12 @@ def test_data_errors_name_every_missing_split(tmp_path: Path):
     with pytest.raises(SpecError) as info:
         load_spec(path)
     lines = info.value.lines
-    assert [re.search(r": (data\.\w+): ", x).group(1) for x in lines] == \
-        ["data.protected", "data.target", "data.validation", "data.heldout"]
+    assert [re.search(r": (data\.\w+): ", x).group(1) for x in lines] == [
+        "data.protected",
+        "data.target",
+        "data.validation",
+        "data.heldout",
+    ]
     assert all(str(tmp_path / "data") in x and "not found" in x for x in lines)
     # the lines point at each field's own line in the file
     text = path.read_text().splitlines()
@@ -166,8 +174,10 @@ def test_certify_test_names_a_known_test(tmp_path: Path):
     text = good + "certify:\n  confidence: 0.95\n  test: exakt\n"
     path = _with_data(tmp_path / "bad", text)
     line = _single_error_line(_validate(path))
-    assert line == (f"{path}:{len(text.splitlines())}:3: certify.test: must be one of 'exact', 'score' "
-                    f"(got 'exakt'); did you mean 'exact'?"), line
+    assert line == (
+        f"{path}:{len(text.splitlines())}:3: certify.test: must be one of 'exact', 'score' "
+        f"(got 'exakt'); did you mean 'exact'?"
+    ), line
     line = _single_error_line(_validate(_with_data(tmp_path / "number", good + "certify:\n  test: 1\n")))
     assert ": certify.test: must be one of 'exact', 'score' (got 1)" in line
     for test in ("exact", "score"):

@@ -26,8 +26,9 @@ ANIMALS = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", 
 
 def _stand_in_data(spec: Spec) -> None:
     """Small stand-in manifests (and checkpoint) at the resolved paths ``spec`` names."""
-    rows = "path,label,caption\n" + "".join(f"img/{i}.png,{c},a photo of a {c}\n"
-                                           for i, c in enumerate(spec.classes.names[:5]))
+    rows = "path,label,caption\n" + "".join(
+        f"img/{i}.png,{c},a photo of a {c}\n" for i, c in enumerate(spec.classes.names[:5])
+    )
     for split in SPLITS:
         p = getattr(spec.data, split)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -106,8 +107,13 @@ def test_each_expands_others_into_one_constraint_per_class():
 
 
 def test_compile_rejects_a_frozen_model_with_nothing_to_train():
-    text = (SPECS / "good.yaml").read_text().replace(
-        "  pretrained: openai\n", "  pretrained: openai\n  freeze: [image, text]\n  heads:\n    enabled: false\n")
+    text = (
+        (SPECS / "good.yaml")
+        .read_text()
+        .replace(
+            "  pretrained: openai\n", "  pretrained: openai\n  freeze: [image, text]\n  heads:\n    enabled: false\n"
+        )
+    )
     with pytest.raises(PlanError) as info:
         compile_spec(parse_spec(text))
     assert info.value.field == "model.freeze"
@@ -168,10 +174,13 @@ def test_demo_spec():
     assert plan.optimizer.method == "lagrangian" and plan.report_dir == "out/demo"
 
 
-@pytest.mark.parametrize("name, target, protected, beta, per_step", [
-    ("bdd100k-weather.yaml", "foggy", ["clear", "overcast", "snowy", "rainy", "partly cloudy"], 100, 5),
-    ("bdd100k-scene.yaml", "tunnel", ["highway", "residential area", "city street", "parking lot"], 100, 4),
-])
+@pytest.mark.parametrize(
+    "name, target, protected, beta, per_step",
+    [
+        ("bdd100k-weather.yaml", "foggy", ["clear", "overcast", "snowy", "rainy", "partly cloudy"], 100, 5),
+        ("bdd100k-scene.yaml", "tunnel", ["highway", "residential area", "city street", "parking lot"], 100, 4),
+    ],
+)
 def test_bdd100k_specs_validate_with_stand_in_data(tmp_path, name, target, protected, beta, per_step):
     path = _copy_example(tmp_path, name)
     spec, plan = load_plan(path)  # data checks on: the stand-in manifests exist
@@ -179,8 +188,17 @@ def test_bdd100k_specs_validate_with_stand_in_data(tmp_path, name, target, prote
     assert [c.name for c in plan.constraints] == protected
     assert plan.model.arch == "ViT-B-16" and plan.model.pretrained == "openai" and plan.model.rank == 32
     o = plan.optimizer
-    assert (o.lr, o.weight_decay, o.warmup_steps, o.target_batch, o.beta, o.gamma, o.constraint_tau,
-            o.temperature, o.protected_classes_per_step) == (1e-6, 0.1, 500, 256, beta, 0.8, 0.05, 0.05, per_step)
+    assert (
+        o.lr,
+        o.weight_decay,
+        o.warmup_steps,
+        o.target_batch,
+        o.beta,
+        o.gamma,
+        o.constraint_tau,
+        o.temperature,
+        o.protected_classes_per_step,
+    ) == (1e-6, 0.1, 500, 256, beta, 0.8, 0.05, 0.05, per_step)
     assert Path(plan.data.protected).is_file()
 
 
@@ -223,9 +241,17 @@ def test_absolute_data_paths_are_kept_as_they_are(tmp_path):
     from safespec.spec import Spec
 
     data = {k: str(tmp_path / f"{k}.csv") for k in ("protected", "target", "validation", "heldout")}
-    spec = Spec.model_validate({"safespec": 1, "name": "abs", "model": {"arch": "x", "checkpoint": str(tmp_path / "m.pt")},
-                                "classes": {"names": ["a", "b"]}, "data": data,
-                                "protect": [{"classes": ["a"], "tolerance": 0.03}], "target": {"class": "b"}})
+    spec = Spec.model_validate(
+        {
+            "safespec": 1,
+            "name": "abs",
+            "model": {"arch": "x", "checkpoint": str(tmp_path / "m.pt")},
+            "classes": {"names": ["a", "b"]},
+            "data": data,
+            "protect": [{"classes": ["a"], "tolerance": 0.03}],
+            "target": {"class": "b"},
+        }
+    )
     resolved = spec.resolve(tmp_path / "elsewhere")
     assert {k: str(getattr(resolved.data, k)) for k in data} == data
     assert str(resolved.model.checkpoint) == str(tmp_path / "m.pt")

@@ -25,10 +25,14 @@ EXAMPLES = sorted((ROOT / "specs").glob("*.yaml")) + [Path(__file__).parent / "s
 
 _ANNOTATIONS = {"$schema", "$defs", "title", "description", "default", "format", "examples"}
 _TYPES = {
-    "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool), "null": lambda v: v is None,
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool)
-    or isinstance(v, float) and math.isfinite(v) and v.is_integer(),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "integer": lambda v: (
+        isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v) and v.is_integer()
+    ),
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
 }
 
@@ -76,8 +80,12 @@ def schema_errors(value: Any, schema: dict, root: dict, path: str = "$") -> list
                 errs.append(f"{path}: does not match {want}")
         elif key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
             if _TYPES["number"](value):
-                ok = {"minimum": value >= want, "maximum": value <= want,
-                      "exclusiveMinimum": value > want, "exclusiveMaximum": value < want}[key]
+                ok = {
+                    "minimum": value >= want,
+                    "maximum": value <= want,
+                    "exclusiveMinimum": value > want,
+                    "exclusiveMaximum": value < want,
+                }[key]
                 if not ok:
                     errs.append(f"{path}: violates {key} {want}")
         elif key == "enum":
@@ -127,15 +135,18 @@ def test_examples_validate_against_the_schema_and_the_models(path, printed_schem
     Spec.model_validate(data)
 
 
-@pytest.mark.parametrize("edit, error", [
-    (lambda d: d.update(colour="red"), "$: unexpected colour"),
-    (lambda d: d["optimize"].update(steps="many"), "$.optimize.steps: not of type integer"),
-    (lambda d: d["protect"][0].update(tolerance=1.5), "$.protect[0].tolerance: violates maximum 1"),
-    (lambda d: d.update(safespec=2), "$.safespec: not 1"),
-    (lambda d: d["model"].pop("arch"), "$.model: missing arch"),
-    (lambda d: d["optimize"].update(method="penalti"), "$.optimize.method: not one of"),
-    (lambda d: d["protect"][0].update(classes=7), "$.protect[0].classes: matches none of anyOf"),
-])
+@pytest.mark.parametrize(
+    "edit, error",
+    [
+        (lambda d: d.update(colour="red"), "$: unexpected colour"),
+        (lambda d: d["optimize"].update(steps="many"), "$.optimize.steps: not of type integer"),
+        (lambda d: d["protect"][0].update(tolerance=1.5), "$.protect[0].tolerance: violates maximum 1"),
+        (lambda d: d.update(safespec=2), "$.safespec: not 1"),
+        (lambda d: d["model"].pop("arch"), "$.model: missing arch"),
+        (lambda d: d["optimize"].update(method="penalti"), "$.optimize.method: not one of"),
+        (lambda d: d["protect"][0].update(classes=7), "$.protect[0].classes: matches none of anyOf"),
+    ],
+)
 def test_the_checker_rejects_what_the_models_reject(edit, error, printed_schema):
     """The schema check above is not vacuous: broken specs fail it, as they fail pydantic."""
     data = read_spec_data(ROOT / "specs" / "demo.yaml")
@@ -176,8 +187,11 @@ def test_docs_full_examples_validate(tmp_path: Path):
     from safespec.plan import load_plan
 
     text = (ROOT / "docs" / "spec.md").read_text()
-    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if b.lstrip().startswith(("safespec:", "#"))
-              and "\nsafespec:" in "\n" + b]
+    blocks = [
+        b
+        for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+        if b.lstrip().startswith(("safespec:", "#")) and "\nsafespec:" in "\n" + b
+    ]
     assert blocks
     for i, block in enumerate(blocks):
         path = tmp_path / f"doc{i}.yaml"

@@ -179,8 +179,10 @@ def _simulated_share_certified(p_b, p_c, n, margin, conf, tables, rng):
     return float(np.mean(bounds[inv.ravel()] <= margin))
 
 
-@pytest.mark.parametrize("n,margin,p_c", [(100, 0.03, 0.0), (200, 0.03, 0.005), (400, 0.03, 0.02),
-                                          (400, 0.01, 0.0), (150, 0.05, 0.05), (400, 0.0, 0.01)])
+@pytest.mark.parametrize(
+    "n,margin,p_c",
+    [(100, 0.03, 0.0), (200, 0.03, 0.005), (400, 0.03, 0.02), (400, 0.01, 0.0), (150, 0.05, 0.05), (400, 0.0, 0.01)],
+)
 def test_simulated_false_certification_rate_stays_below_alpha(n, margin, p_c):
     """Tables whose true drop exceeds the tolerance (by half a point) must be certified at most alpha of the time."""
     rng = np.random.default_rng(20240611)
@@ -202,8 +204,9 @@ def test_exact_size_beyond_and_at_the_margin():
         for margin in (0.01, 0.03, 0.05, 0.1):
             for p_c in (0.0, 0.002, 0.01, 0.03, 0.1):
                 worst_at = max(worst_at, stats.certification_probability(margin + p_c, p_c, n, margin, 0.95, "score"))
-                worst_beyond = max(worst_beyond, stats.certification_probability(margin + 0.01 + p_c, p_c, n, margin,
-                                                                                 0.95, "score"))
+                worst_beyond = max(
+                    worst_beyond, stats.certification_probability(margin + 0.01 + p_c, p_c, n, margin, 0.95, "score")
+                )
     assert worst_beyond <= 0.05
     assert 0.04 < worst_at <= 0.065
 
@@ -231,8 +234,9 @@ def test_wald_is_more_lenient_than_tango_at_small_counts():
 
 
 # ------------------------------------------------------------------------------------- sample size
-@pytest.mark.parametrize("p_b,p_c,margin", [(0.02, 0.02, 0.03), (0.01, 0.03, 0.0), (0.05, 0.04, 0.03),
-                                            (0.1, 0.1, 0.05), (0.01, 0.0, 0.03)])
+@pytest.mark.parametrize(
+    "p_b,p_c,margin", [(0.02, 0.02, 0.03), (0.01, 0.03, 0.0), (0.05, 0.04, 0.03), (0.1, 0.1, 0.05), (0.01, 0.0, 0.03)]
+)
 def test_needed_n_gives_the_requested_power(p_b, p_c, margin):
     """Tango's test: Nam's asymptotic size gives about the requested power (discreteness moves it)."""
     n = stats.needed_n(p_b, p_c, margin, 0.95, power=0.8, test="score")
@@ -256,8 +260,9 @@ def test_needed_n_edge_cases(test):
 def test_needed_n_monotonicity():
     ns = [stats.needed_n(0.02, 0.01, m, 0.95, test="score") for m in (0.015, 0.02, 0.03, 0.05)]
     assert all(x > y for x, y in zip(ns, ns[1:]))
-    assert stats.needed_n(0.02, 0.01, 0.03, 0.95, power=0.9, test="score") > stats.needed_n(0.02, 0.01, 0.03, 0.95,
-                                                                                            test="score")
+    assert stats.needed_n(0.02, 0.01, 0.03, 0.95, power=0.9, test="score") > stats.needed_n(
+        0.02, 0.01, 0.03, 0.95, test="score"
+    )
     assert stats.needed_n(0.02, 0.01, 0.03, 0.99, test="score") > stats.needed_n(0.02, 0.01, 0.03, 0.95, test="score")
     # the exact test's: more images for a tighter tolerance
     assert stats.needed_n(0.01, 0.0, 0.03, 0.95) > stats.needed_n(0.01, 0.0, 0.05, 0.95)
@@ -289,7 +294,7 @@ def test_score_statistic_is_non_decreasing_in_b_at_fixed_c():
     every c: Tango's statistic must not decrease as b grows. Checked for every feasible table."""
     for n in (1, 2, 5, 30, 57, 200, 400):
         B, C = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
-        both = (B[1:] + C[1:] <= n)  # (b, c) and (b + 1, c) are both tables
+        both = B[1:] + C[1:] <= n  # (b, c) and (b + 1, c) are both tables
         for delta in np.concatenate([np.linspace(-0.98, 0.98, 50), [0.0, 1e-6, 0.01, 0.02, 0.03, 0.05, 0.1]]):
             t = stats.score_statistic(B, C, n, delta)
             step = np.where(both, t[1:] - t[:-1], 0.0)
@@ -315,8 +320,10 @@ def _brute_exact_pvalue(b, c, n, delta, gamma, points=2001):
     return min(1.0, best + gamma)
 
 
-@pytest.mark.parametrize("b,c,n,delta", [(0, 0, 12, 0.1), (1, 0, 20, 0.05), (3, 2, 20, 0.05), (2, 5, 25, 0.0),
-                                         (6, 1, 25, 0.1), (4, 4, 16, -0.05)])
+@pytest.mark.parametrize(
+    "b,c,n,delta",
+    [(0, 0, 12, 0.1), (1, 0, 20, 0.05), (3, 2, 20, 0.05), (2, 5, 25, 0.0), (6, 1, 25, 0.1), (4, 4, 16, -0.05)],
+)
 def test_exact_pvalue_matches_a_brute_force_enumeration(b, c, n, delta):
     p = stats.exact_pvalue(b, c, n, delta)
     brute = _brute_exact_pvalue(b, c, n, delta, stats.EXACT_GAMMA)
@@ -373,7 +380,7 @@ def test_exact_bound_and_decision_agree():
     """certifies() = p-value at the margin <= alpha and bound <= margin (fail-closed); where the p-value is
     monotone in the hypothesised drop the two halves agree, which holds on this whole grid; and the bound is the
     smallest drop the test rejects, to the bisection's 2^-24."""
-    step = 2.0 ** -24
+    step = 2.0**-24
     checked = 0
     for n in (50, 400):
         for b in range(0, 31, 4):
@@ -404,8 +411,12 @@ def test_exact_region_is_the_certificates_decision():
     # or more every table is (b <= n - c)
     assert bmax[0] == -1 and bmax[2] == 0 and all(bmax[c] == n - c for c in range(20, n + 1))
     for p_b, p_c in ((0.05, 0.0), (0.05, 0.05), (0.15, 0.1)):
-        brute = sum(binom.pmf(c, n, p_c) * binom.pmf(b, n - c, p_b / (1 - p_c))
-                    for c in range(n + 1) for b in range(n - c + 1) if b <= bmax[c])
+        brute = sum(
+            binom.pmf(c, n, p_c) * binom.pmf(b, n - c, p_b / (1 - p_c))
+            for c in range(n + 1)
+            for b in range(n - c + 1)
+            if b <= bmax[c]
+        )
         assert stats.certification_probability(p_b, p_c, n, margin, 0.95) == pytest.approx(brute, abs=1e-12)
 
 

@@ -28,8 +28,9 @@ def world_inputs(small_world, tmp_path_factory):
     return load_inputs(spec, log=lambda s: None)
 
 
-def _train(inp, tmp_path, method, *, steps=None, cache=None, run_dir=None, stop_after=None, resume=False,
-           heldout_n=None, **opt):
+def _train(
+    inp, tmp_path, method, *, steps=None, cache=None, run_dir=None, stop_after=None, resume=False, heldout_n=None, **opt
+):
     torch.manual_seed(0)
     plan = inp.plan
     if opt or steps:
@@ -39,8 +40,9 @@ def _train(inp, tmp_path, method, *, steps=None, cache=None, run_dir=None, stop_
     data = make_train_data(inp, old.preprocess)
     if heldout_n is not None:  # selection plans for a held-out split of this size per class
         data.heldout_counts = np.full(len(plan.classes), heldout_n)
-    trainer = Trainer(plan, old, data, method=method, run_dir=run_dir,
-                      cache=cache or PredictionCache(tmp_path / "cache"), quiet=True)
+    trainer = Trainer(
+        plan, old, data, method=method, run_dir=run_dir, cache=cache or PredictionCache(tmp_path / "cache"), quiet=True
+    )
     outcome = trainer.run(stop_after=stop_after, resume=resume)
     return trainer, outcome
 
@@ -51,8 +53,12 @@ def _store_constraints(trainer):
     old = trainer.ref_store
     m_new = metric_values(new.losses, new.margins, "loss")
     m_old = metric_values(old.losses, old.margins, "loss")
-    return {c.name: float((m_new[np.isin(new.labels, c.class_indices)] - m_old[np.isin(old.labels, c.class_indices)]).mean())
-            for c in trainer.constraints}
+    return {
+        c.name: float(
+            (m_new[np.isin(new.labels, c.class_indices)] - m_old[np.isin(old.labels, c.class_indices)]).mean()
+        )
+        for c in trainer.constraints
+    }
 
 
 def test_constrained_method_keeps_the_store_losses_where_the_baseline_forgets(world_inputs, tmp_path):
@@ -68,13 +74,30 @@ def test_constrained_method_keeps_the_store_losses_where_the_baseline_forgets(wo
 
 
 def test_resume_after_an_interruption_is_bit_identical(world_inputs, tmp_path):
-    straight, out_a = _train(world_inputs, tmp_path, "penalty", run_dir=tmp_path / "a", steps=30,
-                             eval_every=10, checkpoint_every=10)
+    straight, out_a = _train(
+        world_inputs, tmp_path, "penalty", run_dir=tmp_path / "a", steps=30, eval_every=10, checkpoint_every=10
+    )
     final_a = {k: v.clone() for k, v in straight.model.state_dict().items()}
-    _train(world_inputs, tmp_path, "penalty", run_dir=tmp_path / "b", steps=30, eval_every=10, checkpoint_every=10,
-           stop_after=20)
-    resumed, out_b = _train(world_inputs, tmp_path, "penalty", run_dir=tmp_path / "b", steps=30, eval_every=10,
-                            checkpoint_every=10, resume=True)
+    _train(
+        world_inputs,
+        tmp_path,
+        "penalty",
+        run_dir=tmp_path / "b",
+        steps=30,
+        eval_every=10,
+        checkpoint_every=10,
+        stop_after=20,
+    )
+    resumed, out_b = _train(
+        world_inputs,
+        tmp_path,
+        "penalty",
+        run_dir=tmp_path / "b",
+        steps=30,
+        eval_every=10,
+        checkpoint_every=10,
+        resume=True,
+    )
     final_b = resumed.model.state_dict()
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
     assert out_a.trajectory == out_b.trajectory
@@ -84,18 +107,43 @@ def test_resume_after_an_interruption_is_bit_identical(world_inputs, tmp_path):
 
 
 def test_resume_refuses_a_state_of_another_spec(world_inputs, tmp_path):
-    _train(world_inputs, tmp_path, "penalty", run_dir=tmp_path / "r", steps=10, eval_every=5, checkpoint_every=5,
-           stop_after=5)
+    _train(
+        world_inputs,
+        tmp_path,
+        "penalty",
+        run_dir=tmp_path / "r",
+        steps=10,
+        eval_every=5,
+        checkpoint_every=5,
+        stop_after=5,
+    )
     from safespec.errors import RunError
 
     with pytest.raises(RunError, match="another spec"):
-        _train(world_inputs, tmp_path, "penalty", run_dir=tmp_path / "r", steps=10, eval_every=5,
-               checkpoint_every=5, resume=True, lr=1e-2)
+        _train(
+            world_inputs,
+            tmp_path,
+            "penalty",
+            run_dir=tmp_path / "r",
+            steps=10,
+            eval_every=5,
+            checkpoint_every=5,
+            resume=True,
+            lr=1e-2,
+        )
     state = tmp_path / "r" / "checkpoints" / "state-penalty.pt"
     state.write_bytes(b"not a torch file")
     with pytest.raises(RunError, match="unreadable training state"):
-        _train(world_inputs, tmp_path, "penalty", run_dir=tmp_path / "r", steps=10, eval_every=5,
-               checkpoint_every=5, resume=True)
+        _train(
+            world_inputs,
+            tmp_path,
+            "penalty",
+            run_dir=tmp_path / "r",
+            steps=10,
+            eval_every=5,
+            checkpoint_every=5,
+            resume=True,
+        )
 
 
 def test_the_old_models_reference_is_not_recomputed(world_inputs, tmp_path):
@@ -185,8 +233,11 @@ def test_a_frozen_image_tower_is_encoded_once_and_cached_by_its_digest(world_inp
     Trainer(plan, old, data, cache=cache, quiet=True)
     assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 3  # store, target, validation
     from safespec.evaluate import feature_key, visual_digest
-    feats = cache.features(feature_key(visual_digest(old.model), data.validation.digest, plan.model.precision),
-                           lambda: pytest.fail("the validation features were not cached"))
+
+    feats = cache.features(
+        feature_key(visual_digest(old.model), data.validation.digest, plan.model.precision),
+        lambda: pytest.fail("the validation features were not cached"),
+    )
     via = evaluate(old.model, tokens, data.validation.bank, data.validation.labels, 0.05, features=feats)
     assert np.array_equal(direct.preds, via.preds) and np.array_equal(direct.losses, via.losses)
 
@@ -213,8 +264,16 @@ def test_a_training_step_never_reads_a_device_value_back(world_inputs, tmp_path)
     from host-side ids with numpy, so it may read nothing back at all."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    syncing = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "_unique2", "unique_consecutive",
-               "unique_dim", "repeat_interleave"}
+    syncing = {
+        "_local_scalar_dense",
+        "nonzero",
+        "bincount",
+        "masked_select",
+        "_unique2",
+        "unique_consecutive",
+        "unique_dim",
+        "repeat_interleave",
+    }
     seen = []
 
     class Watch(TorchDispatchMode):
@@ -230,8 +289,14 @@ def test_a_training_step_never_reads_a_device_value_back(world_inputs, tmp_path)
     plan = world_inputs.plan
     for method in ("penalty", "lagrangian"):
         old = load_model(plan.model, plan.classes)
-        trainer = Trainer(plan, old, make_train_data(world_inputs, old.preprocess), method=method,
-                          cache=PredictionCache(tmp_path / "cache"), quiet=True)
+        trainer = Trainer(
+            plan,
+            old,
+            make_train_data(world_inputs, old.preprocess),
+            method=method,
+            cache=PredictionCache(tmp_path / "cache"),
+            quiet=True,
+        )
         trainer.train_step()  # warm-up outside the watch
         seen.clear()
         with Watch():
@@ -241,13 +306,19 @@ def test_a_training_step_never_reads_a_device_value_back(world_inputs, tmp_path)
 
 
 def test_a_frozen_text_tower_runs_only_the_heads_per_step(world_inputs, tmp_path, monkeypatch):
-    plan = dataclasses.replace(world_inputs.plan, model=dataclasses.replace(world_inputs.plan.model,
-                                                                              freeze=("image", "text")))
+    plan = dataclasses.replace(
+        world_inputs.plan, model=dataclasses.replace(world_inputs.plan.model, freeze=("image", "text"))
+    )
     plan = dataclasses.replace(plan, optimizer=dataclasses.replace(plan.optimizer, steps=15, eval_every=15))
     torch.manual_seed(0)
     trainee = load_model(plan.model, plan.classes)
-    trainer = Trainer(plan, trainee, make_train_data(world_inputs, trainee.preprocess),
-                      cache=PredictionCache(tmp_path / "cache"), quiet=True)
+    trainer = Trainer(
+        plan,
+        trainee,
+        make_train_data(world_inputs, trainee.preprocess),
+        cache=PredictionCache(tmp_path / "cache"),
+        quiet=True,
+    )
     # the class text features from the cached hidden states are those of the full text tower, to the bit
     with torch.no_grad():
         _, _, txt, _ = trainer.towers(None, trainer.prompt_inputs, trainer.prompt_heads, hidden=True)
@@ -272,8 +343,14 @@ def test_the_ce_target_follows_its_own_temperature_not_the_constraints(world_inp
         torch.manual_seed(0)
         p = dataclasses.replace(plan, optimizer=dataclasses.replace(plan.optimizer, **opt))
         old = load_model(p.model, p.classes)
-        trainer = Trainer(p, old, make_train_data(world_inputs, old.preprocess), method="unconstrained",
-                          cache=PredictionCache(tmp_path / "cache"), quiet=True)
+        trainer = Trainer(
+            p,
+            old,
+            make_train_data(world_inputs, old.preprocess),
+            method="unconstrained",
+            cache=PredictionCache(tmp_path / "cache"),
+            quiet=True,
+        )
         return float(trainer.train_step())
 
     base = first_loss(constraint_tau=0.05, temperature=0.05)
@@ -291,8 +368,14 @@ def _store_kl(trainer):
     """Exact per-capability mean KL(old || new) over the whole store, from a fresh evaluation."""
     from safespec.evaluate import kl_from_old
 
-    new = evaluate(trainer.model, trainer.class_tokens, trainer.data.store.bank, trainer.data.store.labels,
-                   trainer.tau, log_probs=True)
+    new = evaluate(
+        trainer.model,
+        trainer.class_tokens,
+        trainer.data.store.bank,
+        trainer.data.store.labels,
+        trainer.tau,
+        log_probs=True,
+    )
     kl = kl_from_old(trainer.ref_store.log_probs, new.log_probs)
     return {c.name: float(kl[np.isin(new.labels, c.class_indices)].mean()) for c in trainer.constraints}
 
@@ -341,8 +424,12 @@ def test_store_views_are_constrained_with_the_store(world_inputs, tmp_path, free
     covers every row, and the copies are images it did not fit as well as the originals."""
     plan = world_inputs.plan
     cons = tuple(dataclasses.replace(c, metric="focal-distill", slack=0.02) for c in plan.constraints)
-    plan = dataclasses.replace(plan, constraints=cons, model=dataclasses.replace(plan.model, freeze=freeze),
-                               optimizer=dataclasses.replace(plan.optimizer, store_views=2))
+    plan = dataclasses.replace(
+        plan,
+        constraints=cons,
+        model=dataclasses.replace(plan.model, freeze=freeze),
+        optimizer=dataclasses.replace(plan.optimizer, store_views=2),
+    )
     inp = dataclasses.replace(world_inputs, plan=plan)
     trainer, out = _train(inp, tmp_path, "lagrangian", steps=4, eval_every=4)
     n = len(world_inputs.manifests["protected"])
@@ -372,8 +459,15 @@ def test_calibrated_selection_picks_the_best_admissible_candidate(world_inputs, 
     re-evaluating it shows exactly what selection saw. Resume reaches the same selection."""
     # the small world's 40 held-out images per class leave little room at its 15-point tolerance: selection
     # plans here for 400, as a real held-out split would have
-    kw = dict(steps=40, eval_every=10, checkpoint_every=10, calibrate_target=True, min_certify_probability=0.6, lr=5e-5,
-              heldout_n=400)
+    kw = dict(
+        steps=40,
+        eval_every=10,
+        checkpoint_every=10,
+        calibrate_target=True,
+        min_certify_probability=0.6,
+        lr=5e-5,
+        heldout_n=400,
+    )
     trainer, out = _train(world_inputs, tmp_path, "lagrangian", run_dir=tmp_path / "a", **kw)
     assert trainer.ref_val.log_probs is not None  # v1's validation logits come with its cached reference
     entries = [e for e in trainer.trajectory if "target_offset" in e]
@@ -402,8 +496,7 @@ def test_calibrated_selection_picks_the_best_admissible_candidate(world_inputs, 
 
 
 def test_calibration_leaves_the_baselines_as_trained(world_inputs, tmp_path):
-    trainer, out = _train(world_inputs, tmp_path, "unconstrained", steps=20, eval_every=10,
-                          calibrate_target=True)
+    trainer, out = _train(world_inputs, tmp_path, "unconstrained", steps=20, eval_every=10, calibrate_target=True)
     assert "target_offset" not in out.validation and "class_bias" not in out.state_dict
     assert all("target_offset" not in e for e in trainer.trajectory)
 
@@ -440,8 +533,11 @@ def test_the_target_tower_is_all_that_trains_and_every_other_logit_is_the_old_mo
     trainee.model.project_text = real_project
     after = trainee.model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # the shared model did not move...
-    moved = [k for k in after if k.startswith(f"class_towers.{t}.") and
-             not torch.equal(after[k], before["clip.visual." + k.split(".", 2)[2]])]
+    moved = [
+        k
+        for k in after
+        if k.startswith(f"class_towers.{t}.") and not torch.equal(after[k], before["clip.visual." + k.split(".", 2)[2]])
+    ]
     assert moved  # ...the target's tower did
     new = _all_logits(trainee.model, trainee.tokenizer, plan, data.validation.bank)
     ref = _all_logits(old.model, old.tokenizer, plan, data.validation.bank)
@@ -459,8 +555,9 @@ def test_a_target_tower_run_selects_saves_and_reloads(world_inputs, tmp_path):
     trainee = dataclasses.replace(old, model=copy.deepcopy(old.model))
     data = make_train_data(world_inputs, trainee.preprocess)
     data.heldout_counts = np.full(len(plan.classes), 400)
-    outcome = Trainer(plan, trainee, data, cache=PredictionCache(tmp_path / "cache"), quiet=True,
-                      run_dir=tmp_path).run()
+    outcome = Trainer(
+        plan, trainee, data, cache=PredictionCache(tmp_path / "cache"), quiet=True, run_dir=tmp_path
+    ).run()
     trainee.model.load_state_dict(outcome.state_dict)
     towered = any(k.startswith("class_towers.") for k in outcome.state_dict)
     assert towered == (outcome.selected_step > 0)  # the old model (with an offset at most) carries no copy
@@ -476,8 +573,9 @@ def test_the_baselines_train_the_same_target_tower(world_inputs, tmp_path, metho
     old = load_model(plan.model, plan.classes)
     trainee = dataclasses.replace(old, model=copy.deepcopy(old.model))
     data = make_train_data(world_inputs, trainee.preprocess)
-    outcome = Trainer(plan, trainee, data, method=method, cache=PredictionCache(tmp_path / "cache"), quiet=True,
-                      run_dir=tmp_path).run()
+    outcome = Trainer(
+        plan, trainee, data, method=method, cache=PredictionCache(tmp_path / "cache"), quiet=True, run_dir=tmp_path
+    ).run()
     trainee.model.load_state_dict(outcome.state_dict)
     t = plan.objective.target_index
     if outcome.fell_back_to_old:

@@ -19,8 +19,16 @@ import pytest
 from safespec.demo import world as world_mod
 from safespec.data import check_disjoint, read_manifest
 from safespec.errors import DataError
-from safespec.demo import (ANIMAL_CLASSES, WorldConfig, animal_mnist_files, build_world, deduplicate,
-                            load_animal_mnist, load_numpy_pickle, plan_splits)
+from safespec.demo import (
+    ANIMAL_CLASSES,
+    WorldConfig,
+    animal_mnist_files,
+    build_world,
+    deduplicate,
+    load_animal_mnist,
+    load_numpy_pickle,
+    plan_splits,
+)
 
 
 # ------------------------------------------------------------------------------------------ safe loading
@@ -36,12 +44,15 @@ class Boom:
         return (os.system, ("echo pwned",))
 
 
-@pytest.mark.parametrize("obj, name", [
-    (Boom(), "system"),
-    ({"a": np.zeros(2)}, None),  # not an array
-    (np.array([object(), 1], dtype=object), None),
-    (np.zeros(3, dtype=[("a", "i4")]).view(np.recarray), "recarray"),
-])
+@pytest.mark.parametrize(
+    "obj, name",
+    [
+        (Boom(), "system"),
+        ({"a": np.zeros(2)}, None),  # not an array
+        (np.array([object(), 1], dtype=object), None),
+        (np.zeros(3, dtype=[("a", "i4")]).view(np.recarray), "recarray"),
+    ],
+)
 def test_restricted_unpickler_refuses_everything_else(obj, name):
     data = pickle.dumps(obj)
     with pytest.raises(DataError) as e:
@@ -121,6 +132,7 @@ def test_small_world_layout(small_world, small_world_config):
     p = m["heldout"].paths[0]
     assert p.relative_to(w.root.resolve()).parts[:3] == ("images", "heldout", "bear")
     from PIL import Image
+
     with Image.open(p) as im:
         assert im.size == (28, 28) and im.mode == "L"
     # held-out and validation share nothing with the training splits, by file or content; target
@@ -140,8 +152,16 @@ def test_small_world_v1_is_a_real_classifier(small_world):
     from safespec.demo import evaluate_accuracy
 
     w = small_world
-    mp = ModelPlan(arch=w.config.arch, pretrained=None, checkpoint=str(w.v1_checkpoint), heads=True, rank=8,
-                   device="cpu", precision="fp32", freeze=())
+    mp = ModelPlan(
+        arch=w.config.arch,
+        pretrained=None,
+        checkpoint=str(w.v1_checkpoint),
+        heads=True,
+        rank=8,
+        device="cpu",
+        precision="fp32",
+        freeze=(),
+    )
     loaded = load_model(mp, ANIMAL_CLASSES)
     acc = evaluate_accuracy(loaded, read_manifest(w.manifests["heldout"], ANIMAL_CLASSES), w.templates)
     assert acc == pytest.approx(w.v1_accuracy, abs=1e-6)
@@ -178,8 +198,9 @@ def test_second_build_reuses_the_cache(small_world, small_world_config):
     assert again.v1_accuracy == w.v1_accuracy and again.digests == w.digests
 
 
-def test_damaged_world_is_rebuilt_and_foreign_folders_are_refused(small_world, small_world_config, tmp_path,
-                                                                   monkeypatch):
+def test_damaged_world_is_rebuilt_and_foreign_folders_are_refused(
+    small_world, small_world_config, tmp_path, monkeypatch
+):
     copy = tmp_path / "world"
     shutil.copytree(small_world.root, copy)
     logs: list[str] = []
@@ -188,9 +209,11 @@ def test_damaged_world_is_rebuilt_and_foreign_folders_are_refused(small_world, s
     assert world_mod._reusable(copy, small_world_config) == "the heldout split changed on disk"
     other = WorldConfig(**{**small_world_config.to_dict(), "templates": ("a photo of a {}.",), "seed": 1})
     assert "another configuration" in world_mod._reusable(copy, other)
+
     # a rebuild replaces the world atomically; stub the slow part to check the swap only
     def fake_build(out, config, **kw):
         (out / "world.json").write_text("{}")
+
     monkeypatch.setattr(world_mod, "_build", fake_build)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

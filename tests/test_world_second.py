@@ -15,8 +15,21 @@ import yaml
 from safespec.demo import world as world_mod
 from safespec.data import check_disjoint, read_manifest
 from safespec.errors import DataError
-from safespec.demo import (ANIMAL_CLASSES, FASHION_CLASSES, FASHION_ENV, FASHION_FILES, SOURCES, WorldConfig, build_world,
-                            deduplicate, fashion_mnist_files, get_source, load_fashion_mnist, plan_splits, read_idx)
+from safespec.demo import (
+    ANIMAL_CLASSES,
+    FASHION_CLASSES,
+    FASHION_ENV,
+    FASHION_FILES,
+    SOURCES,
+    WorldConfig,
+    build_world,
+    deduplicate,
+    fashion_mnist_files,
+    get_source,
+    load_fashion_mnist,
+    plan_splits,
+    read_idx,
+)
 
 #: WorldConfig().digest() before data sources existed (commit 1d4fb39): every demo world built since then
 #: is keyed by it, so it must not change.
@@ -55,12 +68,18 @@ def test_sources_name_their_classes():
     assert cfg.protected == tuple(c for c in FASHION_CLASSES if c != "pullover") and len(cfg.protected) == 9
 
 
-@pytest.mark.parametrize("kw, msg", [
-    ({"source": "fashion-mnist"}, "unknown target class 'dog' for source 'fashion-mnist' (expected one of t-shirt,"),
-    ({"source": "fashion-mnist", "target": "Pullover"}, "unknown target class 'Pullover'"),
-    ({"target": "pullover"}, "unknown target class 'pullover' for source 'animal-mnist'"),
-    ({"source": "cifar-10"}, "unknown source 'cifar-10' (expected one of animal-mnist, fashion-mnist)"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (
+            {"source": "fashion-mnist"},
+            "unknown target class 'dog' for source 'fashion-mnist' (expected one of t-shirt,",
+        ),
+        ({"source": "fashion-mnist", "target": "Pullover"}, "unknown target class 'Pullover'"),
+        ({"target": "pullover"}, "unknown target class 'pullover' for source 'animal-mnist'"),
+        ({"source": "cifar-10"}, "unknown source 'cifar-10' (expected one of animal-mnist, fashion-mnist)"),
+    ],
+)
 def test_unknown_target_or_source_is_one_line(kw, msg):
     with pytest.raises(DataError) as e:
         WorldConfig(**kw)
@@ -89,10 +108,12 @@ def _idx(shape: tuple[int, ...], payload: bytes | None = None) -> bytes:
 def test_idx_reader_accepts_unsigned_bytes_only():
     a = read_idx(_idx((2, 3, 4), bytes(range(24))), "x", ndim=3)
     assert a.shape == (2, 3, 4) and a.dtype == np.uint8 and a[1, 2, 3] == 23
-    for data, why in [(_idx((2, 3, 4))[:-1], "but 23 follow"),  # truncated
-                      (b"\x00\x00\x0d\x03" + _idx((2, 3, 4))[4:], "not an IDX file of unsigned bytes"),  # floats
-                      (_idx((24,)), "with 3 dimension"),  # labels where images are expected
-                      (b"\x00\x00", "not an IDX file")]:
+    for data, why in [
+        (_idx((2, 3, 4))[:-1], "but 23 follow"),  # truncated
+        (b"\x00\x00\x0d\x03" + _idx((2, 3, 4))[4:], "not an IDX file of unsigned bytes"),  # floats
+        (_idx((24,)), "with 3 dimension"),  # labels where images are expected
+        (b"\x00\x00", "not an IDX file"),
+    ]:
         with pytest.raises(DataError, match=why):
             read_idx(data, "bad.idx", ndim=3)
 

@@ -33,16 +33,21 @@ _COMMON = {
 STATISTICS_BY_TEST: dict[str, dict[str, str]] = {
     "exact": {
         "test": "exact",
-        "drop_bound": (f"exact unconditional test (one-sided), ordered by Tango's score statistic, nuisance rate "
-                       f"maximised over a {1 - stats.EXACT_GAMMA:.1%} Clopper-Pearson interval (Berger-Boos, "
-                       f"gamma {stats.EXACT_GAMMA:g}); certified only when its p-value at the tolerance is at most "
-                       f"1 - confidence and its bound is within the tolerance"),
+        "drop_bound": (
+            f"exact unconditional test (one-sided), ordered by Tango's score statistic, nuisance rate "
+            f"maximised over a {1 - stats.EXACT_GAMMA:.1%} Clopper-Pearson interval (Berger-Boos, "
+            f"gamma {stats.EXACT_GAMMA:g}); certified only when its p-value at the tolerance is at most "
+            f"1 - confidence and its bound is within the tolerance"
+        ),
         **_COMMON,
-        "needed_n": ("smallest n found at which the exact test certifies with probability at least 0.8 at the "
-                     "observed flip rates (exact enumeration, searched from Nam's (1997) asymptotic size; above "
-                     f"{stats.EXACT_NEEDED_N_MAX:,} images Nam's size itself)"),
-        "inconclusive": ("not certified and fewer held-out images than the exact test needs to certify an "
-                         "unchanged model"),
+        "needed_n": (
+            "smallest n found at which the exact test certifies with probability at least 0.8 at the "
+            "observed flip rates (exact enumeration, searched from Nam's (1997) asymptotic size; above "
+            f"{stats.EXACT_NEEDED_N_MAX:,} images Nam's size itself)"
+        ),
+        "inconclusive": (
+            "not certified and fewer held-out images than the exact test needs to certify an unchanged model"
+        ),
     },
     "score": {
         "test": "score",
@@ -79,11 +84,14 @@ def _as_labels(name: str, a: np.ndarray) -> np.ndarray:
 
 
 def _check_inputs(labels, old_pred, new_pred) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    labels, old_pred, new_pred = (_as_labels(n, a) for n, a in
-                                  (("labels", labels), ("old_pred", old_pred), ("new_pred", new_pred)))
+    labels, old_pred, new_pred = (
+        _as_labels(n, a) for n, a in (("labels", labels), ("old_pred", old_pred), ("new_pred", new_pred))
+    )
     if not (labels.shape == old_pred.shape == new_pred.shape):
-        raise ValueError(f"labels, old_pred and new_pred must have the same length, "
-                         f"got {labels.size}, {old_pred.size}, {new_pred.size}")
+        raise ValueError(
+            f"labels, old_pred and new_pred must have the same length, "
+            f"got {labels.size}, {old_pred.size}, {new_pred.size}"
+        )
     return labels, old_pred, new_pred
 
 
@@ -146,17 +154,28 @@ class PairedCounts:
         return (self.negative_flips - self.positive_flips) / self.n if self.n else None
 
     def __add__(self, other: PairedCounts) -> PairedCounts:
-        return PairedCounts(self.both_right + other.both_right, self.negative_flips + other.negative_flips,
-                            self.positive_flips + other.positive_flips, self.both_wrong + other.both_wrong)
+        return PairedCounts(
+            self.both_right + other.both_right,
+            self.negative_flips + other.negative_flips,
+            self.positive_flips + other.positive_flips,
+            self.both_wrong + other.both_wrong,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "old_accuracy": _f(self.old_accuracy), "new_accuracy": _f(self.new_accuracy),
-                "negative_flips": self.negative_flips, "positive_flips": self.positive_flips,
-                "both_right": self.both_right, "both_wrong": self.both_wrong}
+        return {
+            "n": self.n,
+            "old_accuracy": _f(self.old_accuracy),
+            "new_accuracy": _f(self.new_accuracy),
+            "negative_flips": self.negative_flips,
+            "positive_flips": self.positive_flips,
+            "both_right": self.both_right,
+            "both_wrong": self.both_wrong,
+        }
 
 
-def paired_counts(labels: np.ndarray, old_pred: np.ndarray, new_pred: np.ndarray,
-                  mask: np.ndarray | None = None) -> PairedCounts:
+def paired_counts(
+    labels: np.ndarray, old_pred: np.ndarray, new_pred: np.ndarray, mask: np.ndarray | None = None
+) -> PairedCounts:
     """The paired table over the images selected by the boolean ``mask`` (all images when None)."""
     labels, old_pred, new_pred = _check_inputs(labels, old_pred, new_pred)
     if mask is not None:
@@ -181,8 +200,9 @@ def paired_from_correct(old_ok: np.ndarray, new_ok: np.ndarray) -> PairedCounts:
     )
 
 
-def per_class_table(labels: np.ndarray, old_pred: np.ndarray, new_pred: np.ndarray,
-                    classes: Sequence[str]) -> list[dict[str, Any]]:
+def per_class_table(
+    labels: np.ndarray, old_pred: np.ndarray, new_pred: np.ndarray, classes: Sequence[str]
+) -> list[dict[str, Any]]:
     """One paired-table row per class, in class-index order (``{"class": name, "n": ..., ...}``), for the report's
     per-class section. Losses are not known here; the caller adds them."""
     labels, old_pred, new_pred = _check_inputs(labels, old_pred, new_pred)
@@ -194,8 +214,9 @@ def per_class_table(labels: np.ndarray, old_pred: np.ndarray, new_pred: np.ndarr
 
 
 # ------------------------------------------------------------------------------------------- statistics
-def status_of(t: PairedCounts, tolerance: float, confidence: float,
-              test: stats.Test = stats.DEFAULT_TEST) -> tuple[str, float | None]:
+def status_of(
+    t: PairedCounts, tolerance: float, confidence: float, test: stats.Test = stats.DEFAULT_TEST
+) -> tuple[str, float | None]:
     """The status of one table and its drop bound, by ``test`` (``"exact"`` or ``"score"``).
 
     Order matters: a table the test certifies is *certified* at any n (the test is valid at every size, and
@@ -238,10 +259,16 @@ class ClassResult:
 
     def to_dict(self) -> dict[str, Any]:
         t = self.table
-        return {"class": self.class_name, "n": t.n, "old_accuracy": _f(t.old_accuracy),
-                "new_accuracy": _f(t.new_accuracy), "negative_flips": t.negative_flips,
-                "positive_flips": t.positive_flips, "drop_upper_bound": _f(self.drop_upper_bound),
-                "status": self.status}
+        return {
+            "class": self.class_name,
+            "n": t.n,
+            "old_accuracy": _f(t.old_accuracy),
+            "new_accuracy": _f(t.new_accuracy),
+            "negative_flips": t.negative_flips,
+            "positive_flips": t.positive_flips,
+            "drop_upper_bound": _f(self.drop_upper_bound),
+            "status": self.status,
+        }
 
 
 @dataclass(frozen=True)
@@ -264,13 +291,23 @@ class CapabilityResult:
     def to_dict(self) -> dict[str, Any]:
         t = self.table
         return {
-            "name": self.name, "classes": list(self.classes), "status": self.status,
-            "meets_requirement": bool(self.meets_requirement), "tolerance": float(self.tolerance),
-            "confidence": float(self.confidence), "n": t.n, "old_accuracy": _f(t.old_accuracy),
-            "new_accuracy": _f(t.new_accuracy), "accuracy_change": _f(t.accuracy_change),
-            "drop_upper_bound": _f(self.drop_upper_bound), "new_accuracy_lower": _f(self.new_accuracy_lower),
-            "flip_rate_upper": _f(self.flip_rate_upper), "negative_flips": t.negative_flips,
-            "positive_flips": t.positive_flips, "both_right": t.both_right, "both_wrong": t.both_wrong,
+            "name": self.name,
+            "classes": list(self.classes),
+            "status": self.status,
+            "meets_requirement": bool(self.meets_requirement),
+            "tolerance": float(self.tolerance),
+            "confidence": float(self.confidence),
+            "n": t.n,
+            "old_accuracy": _f(t.old_accuracy),
+            "new_accuracy": _f(t.new_accuracy),
+            "accuracy_change": _f(t.accuracy_change),
+            "drop_upper_bound": _f(self.drop_upper_bound),
+            "new_accuracy_lower": _f(self.new_accuracy_lower),
+            "flip_rate_upper": _f(self.flip_rate_upper),
+            "negative_flips": t.negative_flips,
+            "positive_flips": t.positive_flips,
+            "both_right": t.both_right,
+            "both_wrong": t.both_wrong,
             "needed_n": None if self.needed_n is None else int(self.needed_n),
             "per_class": [c.to_dict() for c in self.per_class],
         }
@@ -302,12 +339,17 @@ class TargetResult:
             return None if p is None else [_f(p[0]), _f(p[1])]
 
         return {
-            "class": self.class_name, "n": t.n, "old_accuracy": _f(t.old_accuracy),
-            "new_accuracy": _f(t.new_accuracy), "improvement": _f(t.accuracy_change),
+            "class": self.class_name,
+            "n": t.n,
+            "old_accuracy": _f(t.old_accuracy),
+            "new_accuracy": _f(t.new_accuracy),
+            "improvement": _f(t.accuracy_change),
             "improvement_interval": pair(self.improvement_interval),
-            "new_accuracy_interval": pair(self.new_accuracy_interval), "confidence": float(self.confidence),
+            "new_accuracy_interval": pair(self.new_accuracy_interval),
+            "confidence": float(self.confidence),
             "goal": {"min_accuracy": _f(self.min_accuracy), "min_improvement": _f(self.min_improvement)},
-            "goal_met": bool(self.goal_met), "goal_met_with_confidence": bool(self.goal_met_with_confidence),
+            "goal_met": bool(self.goal_met),
+            "goal_met_with_confidence": bool(self.goal_met_with_confidence),
         }
 
 
@@ -334,9 +376,13 @@ class Certificate:
 
     def to_dict(self) -> dict[str, Any]:
         """The result.json fragment ``{verdict, require, capabilities, target, statistics}``."""
-        return {"verdict": self.verdict, "require": self.require,
-                "capabilities": [c.to_dict() for c in self.capabilities],
-                "target": self.target.to_dict(), "statistics": dict(self.statistics)}
+        return {
+            "verdict": self.verdict,
+            "require": self.require,
+            "capabilities": [c.to_dict() for c in self.capabilities],
+            "target": self.target.to_dict(),
+            "statistics": dict(self.statistics),
+        }
 
 
 # --------------------------------------------------------------------------------------------- certify
@@ -360,9 +406,17 @@ def _certify_capability(constraint, labels, old_pred, new_pred, require: str, te
     if status != "certified" and n:
         needed = stats.needed_n(pooled.negative_flips / n, pooled.positive_flips / n, tol, conf, NEEDED_N_POWER, test)
     return CapabilityResult(
-        name=constraint.name, classes=tuple(constraint.classes), status=status,
-        meets_requirement=_meets(status, require), tolerance=tol, confidence=conf, table=pooled,
-        drop_upper_bound=bound, new_accuracy_lower=acc_lower, flip_rate_upper=flip_upper, needed_n=needed,
+        name=constraint.name,
+        classes=tuple(constraint.classes),
+        status=status,
+        meets_requirement=_meets(status, require),
+        tolerance=tol,
+        confidence=conf,
+        table=pooled,
+        drop_upper_bound=bound,
+        new_accuracy_lower=acc_lower,
+        flip_rate_upper=flip_upper,
+        needed_n=needed,
         per_class=tuple(per_class),
     )
 
@@ -376,11 +430,13 @@ def _certify_target(objective, labels, old_pred, new_pred, confidence: float) ->
     imp = (-d_hi, -d_lo)
     acc = stats.clopper_pearson_interval(t.new_correct, t.n, confidence)
     # Goals compare in counts where possible so that "exactly at the goal" is met despite float rounding.
-    goal_met = ((min_acc is None or t.new_correct >= min_acc * t.n - 1e-9)
-                and (min_imp is None or t.positive_flips - t.negative_flips >= min_imp * t.n - 1e-9))
-    with_conf = ((min_acc is None or acc[0] >= min_acc) and (min_imp is None or imp[0] >= min_imp))
-    return TargetResult(objective.target_class, t, confidence, imp, acc, min_acc, min_imp, bool(goal_met),
-                        bool(with_conf))
+    goal_met = (min_acc is None or t.new_correct >= min_acc * t.n - 1e-9) and (
+        min_imp is None or t.positive_flips - t.negative_flips >= min_imp * t.n - 1e-9
+    )
+    with_conf = (min_acc is None or acc[0] >= min_acc) and (min_imp is None or imp[0] >= min_imp)
+    return TargetResult(
+        objective.target_class, t, confidence, imp, acc, min_acc, min_imp, bool(goal_met), bool(with_conf)
+    )
 
 
 def certify(plan: Plan, labels: np.ndarray, old_pred: np.ndarray, new_pred: np.ndarray) -> Certificate:

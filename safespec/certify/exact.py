@@ -35,7 +35,7 @@ _LEVELS = 3
 _XATOL = 1e-2
 _KEEP = 3
 # Width of the final bisection bracket of the exact bound (the bound reported is the bracket's upper end): 2^-24.
-_BOUND_XTOL = 2.0 ** -24
+_BOUND_XTOL = 2.0**-24
 # Ties: tables whose statistic is within this (relative) distance of the observed one count as at least as extreme.
 _TIE = 1e-10
 
@@ -119,8 +119,9 @@ def _tail(p, n: int, delta: float, bmax: np.ndarray, c_hi: int) -> np.ndarray:
     return np.sum(pmf * cdf, axis=1) + bdtrc(c_hi, n, p[:, 0])
 
 
-def _sup_tail(n: int, delta: float, bmax: np.ndarray, c_hi: int, lo: float, hi: float,
-              stop: tuple[float, float] | None = None) -> float:
+def _sup_tail(
+    n: int, delta: float, bmax: np.ndarray, c_hi: int, lo: float, hi: float, stop: tuple[float, float] | None = None
+) -> float:
     """``sup`` of :func:`_tail` over ``p_c`` in ``[lo, hi]``, looking closer in steps: a grid over the interval, one
     point per ``1/n`` (the tail wiggles on about that scale, one wiggle per column ``c'``) and at least 16; around
     the ``_REFINE`` best local maxima and the ``_REFINE`` best points of the grid, ``_LEVELS`` nested grids of
@@ -160,8 +161,12 @@ def _sup_tail(n: int, delta: float, bmax: np.ndarray, c_hi: int, lo: float, hi: 
             vv, a, b = vv[keep], a[keep], b[keep]
     j = int(vv.max(axis=1).argmax())
     if b[j] > a[j]:
-        r = optimize.minimize_scalar(lambda x: -float(_tail([x], n, delta, bmax, c_hi)[0]), bounds=(a[j], b[j]),
-                                     method="bounded", options={"xatol": _XATOL * (b[j] - a[j])})
+        r = optimize.minimize_scalar(
+            lambda x: -float(_tail([x], n, delta, bmax, c_hi)[0]),
+            bounds=(a[j], b[j]),
+            method="bounded",
+            options={"xatol": _XATOL * (b[j] - a[j])},
+        )
         best = max(best, -float(r.fun))
     return best
 

@@ -43,8 +43,9 @@ _STEER_SCORE = 3
 _STEER_EXACT = 2
 
 
-def needed_n(b_rate: float, c_rate: float, margin: float, confidence: float, power: float = 0.8,
-             test: Test = DEFAULT_TEST) -> int | None:
+def needed_n(
+    b_rate: float, c_rate: float, margin: float, confidence: float, power: float = 0.8, test: Test = DEFAULT_TEST
+) -> int | None:
     """Held-out images needed for ``test`` to certify ``drop < margin`` with probability ``power`` when the true
     flip rates are ``b_rate`` (negative) and ``c_rate`` (positive), usually the observed ones.
 
@@ -92,8 +93,7 @@ def needed_n(b_rate: float, c_rate: float, margin: float, confidence: float, pow
     return _exact_needed_n(float(b_rate), float(c_rate), margin, float(confidence), float(power), n0)
 
 
-def _exact_power_at_least(b_rate: float, c_rate: float, m: int, margin: float, confidence: float,
-                          power: float) -> bool:
+def _exact_power_at_least(b_rate: float, c_rate: float, m: int, margin: float, confidence: float, power: float) -> bool:
     """``certification_probability(b_rate, c_rate, m, ..., "exact") >= power``, in looks of growing cost that stop
     as soon as the answer is certain: columns within the 1e-3, then 1e-6 quantiles of ``C``, the rest counted both
     ways (low and high); first the p-value's region (it contains the certificate's, so its high bounds the power
@@ -249,8 +249,9 @@ def clear_caches() -> None:
 
 
 # ---------------------------------------------------------------------------------- exact operating curve
-def _exact_power(p_b: float, p_c: float, n: int, margin: float, confidence: float, mass: float,
-                 fail_closed: bool) -> tuple[float, float]:
+def _exact_power(
+    p_b: float, p_c: float, n: int, margin: float, confidence: float, mass: float, fail_closed: bool
+) -> tuple[float, float]:
     """``(low, high)`` around the probability that the exact test certifies, from the columns ``c`` inside the
     ``Bin(n, p_c)`` quantiles ``mass / 2`` and ``1 - mass / 2``; ``high - low`` is the probability of the columns left
     out. ``fail_closed=False`` uses the p-value's region alone, which contains the certificate's, so its ``high``
@@ -269,8 +270,9 @@ def _exact_power(p_b: float, p_c: float, n: int, margin: float, confidence: floa
     return low, min(1.0, low + rest)
 
 
-def certification_probability(p_b: float, p_c: float, n: int, margin: float, confidence: float,
-                              test: Test = DEFAULT_TEST) -> float:
+def certification_probability(
+    p_b: float, p_c: float, n: int, margin: float, confidence: float, test: Test = DEFAULT_TEST
+) -> float:
     """Exact probability that ``test`` certifies ``drop < margin`` when n images are drawn with true
     negative/positive flip rates ``p_b`` and ``p_c`` (trinomial enumeration over every possible table).
 

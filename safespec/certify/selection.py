@@ -119,21 +119,33 @@ class Evidence:
         sd = math.hypot(self.drop_se, self.heldout_sd)
         limit = self.tolerance - self.margin_of_error - q * sd
         if room <= 0:
-            return (f"a smooth validation drop of at most {limit:+.2%} (it is {self.drop:+.2%}); at this drop "
-                    f"no amount of validation data would do: it leaves no room under the tolerance once the "
-                    f"certificate's margin of error at {self.heldout_n} held-out images ({self.margin_of_error:.2%}) "
-                    f"is taken")
-        per_image = self.drop_se ** 2 * self.n
-        spare = (room / q) ** 2 - self.heldout_sd ** 2 if q > 0 else math.inf
-        more = (f"or about {math.ceil(per_image / spare):,} validation images at the same drop"
-                if spare > 0 and per_image > 0 else "(more validation images alone would not do)")
+            return (
+                f"a smooth validation drop of at most {limit:+.2%} (it is {self.drop:+.2%}); at this drop "
+                f"no amount of validation data would do: it leaves no room under the tolerance once the "
+                f"certificate's margin of error at {self.heldout_n} held-out images ({self.margin_of_error:.2%}) "
+                f"is taken"
+            )
+        per_image = self.drop_se**2 * self.n
+        spare = (room / q) ** 2 - self.heldout_sd**2 if q > 0 else math.inf
+        more = (
+            f"or about {math.ceil(per_image / spare):,} validation images at the same drop"
+            if spare > 0 and per_image > 0
+            else "(more validation images alone would not do)"
+        )
         return f"a smooth validation drop of at most {limit:+.2%} (it is {self.drop:+.2%}), {more}"
 
     def to_dict(self) -> dict:
-        return {"capability": self.name, "validation_n": self.n, "heldout_n": self.heldout_n,
-                "smooth_drop": self.drop, "drop_se": self.drop_se, "negative_flips": self.flips[0],
-                "positive_flips": self.flips[1], "predicted_bound": self.predicted_bound,
-                "certify_probability": self.probability}
+        return {
+            "capability": self.name,
+            "validation_n": self.n,
+            "heldout_n": self.heldout_n,
+            "smooth_drop": self.drop,
+            "drop_se": self.drop_se,
+            "negative_flips": self.flips[0],
+            "positive_flips": self.flips[1],
+            "predicted_bound": self.predicted_bound,
+            "certify_probability": self.probability,
+        }
 
 
 @dataclass(frozen=True)
@@ -180,8 +192,14 @@ def _margin_of_error(cap: Capability, m: int, pb: float, pc: float) -> float:
 class Selector:
     """Scores candidates against the old model's validation logits (fixed for a whole run)."""
 
-    def __init__(self, old_logits: np.ndarray, labels: np.ndarray, capabilities: Sequence[Capability],
-                 target: int, min_probability: float):
+    def __init__(
+        self,
+        old_logits: np.ndarray,
+        labels: np.ndarray,
+        capabilities: Sequence[Capability],
+        target: int,
+        min_probability: float,
+    ):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.old = np.asarray(old_logits, dtype=np.float64)
         if self.old.ndim != 2 or self.old.shape[0] != len(self.labels):
@@ -241,7 +259,9 @@ class Selector:
         lo = np.concatenate([[-np.inf], gaps])
         hi = np.concatenate([gaps, [np.inf]])
         with np.errstate(invalid="ignore"):
-            mid = np.where(np.isfinite(lo) & np.isfinite(hi), (lo + hi) / 2, np.where(np.isfinite(lo), lo + 1.0, hi - 1.0))
+            mid = np.where(
+                np.isfinite(lo) & np.isfinite(hi), (lo + hi) / 2, np.where(np.isfinite(lo), lo + 1.0, hi - 1.0)
+            )
         points = np.where((lo < 0) & (hi >= 0), 0.0, mid)
         # from the most target images right (the last interval) down: the first admissible point wins
         for b in points[::-1]:

@@ -61,7 +61,36 @@ from .score import (
     wald_drop_upper_bound,
 )
 
-__all__ = ['DEFAULT_TEST', 'EXACT_GAMMA', 'EXACT_NEEDED_N_MAX', 'TESTS', 'Test', 'certification_probability', 'certifies', 'clear_caches', 'clopper_pearson', 'clopper_pearson_interval', 'drop_interval', 'drop_lower_bound', 'drop_upper_bound', 'exact_drop_upper_bound', 'exact_gamma', 'exact_pvalue', 'exact_region', 'is_inconclusive', 'min_informative_n', 'needed_n', 'noninferiority_pvalue', 'restricted_mle', 'score_statistic', 'upper_bound', 'wald_drop_upper_bound', 'z_value']
+__all__ = [
+    "DEFAULT_TEST",
+    "EXACT_GAMMA",
+    "EXACT_NEEDED_N_MAX",
+    "TESTS",
+    "Test",
+    "certification_probability",
+    "certifies",
+    "clear_caches",
+    "clopper_pearson",
+    "clopper_pearson_interval",
+    "drop_interval",
+    "drop_lower_bound",
+    "drop_upper_bound",
+    "exact_drop_upper_bound",
+    "exact_gamma",
+    "exact_pvalue",
+    "exact_region",
+    "is_inconclusive",
+    "min_informative_n",
+    "needed_n",
+    "noninferiority_pvalue",
+    "restricted_mle",
+    "score_statistic",
+    "upper_bound",
+    "wald_drop_upper_bound",
+    "z_value",
+]
+
+
 def upper_bound(b: int, c: int, n: int, confidence: float, test: Test = DEFAULT_TEST) -> float:
     """The one-sided upper confidence bound for the drop that ``test`` reports: :func:`exact_drop_upper_bound` or
     Tango's :func:`drop_upper_bound`."""

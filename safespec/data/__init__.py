@@ -17,4 +17,21 @@ from .images import PRELOAD_BYTES, THREADED_MIN_PIXELS, ImageBank, ViewBank, dec
 from .manifests import IMAGE_EXTENSIONS, Manifest, Record, check_disjoint, read_manifest, write_manifest
 from .samplers import ProtectedSampler, TargetSampler
 
-__all__ = ['IMAGE_EXTENSIONS', 'PRELOAD_BYTES', 'THREADED_MIN_PIXELS', 'ImageBank', 'Manifest', 'ProtectedSampler', 'Record', 'TargetSampler', 'ViewBank', 'cache_root', 'check_disjoint', 'decode_workers', 'file_digest', 'load_image', 'read_manifest', 'write_manifest']
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "PRELOAD_BYTES",
+    "THREADED_MIN_PIXELS",
+    "ImageBank",
+    "Manifest",
+    "ProtectedSampler",
+    "Record",
+    "TargetSampler",
+    "ViewBank",
+    "cache_root",
+    "check_disjoint",
+    "decode_workers",
+    "file_digest",
+    "load_image",
+    "read_manifest",
+    "write_manifest",
+]

@@ -49,7 +49,6 @@ class _DigestStore:
 
     def flush(self) -> None:
         if self.dirty and self.path is not None:
-
             try:
                 atomic_write_text(self.path, json.dumps(self.entries, separators=(",", ":")))
             except OSError:

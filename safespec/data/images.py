@@ -66,8 +66,15 @@ class ImageBank:
     :data:`THREADED_MIN_PIXELS` with that many threads (the preload, each batch of large data, and in
     :meth:`iter_batches` the next batch while the caller uses this one)."""
 
-    def __init__(self, manifest: Manifest, preprocess: Callable[[Image.Image], torch.Tensor], *,
-                 preload: bool | None = None, num_workers: int = 0, progress: Callable[[int], Any] | None = None):
+    def __init__(
+        self,
+        manifest: Manifest,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        *,
+        preload: bool | None = None,
+        num_workers: int = 0,
+        progress: Callable[[int], Any] | None = None,
+    ):
         self.manifest = manifest
         self.preprocess = preprocess
         self.num_workers = num_workers
@@ -86,8 +93,11 @@ class ImageBank:
             t[0] = first
             rest = range(1, len(manifest))
             try:
-                images = map(self._data.__getitem__, rest) if self.threads <= 1 else self._decoder().map(
-                    self._data.__getitem__, rest)
+                images = (
+                    map(self._data.__getitem__, rest)
+                    if self.threads <= 1
+                    else self._decoder().map(self._data.__getitem__, rest)
+                )
                 for i, img in zip(rest, images):
                     t[i] = img
                     if progress is not None:
@@ -135,8 +145,9 @@ class ImageBank:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def iter_batches(self, batch_size: int, start: int = 0, stop: int | None = None
-                     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    def iter_batches(
+        self, batch_size: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """``(indices, images)`` over rows ``[start, stop)`` of the bank (all of it by default), in
         manifest order (a torchrun rank evaluates its own contiguous shard)."""
         n = len(self) if stop is None else min(stop, len(self))
@@ -187,8 +198,9 @@ class ViewBank:
         flip = torch.where(u[4] < 0, -1.0, 1.0).double()
         cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
         shift = 2 * self.SHIFT  # affine_grid coordinates span [-1, 1]
-        self._theta = torch.stack([torch.stack([cos * flip, -sin, u[2] * shift], 1),
-                                   torch.stack([sin * flip, cos, u[3] * shift], 1)], 1).float()
+        self._theta = torch.stack(
+            [torch.stack([cos * flip, -sin, u[2] * shift], 1), torch.stack([sin * flip, cos, u[3] * shift], 1)], 1
+        ).float()
 
     def __len__(self) -> int:
         return self.n * (1 + self.views)
@@ -214,8 +226,9 @@ class ViewBank:
             images[sel] = F.grid_sample(x.float(), grid, padding_mode="border", align_corners=False).to(images.dtype)
         return images
 
-    def iter_batches(self, batch_size: int, start: int = 0, stop: int | None = None
-                     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    def iter_batches(
+        self, batch_size: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         n = len(self) if stop is None else min(stop, len(self))
         for s in range(start, n, batch_size):
             idx = np.arange(s, min(s + batch_size, n), dtype=np.int64)
@@ -224,7 +237,8 @@ class ViewBank:
     def digest(self, base_digest: str) -> str:
         """The views' digest: the base split's, the view count, the seed's draw and the augmentation."""
         h = hashlib.sha256(base_digest.encode())
-        h.update(json.dumps({"views": self.views, "shift": self.SHIFT, "rotate": self.ROTATE,
-                             "scale": self.SCALE}).encode())
+        h.update(
+            json.dumps({"views": self.views, "shift": self.SHIFT, "rotate": self.ROTATE, "scale": self.SCALE}).encode()
+        )
         h.update(self._theta.numpy().tobytes())
         return "sha256:" + h.hexdigest()

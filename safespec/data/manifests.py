@@ -80,7 +80,7 @@ class Manifest:
         base = str(self.base_dir)
         s = os.fspath(p)
         if s.startswith(base + os.sep):  # the common case, without building Path objects
-            return s[len(base) + 1:].replace(os.sep, "/")
+            return s[len(base) + 1 :].replace(os.sep, "/")
         try:
             return p.relative_to(self.base_dir).as_posix()
         except ValueError:
@@ -142,7 +142,9 @@ def _read_csv(src: Path, classes: tuple[str, ...]) -> Manifest:
     try:
         text = src.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{src}: not a UTF-8 text file ({e.reason} at byte {e.start}); expected a CSV manifest") from None
+        raise DataError(
+            f"{src}: not a UTF-8 text file ({e.reason} at byte {e.start}); expected a CSV manifest"
+        ) from None
     except OSError as e:
         raise DataError(f"{src}: cannot read manifest: {e.strerror or e}") from None
     base = str(src.parent.resolve())
@@ -158,12 +160,15 @@ def _read_csv(src: Path, classes: tuple[str, ...]) -> Manifest:
             if header is None:
                 header = [c.strip().lower() for c in row]
                 if header not in (["path", "label"], ["path", "label", "caption"]):
-                    raise DataError(f"{src}:row {n}: bad header {','.join(row)!r}; "
-                                    "expected 'path,label' or 'path,label,caption'")
+                    raise DataError(
+                        f"{src}:row {n}: bad header {','.join(row)!r}; expected 'path,label' or 'path,label,caption'"
+                    )
                 continue
             if len(row) != len(header):
-                raise DataError(f"{src}:row {n}: malformed row: {len(row)} columns, expected {len(header)} "
-                                f"({','.join(header)}); quote fields that contain commas")
+                raise DataError(
+                    f"{src}:row {n}: malformed row: {len(row)} columns, expected {len(header)} "
+                    f"({','.join(header)}); quote fields that contain commas"
+                )
             rel, label = row[0].strip(), row[1].strip()
             if not rel:
                 raise DataError(f"{src}:row {n}: malformed row: empty path")
@@ -172,8 +177,10 @@ def _read_csv(src: Path, classes: tuple[str, ...]) -> Manifest:
             full = os.path.join(base, rel)  # an absolute rel stays as it is
             resolved = _resolve_file(full, folders)
             if resolved is None:
-                raise DataError(f"{src}:row {n}: image not found: {Path(full).resolve()} "
-                                "(paths are relative to the manifest's folder)")
+                raise DataError(
+                    f"{src}:row {n}: image not found: {Path(full).resolve()} "
+                    "(paths are relative to the manifest's folder)"
+                )
             caption = row[2].strip() if len(header) == 3 and row[2].strip() else None
             records.append(Record(resolved, index[label], caption, n))
     except csv.Error as e:
@@ -208,23 +215,22 @@ def _read_folder(src: Path, classes: tuple[str, ...]) -> Manifest:
     entries = sorted(e for e in src.iterdir() if not e.name.startswith("."))
     for e in entries:
         if not e.is_dir():
-            raise DataError(f"{e}: stray file in an image-folder manifest; "
-                            "expected only one sub-folder per class")
+            raise DataError(f"{e}: stray file in an image-folder manifest; expected only one sub-folder per class")
         if e.name not in index:
             raise _unknown_label(f"{e}", e.name, classes, what="class folder")
     for e in sorted(entries, key=lambda d: index[d.name]):
         for f in sorted(x for x in e.iterdir() if not x.name.startswith(".")):
             if not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise DataError(f"{f}: not an image file (expected one of "
-                                f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+                raise DataError(f"{f}: not an image file (expected one of {', '.join(sorted(IMAGE_EXTENSIONS))})")
             records.append(Record(f.resolve(), index[e.name], None, len(records) + 1))
     if not records:
         raise DataError(f"{src}: empty manifest: no images in the class folders")
     return Manifest(src, classes, tuple(records))
 
 
-def write_manifest(path: str | os.PathLike, rows: Iterable[tuple[str, str, str | None]], *,
-                   captions: bool = False) -> None:
+def write_manifest(
+    path: str | os.PathLike, rows: Iterable[tuple[str, str, str | None]], *, captions: bool = False
+) -> None:
     """Write a CSV manifest of ``(relative path, class name, caption)`` rows (atomic)."""
 
     buf = io.StringIO(newline="")
@@ -243,7 +249,7 @@ def check_disjoint(manifests: Mapping[str, Manifest], pairs: Iterable[tuple[str,
     file under a new name does not make it a new image, hence the content digest. ``pairs`` restricts the
     check to the named split pairs (default: every pair)."""
     names = list(manifests)
-    todo = list(pairs) if pairs is not None else [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    todo = list(pairs) if pairs is not None else [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     by_path: dict[str, dict[Path, int]] = {}
     by_content: dict[str, dict[str, int]] = {}
     for name in {n for p in todo for n in p}:
@@ -257,6 +263,8 @@ def check_disjoint(manifests: Mapping[str, Manifest], pairs: Iterable[tuple[str,
             same = [(by_content[a][d], j, "identical content") for d, j in by_content[b].items() if d in by_content[a]]
         if same:
             i, j, how = min(same)
-            raise DataError(f"splits {a!r} and {b!r} overlap ({len(same)} image(s)), e.g. {ma.where(i)} "
-                            f"({ma.records[i].path}) and {mb.where(j)} ({mb.records[j].path}) are {how}; "
-                            "held-out and validation images must not be used elsewhere")
+            raise DataError(
+                f"splits {a!r} and {b!r} overlap ({len(same)} image(s)), e.g. {ma.where(i)} "
+                f"({ma.records[i].path}) and {mb.where(j)} ({mb.records[j].path}) are {how}; "
+                "held-out and validation images must not be used elsewhere"
+            )

@@ -34,7 +34,7 @@ class _Cycle:
                     perm = np.concatenate([perm[~taken], perm[taken]])
                 self.perm, self.cursor = perm, 0
             k = min(need, len(self.perm) - self.cursor)
-            out.append(self.perm[self.cursor:self.cursor + k])
+            out.append(self.perm[self.cursor : self.cursor + k])
             self.cursor += k
             need -= k
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
@@ -45,8 +45,10 @@ class _Cycle:
     def load(self, st: Mapping[str, Any], what: str) -> None:
         perm = np.asarray(st["perm"], dtype=np.int64)
         if int(st["size"]) != len(self.pool) or (len(perm) and not np.array_equal(np.sort(perm), self.pool)):
-            raise DataError(f"sampler state does not match the data ({what}: the state was written for "
-                            f"{int(st['size'])} images, the data has {len(self.pool)}); resume with the same data")
+            raise DataError(
+                f"sampler state does not match the data ({what}: the state was written for "
+                f"{int(st['size'])} images, the data has {len(self.pool)}); resume with the same data"
+            )
         self.perm, self.cursor = perm, int(st["cursor"])
 
 
@@ -65,15 +67,25 @@ class ProtectedSampler:
     replacement), ``per_class`` images of each. The per-step cost is fixed however many classes are
     protected (364 on Places365), and cycling through a per-class permutation uses every stored image."""
 
-    def __init__(self, labels: np.ndarray, class_ids: Sequence[int], classes_per_step: int, per_class: int,
-                 seed: int = 0, *, class_names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        labels: np.ndarray,
+        class_ids: Sequence[int],
+        classes_per_step: int,
+        per_class: int,
+        seed: int = 0,
+        *,
+        class_names: Sequence[str] | None = None,
+    ):
         labels = np.asarray(labels, dtype=np.int64)
         self.class_ids = np.asarray(sorted(set(int(c) for c in class_ids)), dtype=np.int64)
         if len(self.class_ids) == 0:
             raise DataError("protected sampler: no protected classes")
         if classes_per_step < 1 or per_class < 1:
-            raise DataError(f"protected sampler: classes_per_step ({classes_per_step}) and per_class "
-                            f"({per_class}) must be at least 1")
+            raise DataError(
+                f"protected sampler: classes_per_step ({classes_per_step}) and per_class "
+                f"({per_class}) must be at least 1"
+            )
         self.k = min(int(classes_per_step), len(self.class_ids))
         self.n = int(per_class)
         self.cycles: dict[int, _Cycle] = {}
@@ -81,8 +93,9 @@ class ProtectedSampler:
             pool = np.flatnonzero(labels == c)
             if len(pool) == 0:
                 name = class_names[c] if class_names is not None else f"class {c}"
-                raise DataError(f"protected store: no images of protected class {name!r}; "
-                                "every protected class needs stored images")
+                raise DataError(
+                    f"protected store: no images of protected class {name!r}; every protected class needs stored images"
+                )
             self.cycles[int(c)] = _Cycle(pool)
         self.rng = np.random.default_rng(seed)
 
@@ -106,8 +119,7 @@ class ProtectedSampler:
 class TargetSampler:
     """Target batches with a fixed share of target-class positives; the rest are negatives."""
 
-    def __init__(self, labels: np.ndarray, target_index: int, batch_size: int, positive_fraction: float,
-                 seed: int = 0):
+    def __init__(self, labels: np.ndarray, target_index: int, batch_size: int, positive_fraction: float, seed: int = 0):
         labels = np.asarray(labels, dtype=np.int64)
         if not 0.0 < positive_fraction <= 1.0:
             raise DataError(f"target sampler: positive_fraction {positive_fraction} must be in (0, 1]")

@@ -33,4 +33,35 @@ from .sources import (
 from .v1 import evaluate_accuracy, train_v1
 from .world import World, build_world, deduplicate, plan_splits
 
-__all__ = ['ANIMAL_CLASSES', 'DATA_FILES', 'DEFAULT_SOURCE', 'DISTRIBUTION', 'FASHION_CLASSES', 'FASHION_DEB', 'FASHION_ENV', 'FASHION_FILES', 'FASHION_INSTALL_HINT', 'INSTALL_HINT', 'PACKAGE', 'SOURCES', 'SPLITS', 'WORLD_FORMAT', 'Source', 'World', 'WorldConfig', 'animal_mnist_files', 'build_world', 'deduplicate', 'evaluate_accuracy', 'fashion_mnist_dirs', 'fashion_mnist_files', 'get_source', 'load_animal_mnist', 'load_fashion_mnist', 'load_numpy_pickle', 'plan_splits', 'read_idx', 'train_v1']
+__all__ = [
+    "ANIMAL_CLASSES",
+    "DATA_FILES",
+    "DEFAULT_SOURCE",
+    "DISTRIBUTION",
+    "FASHION_CLASSES",
+    "FASHION_DEB",
+    "FASHION_ENV",
+    "FASHION_FILES",
+    "FASHION_INSTALL_HINT",
+    "INSTALL_HINT",
+    "PACKAGE",
+    "SOURCES",
+    "SPLITS",
+    "WORLD_FORMAT",
+    "Source",
+    "World",
+    "WorldConfig",
+    "animal_mnist_files",
+    "build_world",
+    "deduplicate",
+    "evaluate_accuracy",
+    "fashion_mnist_dirs",
+    "fashion_mnist_files",
+    "get_source",
+    "load_animal_mnist",
+    "load_fashion_mnist",
+    "load_numpy_pickle",
+    "plan_splits",
+    "read_idx",
+    "train_v1",
+]

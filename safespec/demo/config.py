@@ -47,10 +47,18 @@ class WorldConfig:
     def __post_init__(self):
         classes = get_source(self.source).classes  # an unknown source is a DataError here
         if self.target not in classes:
-            raise DataError(f"world: unknown target class {self.target!r} for source {self.source!r} "
-                            f"(expected one of {', '.join(classes)})")
-        for f in ("heldout_per_class", "validation_per_class", "base_per_class", "target_in_base", "steps",
-                  "batch_size"):
+            raise DataError(
+                f"world: unknown target class {self.target!r} for source {self.source!r} "
+                f"(expected one of {', '.join(classes)})"
+            )
+        for f in (
+            "heldout_per_class",
+            "validation_per_class",
+            "base_per_class",
+            "target_in_base",
+            "steps",
+            "batch_size",
+        ):
             if getattr(self, f) < 1:
                 raise DataError(f"world: {f} must be at least 1 (got {getattr(self, f)})")
         if not self.templates or any(t.count("{}") != 1 for t in self.templates):

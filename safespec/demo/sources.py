@@ -20,8 +20,18 @@ import numpy as np
 
 from ..errors import DataError
 
-ANIMAL_CLASSES: tuple[str, ...] = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep",
-                                   "zebra")
+ANIMAL_CLASSES: tuple[str, ...] = (
+    "bear",
+    "bird",
+    "cat",
+    "cow",
+    "dog",
+    "elephant",
+    "giraffe",
+    "horse",
+    "sheep",
+    "zebra",
+)
 PACKAGE = "animal_mnist"
 DISTRIBUTION = "animal-mnist"
 DATA_FILES = {"images": "animal_data_version_3.gz", "labels": "animal_label_version_3.gz"}
@@ -70,8 +80,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         get = _NUMPY_GLOBALS.get((module, name))
         if get is None:
-            raise DataError(f"{self.source}: refusing to unpickle {module}.{name}: only plain numpy arrays are "
-                            "accepted in a data file (a pickle that names other globals could run code)")
+            raise DataError(
+                f"{self.source}: refusing to unpickle {module}.{name}: only plain numpy arrays are "
+                "accepted in a data file (a pickle that names other globals could run code)"
+            )
         return get()
 
     def persistent_load(self, pid: Any) -> Any:
@@ -89,8 +101,10 @@ def load_numpy_pickle(data: bytes, source: str) -> np.ndarray:
     except Exception as e:
         raise DataError(f"{source}: not a readable numpy pickle: {type(e).__name__}: {e}") from None
     if not isinstance(obj, np.ndarray) or obj.dtype.hasobject:
-        raise DataError(f"{source}: expected a plain numpy array, got {type(obj).__name__}"
-                        + (f" of dtype {obj.dtype}" if isinstance(obj, np.ndarray) else ""))
+        raise DataError(
+            f"{source}: expected a plain numpy array, got {type(obj).__name__}"
+            + (f" of dtype {obj.dtype}" if isinstance(obj, np.ndarray) else "")
+        )
     return obj
 
 
@@ -102,14 +116,17 @@ def animal_mnist_files() -> dict[str, Path]:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"the demo world needs the Animal-MNIST data package, which is not installed: run "
-                        f"`{INSTALL_HINT}` (--no-deps: its TensorFlow dependency is not needed)")
+        raise DataError(
+            f"the demo world needs the Animal-MNIST data package, which is not installed: run "
+            f"`{INSTALL_HINT}` (--no-deps: its TensorFlow dependency is not needed)"
+        )
     base = Path(next(iter(spec.submodule_search_locations))) / "data" / "Animal_MNIST"
     files = {k: base / v for k, v in DATA_FILES.items()}
     for p in files.values():
         if not p.is_file():
-            raise DataError(f"{p}: Animal-MNIST data file missing from the installed package; reinstall it with "
-                            f"`{INSTALL_HINT}`")
+            raise DataError(
+                f"{p}: Animal-MNIST data file missing from the installed package; reinstall it with `{INSTALL_HINT}`"
+            )
     return files
 
 
@@ -144,14 +161,26 @@ def load_animal_mnist() -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
 #: Fashion-MNIST (Zalando, MIT): 70,000 grey 28x28 photos of 10 kinds of garment. No PyPI package ships
 #: its data; Debian's ``dataset-fashion-mnist`` does (the upstream IDX files), and ``make install`` unpacks
 #: it into the virtual environment. The world uses its official test split: 1,000 images per class.
-FASHION_CLASSES: tuple[str, ...] = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-                                    "bag", "ankle-boot")
+FASHION_CLASSES: tuple[str, ...] = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
+)
 FASHION_DEB = "dataset-fashion-mnist=0.0~git20200523.55506a9-1"
 FASHION_FILES = {"images": "t10k-images-idx3-ubyte.gz", "labels": "t10k-labels-idx1-ubyte.gz"}
 FASHION_ENV = "SAFESPEC_FASHION_MNIST_DIR"
-FASHION_INSTALL_HINT = (f"`make install` (it unpacks Debian's {FASHION_DEB} into the virtual environment), "
-                        f"`apt-get install dataset-fashion-mnist`, or set {FASHION_ENV} to a folder holding "
-                        f"{' and '.join(FASHION_FILES.values())}")
+FASHION_INSTALL_HINT = (
+    f"`make install` (it unpacks Debian's {FASHION_DEB} into the virtual environment), "
+    f"`apt-get install dataset-fashion-mnist`, or set {FASHION_ENV} to a folder holding "
+    f"{' and '.join(FASHION_FILES.values())}"
+)
 
 
 def fashion_mnist_dirs() -> list[Path]:
@@ -169,8 +198,10 @@ def fashion_mnist_files() -> dict[str, Path]:
         if all(p.is_file() for p in files.values()):
             return files
     where = ", ".join(str(d) for d in fashion_mnist_dirs())
-    raise DataError(f"the fashion-mnist world needs the Fashion-MNIST data files, found in none of {where}: "
-                    f"install them with {FASHION_INSTALL_HINT}")
+    raise DataError(
+        f"the fashion-mnist world needs the Fashion-MNIST data files, found in none of {where}: "
+        f"install them with {FASHION_INSTALL_HINT}"
+    )
 
 
 def read_idx(data: bytes, source: str, *, ndim: int) -> np.ndarray:
@@ -179,7 +210,7 @@ def read_idx(data: bytes, source: str, *, ndim: int) -> np.ndarray:
     head = 4 + 4 * ndim
     if len(data) < head or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
         raise DataError(f"{source}: not an IDX file of unsigned bytes with {ndim} dimension(s)")
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if math.prod(shape) != len(data) - head:
         raise DataError(f"{source}: IDX header says {shape} ({math.prod(shape)} bytes) but {len(data) - head} follow")
     return np.frombuffer(data, dtype=np.uint8, offset=head).reshape(shape)
@@ -221,17 +252,27 @@ class Source:
 
 SOURCES: dict[str, Source] = {
     "animal-mnist": Source(
-        "animal-mnist", ANIMAL_CLASSES, DISTRIBUTION, "MIT",
+        "animal-mnist",
+        ANIMAL_CLASSES,
+        DISTRIBUTION,
+        "MIT",
         "safespec demo world: Animal-MNIST silhouettes (28x28 grey PNG) and the old model v1",
-        lambda: animal_mnist_files(), lambda: load_animal_mnist(),
-        near_duplicate=0.12),  # 284 exact and a few near duplicates; distinct silhouettes stay apart
+        lambda: animal_mnist_files(),
+        lambda: load_animal_mnist(),
+        near_duplicate=0.12,
+    ),  # 284 exact and a few near duplicates; distinct silhouettes stay apart
     "fashion-mnist": Source(
-        "fashion-mnist", FASHION_CLASSES, "dataset-fashion-mnist (Debian)", "MIT",
-        "safespec second world (bench and tests only): Fashion-MNIST garments (28x28 grey PNG) and the old "
-        "model v1", lambda: fashion_mnist_files(), lambda: load_fashion_mnist(),
+        "fashion-mnist",
+        FASHION_CLASSES,
+        "dataset-fashion-mnist (Debian)",
+        "MIT",
+        "safespec second world (bench and tests only): Fashion-MNIST garments (28x28 grey PNG) and the old model v1",
+        lambda: fashion_mnist_files(),
+        lambda: load_fashion_mnist(),
         # no exact duplicates in the test split; below 0.08 only a handful of trousers and bags pair up,
         # where a class's median nearest neighbour is at 0.23-0.59
-        near_duplicate=0.08),
+        near_duplicate=0.08,
+    ),
 }
 
 

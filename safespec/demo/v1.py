@@ -21,8 +21,16 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_v1(out: Path, base: Manifest, heldout: Manifest, config: WorldConfig, *, progress: bool = True,
-             log: Callable[[str], Any] = print, threads: int | None = 1) -> dict[str, Any]:
+def train_v1(
+    out: Path,
+    base: Manifest,
+    heldout: Manifest,
+    config: WorldConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[str], Any] = print,
+    threads: int | None = 1,
+) -> dict[str, Any]:
     """Train v1 from scratch on base-train with the zero-shot objective (CE over cosine/tau logits against
     every class's prompt embedding; both towers learn), save it headless, and measure it on held-out."""
     import torch
@@ -36,8 +44,9 @@ def train_v1(out: Path, base: Manifest, heldout: Manifest, config: WorldConfig, 
         torch.set_num_threads(before)
 
 
-def _train_v1(out: Path, base: Manifest, heldout: Manifest, config: WorldConfig, *, progress: bool,
-              log: Callable[[str], Any]) -> dict[str, Any]:
+def _train_v1(
+    out: Path, base: Manifest, heldout: Manifest, config: WorldConfig, *, progress: bool, log: Callable[[str], Any]
+) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -65,12 +74,11 @@ def _train_v1(out: Path, base: Manifest, heldout: Manifest, config: WorldConfig,
     model.train()
     t0 = time.perf_counter()
     loss_avg = float("nan")
-    with Progress(config.steps, "world: training v1", quiet=not progress, bar=_show(progress),
-                  log=log) as bar:
+    with Progress(config.steps, "world: training v1", quiet=not progress, bar=_show(progress), log=log) as bar:
         for step in range(config.steps):
             if cursor + bs > len(order):
                 order, cursor = rng.permutation(len(bank)), 0
-            idx = order[cursor:cursor + bs]
+            idx = order[cursor : cursor + bs]
             cursor += bs
             img = model.encode_image(bank[idx])
             txt = model.class_text_features(tokens)
@@ -89,19 +97,40 @@ def _train_v1(out: Path, base: Manifest, heldout: Manifest, config: WorldConfig,
     heldout_acc = evaluate_accuracy(loaded, heldout, config.templates, tau=config.tau)
     path = out / "models" / "v1.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    digest = save_checkpoint(model, path, metadata={
-        "what": f"safespec {_label(config)} v1 (old model), trained from scratch on base-train",
-        "steps": config.steps, "seed": config.seed, "base_digest": base.digest()})
+    digest = save_checkpoint(
+        model,
+        path,
+        metadata={
+            "what": f"safespec {_label(config)} v1 (old model), trained from scratch on base-train",
+            "steps": config.steps,
+            "seed": config.seed,
+            "base_digest": base.digest(),
+        },
+    )
     log(f"{_label(config)}: v1 held-out accuracy " + ", ".join(f"{c} {a:.2f}" for c, a in heldout_acc.items()))
-    return {"path": "models/v1.safetensors", "arch": config.arch, "digest": digest,
-            "file_sha256": "sha256:" + file_digest(path), "heads": False, "steps": config.steps,
-            "train_seconds": round(seconds, 1), "final_loss": round(loss_avg, 4),
-            "heldout_accuracy": heldout_acc,
-            "heldout_mean_accuracy": round(float(np.mean(list(heldout_acc.values()))), 4)}
+    return {
+        "path": "models/v1.safetensors",
+        "arch": config.arch,
+        "digest": digest,
+        "file_sha256": "sha256:" + file_digest(path),
+        "heads": False,
+        "steps": config.steps,
+        "train_seconds": round(seconds, 1),
+        "final_loss": round(loss_avg, 4),
+        "heldout_accuracy": heldout_acc,
+        "heldout_mean_accuracy": round(float(np.mean(list(heldout_acc.values()))), 4),
+    }
 
 
-def evaluate_accuracy(loaded, manifest: Manifest, templates: Sequence[str] = ("a photo of a {}.",), *,
-                      tau: float = 0.05, batch_size: int = 256, bank: ImageBank | None = None) -> dict[str, float]:
+def evaluate_accuracy(
+    loaded,
+    manifest: Manifest,
+    templates: Sequence[str] = ("a photo of a {}.",),
+    *,
+    tau: float = 0.05,
+    batch_size: int = 256,
+    bank: ImageBank | None = None,
+) -> dict[str, float]:
     """Zero-shot accuracy per class of ``loaded`` (a :class:`safespec.model.LoadedModel`) on ``manifest``;
     classes without images are left out."""
     from ..model import ZeroShotClassifier

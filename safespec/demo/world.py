@@ -137,25 +137,27 @@ def plan_splits(labels: np.ndarray, keep: np.ndarray, config: WorldConfig) -> _P
         pool = rng.permutation(keep[labels[keep] == ci])
         need = config.heldout_per_class + config.validation_per_class
         if len(pool) < need + 1:
-            raise DataError(f"world: class {name!r} has {len(pool)} unique images, fewer than held-out + "
-                            f"validation + 1 = {need + 1}; lower heldout_per_class or validation_per_class")
+            raise DataError(
+                f"world: class {name!r} has {len(pool)} unique images, fewer than held-out + "
+                f"validation + 1 = {need + 1}; lower heldout_per_class or validation_per_class"
+            )
         h, v = config.heldout_per_class, config.validation_per_class
         plan.heldout[name] = np.sort(pool[:h])
-        plan.validation[name] = np.sort(pool[h:h + v])
-        rest = pool[h + v:]
+        plan.validation[name] = np.sort(pool[h : h + v])
+        rest = pool[h + v :]
         if name == config.target:
             nb = min(config.target_in_base, len(rest))
             plan.base[name] = np.sort(rest[:nb])
             pos = rest[nb:]
             if config.target_positives is not None:
-                pos = pos[:config.target_positives]
+                pos = pos[: config.target_positives]
             if len(pos) == 0:
                 raise DataError(f"world: no {name} images left for target-train; lower target_in_base")
             plan.target_pos = np.sort(pos)
             plan.mirrors[name] = np.empty(0, np.int64)
             plan.unused[name] = len(rest) - nb - len(pos)
         else:
-            base = rest[:config.base_per_class]
+            base = rest[: config.base_per_class]
             plan.base[name] = np.sort(base)
             short = max(0, min(config.store_min_per_class, 2 * len(base)) - len(base))
             plan.mirrors[name] = np.sort(base[:short])
@@ -170,8 +172,14 @@ def _noop(*_a: Any, **_k: Any) -> None:
     return None
 
 
-def build_world(root: str | os.PathLike, config: WorldConfig = WorldConfig(), *, progress: bool = True,  # noqa: B008 (frozen)
-                log: Callable[[str], Any] | None = print, threads: int | None = 1) -> World:
+def build_world(
+    root: str | os.PathLike,
+    config: WorldConfig = WorldConfig(),  # noqa: B008 (a frozen dataclass: one shared default is safe)
+    *,
+    progress: bool = True,
+    log: Callable[[str], Any] | None = print,
+    threads: int | None = 1,
+) -> World:
     """Build the demo world under ``root``, or reuse it when ``root/world.json`` matches ``config`` and every
     manifest, image and the v1 checkpoint still have their recorded digests.
 
@@ -187,8 +195,9 @@ def build_world(root: str | os.PathLike, config: WorldConfig = WorldConfig(), *,
         log(f"{_label(config)}: reusing {root} (digests verified)")
         return world
     if root.exists() and not (root / "world.json").exists() and any(root.iterdir()):
-        raise DataError(f"{root}: exists and is not a safespec demo world (no world.json); "
-                        "choose an empty or new folder")
+        raise DataError(
+            f"{root}: exists and is not a safespec demo world (no world.json); choose an empty or new folder"
+        )
     log(f"{_label(config)}: building {root} ({reason})")
     t0 = time.perf_counter()
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +235,7 @@ def _pid_alive(pid: int) -> bool:
 def _remove_stale(root: Path) -> None:
     """Remove temporary folders left by builds that were killed (their process is gone)."""
     for p in root.parent.glob(f".{root.name}.*-*"):
-        kind, _, pid = p.name[len(root.name) + 2:].rpartition("-")
+        kind, _, pid = p.name[len(root.name) + 2 :].rpartition("-")
         if kind in ("building", "old") and pid.isdigit() and p.is_dir() and not _pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
 
@@ -264,14 +273,22 @@ def _reusable(root: Path, config: WorldConfig) -> str | None:
 def _load_world(root: Path, *, reused: bool) -> World:
     meta = json.loads((root / "world.json").read_text())
     config = WorldConfig.from_dict(meta["config"])
-    return World(root=root, manifests={s: root / e["path"] for s, e in meta["manifests"].items()},
-                 v1_checkpoint=root / meta["v1"]["path"], v1_accuracy=dict(meta["v1"]["heldout_accuracy"]),
-                 config=config, classes=config.classes, v1_digest=meta["v1"]["digest"],
-                 digests={s: e["digest"] for s, e in meta["manifests"].items()}, reused=reused)
+    return World(
+        root=root,
+        manifests={s: root / e["path"] for s, e in meta["manifests"].items()},
+        v1_checkpoint=root / meta["v1"]["path"],
+        v1_accuracy=dict(meta["v1"]["heldout_accuracy"]),
+        config=config,
+        classes=config.classes,
+        v1_digest=meta["v1"]["digest"],
+        digests={s: e["digest"] for s, e in meta["manifests"].items()},
+        reused=reused,
+    )
 
 
-def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str], Any], t0: float,
-           threads: int | None = 1) -> None:
+def _build(
+    out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str], Any], t0: float, threads: int | None = 1
+) -> None:
     from PIL import Image
     from tqdm import tqdm
 
@@ -291,16 +308,21 @@ def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str
         jobs += [("base", name, int(i), True) for i in plan.mirrors[name]]
     jobs += [("target", config.target, int(i), False) for i in plan.target_pos]
     rel: dict[tuple[str, int, bool], str] = {}
-    for split, name, i, mirror in tqdm(jobs, desc="world: images", unit="img", disable=not _show(progress),
-                                       leave=False):
+    for split, name, i, mirror in tqdm(
+        jobs, desc="world: images", unit="img", disable=not _show(progress), leave=False
+    ):
         r = f"images/{split}/{name}/{i:05d}{'m' if mirror else ''}.png"
         p = out / r
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(images[i][:, ::-1] if mirror else images[i])).save(p)  # uint8 -> "L"
         rel[(split, i, mirror)] = r
 
-    def rows(split: str, per_class: Mapping[str, np.ndarray], mirrors: Mapping[str, np.ndarray] | None = None,
-             names: Sequence[str] = classes) -> list[tuple[str, str, str | None]]:
+    def rows(
+        split: str,
+        per_class: Mapping[str, np.ndarray],
+        mirrors: Mapping[str, np.ndarray] | None = None,
+        names: Sequence[str] = classes,
+    ) -> list[tuple[str, str, str | None]]:
         out_rows: list[tuple[str, str, str | None]] = []
         for name in names:
             out_rows += [(rel[(split, int(i), False)], name, caption.format(name)) for i in per_class.get(name, ())]
@@ -309,8 +331,9 @@ def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str
         return out_rows
 
     base_rows = rows("base", plan.base, plan.mirrors)
-    target_rows = ([(rel[("target", int(i), False)], config.target, caption.format(config.target))
-                    for i in plan.target_pos] + rows("base", plan.target_neg, names=config.protected))
+    target_rows = [
+        (rel[("target", int(i), False)], config.target, caption.format(config.target)) for i in plan.target_pos
+    ] + rows("base", plan.target_neg, names=config.protected)
     manifests = {
         "base": (base_rows, False),
         "protected": ([r for r in base_rows if r[1] != config.target], False),
@@ -322,14 +345,19 @@ def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str
         write_manifest(out / f"{split}.csv", mrows, captions=captions)
     loaded = {s: read_manifest(out / f"{s}.csv", classes) for s in SPLITS}
 
-    check_disjoint(loaded, pairs=[(a, b) for a in ("base", "protected", "target", "validation")
-                                  for b in ("validation", "heldout") if a != b])
-    log(f"{_label(config)}: {len(keep)} unique images of {len(images)} ({len(images) - len(keep)} duplicates removed); "
-        + ", ".join(f"{s} {len(m)}" for s, m in loaded.items()))
+    check_disjoint(
+        loaded,
+        pairs=[
+            (a, b) for a in ("base", "protected", "target", "validation") for b in ("validation", "heldout") if a != b
+        ],
+    )
+    log(
+        f"{_label(config)}: {len(keep)} unique images of {len(images)} ({len(images) - len(keep)} duplicates removed); "
+        + ", ".join(f"{s} {len(m)}" for s, m in loaded.items())
+    )
 
     # the old model v1
-    model_info = train_v1(out, loaded["base"], loaded["heldout"], config, progress=progress, log=log,
-                          threads=threads)
+    model_info = train_v1(out, loaded["base"], loaded["heldout"], config, progress=progress, log=log, threads=threads)
 
     meta = {
         "format": WORLD_FORMAT,
@@ -338,11 +366,18 @@ def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str
         "config_digest": config.digest(),
         "classes": list(classes),
         "target": config.target,
-        "source": {"package": f"{src.package} {source['version']}", "licence": src.licence,
-                   "images": source["images"], "labels": source["labels"],
-                   "images_total": len(images), "unique": len(keep)},
-        "manifests": {s: {"path": f"{s}.csv", "digest": m.digest(), "n": len(m), "per_class": m.counts()}
-                      for s, m in loaded.items()},
+        "source": {
+            "package": f"{src.package} {source['version']}",
+            "licence": src.licence,
+            "images": source["images"],
+            "labels": source["labels"],
+            "images_total": len(images),
+            "unique": len(keep),
+        },
+        "manifests": {
+            s: {"path": f"{s}.csv", "digest": m.digest(), "n": len(m), "per_class": m.counts()}
+            for s, m in loaded.items()
+        },
         "mirrored_in_base": {n: len(v) for n, v in plan.mirrors.items() if len(v)},
         "unused_unique_images": plan.unused,
         "v1": model_info,
@@ -356,9 +391,12 @@ def _build(out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str
 def _versions() -> dict[str, str]:
     import torch
 
-
-    v = {"safespec": __version__, "torch": torch.__version__, "numpy": np.__version__,
-         "python": platform.python_version()}
+    v = {
+        "safespec": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
     oc = sys.modules.get("open_clip")
     if oc is not None:
         v["open_clip"] = getattr(oc, "__version__", "unknown")

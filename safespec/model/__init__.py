@@ -27,8 +27,29 @@ from .heads import LowRankHeads, grouped_low_rank, naive_routed_projection
 from .registry import SHIPPED_ARCHS, register_shipped_configs
 from .zero_shot import ZeroShotClassifier, ZeroShotOutput
 
-__all__ = ["CHECKPOINT_FORMAT", "SHIPPED_ARCHS", "TOWER_PREFIX", "HeadedCLIP", "LoadedModel", "LowRankHeads",
-           "ZeroShotClassifier", "ZeroShotOutput", "build_class_tokens", "class_logits", "create_model",
-           "grouped_low_rank", "load_checkpoint", "load_model", "model_autocast", "naive_routed_projection",
-           "read_checkpoint_metadata", "register_shipped_configs", "resolve_device", "save_checkpoint",
-           "tensor_digest", "tower_indices", "weights_digest", "zero_shot_logits"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "SHIPPED_ARCHS",
+    "TOWER_PREFIX",
+    "HeadedCLIP",
+    "LoadedModel",
+    "LowRankHeads",
+    "ZeroShotClassifier",
+    "ZeroShotOutput",
+    "build_class_tokens",
+    "class_logits",
+    "create_model",
+    "grouped_low_rank",
+    "load_checkpoint",
+    "load_model",
+    "model_autocast",
+    "naive_routed_projection",
+    "read_checkpoint_metadata",
+    "register_shipped_configs",
+    "resolve_device",
+    "save_checkpoint",
+    "tensor_digest",
+    "tower_indices",
+    "weights_digest",
+    "zero_shot_logits",
+]

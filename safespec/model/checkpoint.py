@@ -48,6 +48,7 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
     if p.suffix.lower() != ".safetensors":
         return {}
     from safetensors import safe_open
+
     try:
         with safe_open(str(p), framework="pt") as f:
             raw = f.metadata() or {}
@@ -75,6 +76,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     meta: dict = {}
     if suffix == ".safetensors":
         from safetensors.torch import load_file
+
         meta = read_checkpoint_metadata(p)
         try:
             sd = load_file(str(p), device="cpu")
@@ -85,29 +87,40 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             needs_code, reason = _unpickler_reason(e)
-            what = ("refused: unpickling this checkpoint would run code" if needs_code else
-                    "not a readable torch checkpoint: the weights-only unpickler rejected it")
-            raise ModelError(f"{p}: {what} ({reason}); safespec loads only tensors (torch.load weights_only=True); "
-                             f"re-save the model's state_dict, or use .safetensors") from e
+            what = (
+                "refused: unpickling this checkpoint would run code"
+                if needs_code
+                else "not a readable torch checkpoint: the weights-only unpickler rejected it"
+            )
+            raise ModelError(
+                f"{p}: {what} ({reason}); safespec loads only tensors (torch.load weights_only=True); "
+                f"re-save the model's state_dict, or use .safetensors"
+            ) from e
         except Exception as e:
             raise ModelError(f"{p}: not a readable torch checkpoint ({type(e).__name__}: {_first_line(e)})") from e
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not obj or not all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        if (
+            not isinstance(obj, dict)
+            or not obj
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+        ):
             raise ModelError(f"{p}: expected a state dict (names -> tensors), got {type(obj).__name__}")
         sd = dict(obj)
     else:
-        raise ModelError(f"model.checkpoint: {p}: unsupported file type {suffix or '(none)'!r}; "
-                         f"expected .safetensors, .pt, .pth or .bin")
+        raise ModelError(
+            f"model.checkpoint: {p}: unsupported file type {suffix or '(none)'!r}; "
+            f"expected .safetensors, .pt, .pth or .bin"
+        )
     if sd and all(k.startswith("module.") for k in sd):  # saved from DataParallel / DDP
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd, meta
 
 
 def save_checkpoint(model: HeadedCLIP, path: str | os.PathLike, metadata: dict | None = None) -> str:
     """Write ``model`` (heads included) as safetensors, atomically; returns its weights digest."""
     from safetensors.torch import save
+
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     digest = tensor_digest(tensors)
     heads = model.heads
@@ -134,7 +147,7 @@ def save_checkpoint(model: HeadedCLIP, path: str | os.PathLike, metadata: dict |
 def _split_state(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """A safespec checkpoint prefixes the open_clip weights with ``clip.``; a plain open_clip one does not."""
     if any(k.startswith("clip.") for k in sd):
-        clip_sd = {k[len("clip."):]: v for k, v in sd.items() if k.startswith("clip.")}
+        clip_sd = {k[len("clip.") :]: v for k, v in sd.items() if k.startswith("clip.")}
         heads = {k: v for k, v in sd.items() if k.startswith("heads.")}
         other = sorted(k for k in sd if not k.startswith(("clip.", "heads.", TOWER_PREFIX)) and k != "class_bias")
         if other:

@@ -25,8 +25,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise ModelError(f"model.device: {device!r} is not a device (expected auto, cpu, cuda, cuda:N or mps)") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"model.device: {device!r} was requested but this torch ({torch.__version__}) sees no CUDA "
-                         f"device; use 'auto' or 'cpu'")
+        raise ModelError(
+            f"model.device: {device!r} was requested but this torch ({torch.__version__}) sees no CUDA "
+            f"device; use 'auto' or 'cpu'"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ModelError(f"model.device: {device!r} does not exist ({torch.cuda.device_count()} CUDA device(s) here)")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):

@@ -17,8 +17,9 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
-        h.update(name.encode("utf-8") + b"\0" + str(t.dtype).encode() + b"\0"
-                 + json.dumps(list(t.shape)).encode() + b"\0")
+        h.update(
+            name.encode("utf-8") + b"\0" + str(t.dtype).encode() + b"\0" + json.dumps(list(t.shape)).encode() + b"\0"
+        )
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return "sha256:" + h.hexdigest()

@@ -81,8 +81,9 @@ def _instantiate(model_cfg: dict, preprocess_cfg: dict | None, device: torch.dev
         except ModelError:
             raise
         except Exception as e:  # e.g. an HF text tower without `transformers`
-            raise ModelError(f"model.arch: cannot build this architecture here: {type(e).__name__}: "
-                             f"{_first_line(e)}") from e
+            raise ModelError(
+                f"model.arch: cannot build this architecture here: {type(e).__name__}: {_first_line(e)}"
+            ) from e
     pp = dataclasses.asdict(PreprocessCfg())
     if getattr(clip.visual, "image_size", None) is not None:
         pp["size"] = clip.visual.image_size
@@ -122,17 +123,34 @@ def _build_tokenizer(name: str | None, model_cfg: dict | None, context_length: i
         text_cfg = (model_cfg or {}).get("text_cfg", {})
         kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
         if text_cfg.get("hf_tokenizer_name"):
-            return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
-                               tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs)
+            return HFTokenizer(
+                text_cfg["hf_tokenizer_name"],
+                context_length=context_length,
+                tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                **kwargs,
+            )
         return SimpleTokenizer(context_length=context_length, **kwargs)
     except Exception as e:
-        raise ModelError(f"model: cannot build the tokenizer of {name or 'this model'}: {type(e).__name__}: "
-                         f"{_first_line(e)}") from e
+        raise ModelError(
+            f"model: cannot build the tokenizer of {name or 'this model'}: {type(e).__name__}: {_first_line(e)}"
+        ) from e
 
 
-def _finish(clip: Any, classes: Sequence[str], *, arch: str, model_cfg: dict | None, tokenizer_name: str | None,
-            heads_state: dict[str, torch.Tensor] | None, heads: bool, rank: int, seed: int, device: torch.device,
-            precision: str, source: str) -> LoadedModel:
+def _finish(
+    clip: Any,
+    classes: Sequence[str],
+    *,
+    arch: str,
+    model_cfg: dict | None,
+    tokenizer_name: str | None,
+    heads_state: dict[str, torch.Tensor] | None,
+    heads: bool,
+    rank: int,
+    seed: int,
+    device: torch.device,
+    precision: str,
+    source: str,
+) -> LoadedModel:
     hc = HeadedCLIP(clip, classes, arch=arch, model_cfg=model_cfg, tokenizer_name=tokenizer_name)
     if heads_state is not None:
         k, width, r = heads_state["heads.A"].shape
@@ -143,21 +161,49 @@ def _finish(clip: Any, classes: Sequence[str], *, arch: str, model_cfg: dict | N
     hc.to(device)
     preprocess, train_preprocess = _transforms(clip)
     tok = _tokenizer(tokenizer_name, model_cfg, int(clip.context_length))
-    return LoadedModel(model=hc, preprocess=preprocess, tokenizer=tok, digest=weights_digest(hc), source=source,
-                       arch=arch, device=device, precision=precision, train_preprocess=train_preprocess)
+    return LoadedModel(
+        model=hc,
+        preprocess=preprocess,
+        tokenizer=tok,
+        digest=weights_digest(hc),
+        source=source,
+        arch=arch,
+        device=device,
+        precision=precision,
+        train_preprocess=train_preprocess,
+    )
 
 
-def create_model(arch: str, classes: Sequence[str], *, heads: bool = True, rank: int = 8, seed: int = 0,
-                 device: str | torch.device = "cpu", precision: str = "fp32") -> LoadedModel:
+def create_model(
+    arch: str,
+    classes: Sequence[str],
+    *,
+    heads: bool = True,
+    rank: int = 8,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> LoadedModel:
     """A randomly initialised model of a known architecture (deterministic given ``seed``): the start of a
     model trained from scratch, such as the demo world's v1."""
     cfg = _check_arch(arch)
     model_autocast("cpu", precision)  # validates the precision name
     dev = resolve_device(device)
     clip = _instantiate(cfg, None, dev, seed)
-    return _finish(clip, classes, arch=arch, model_cfg=cfg, tokenizer_name=arch, heads_state=None, heads=heads,
-                   rank=rank, seed=seed, device=dev, precision=precision,
-                   source=f"{arch}, random initialisation (seed {seed})")
+    return _finish(
+        clip,
+        classes,
+        arch=arch,
+        model_cfg=cfg,
+        tokenizer_name=arch,
+        heads_state=None,
+        heads=heads,
+        rank=rank,
+        seed=seed,
+        device=dev,
+        precision=precision,
+        source=f"{arch}, random initialisation (seed {seed})",
+    )
 
 
 def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.device, seed: int) -> LoadedModel:
@@ -175,17 +221,25 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
         k, _, r = heads_sd["heads.A"].shape
         ck_classes = meta.get("classes")
         if ck_classes is not None and list(ck_classes) != list(classes):
-            raise ModelError(f"classes: {path} has task-dependent heads for classes {_short(ck_classes)} but the "
-                             f"spec lists {_short(classes)}; heads belong to their classes, in order")
+            raise ModelError(
+                f"classes: {path} has task-dependent heads for classes {_short(ck_classes)} but the "
+                f"spec lists {_short(classes)}; heads belong to their classes, in order"
+            )
         if k != len(classes) + 1:
-            raise ModelError(f"classes: {path} has {k} task-dependent heads ({k - 1} classes + negatives) but the "
-                             f"spec lists {len(classes)} classes")
+            raise ModelError(
+                f"classes: {path} has {k} task-dependent heads ({k - 1} classes + negatives) but the "
+                f"spec lists {len(classes)} classes"
+            )
         if not mp.heads:
-            raise ModelError(f"model.heads.enabled: {path} has task-dependent heads, which are part of the old "
-                             f"model; set heads.enabled: true (rank {r})")
+            raise ModelError(
+                f"model.heads.enabled: {path} has task-dependent heads, which are part of the old "
+                f"model; set heads.enabled: true (rank {r})"
+            )
         if r != mp.rank:
-            raise ModelError(f"model.heads.rank: {path} has heads of rank {r} but the spec asks for rank {mp.rank}; "
-                             f"a trained head keeps its rank")
+            raise ModelError(
+                f"model.heads.rank: {path} has heads of rank {r} but the spec asks for rank {mp.rank}; "
+                f"a trained head keeps its rank"
+            )
 
     clip = _instantiate(model_cfg, meta.get("preprocess_cfg"), torch.device("cpu"), seed=0)
     if "logit_scale" in clip_sd and clip_sd["logit_scale"].shape != clip.logit_scale.shape:
@@ -211,20 +265,34 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
     bias = sd.get("class_bias")
     if bias is not None:
         if bias.shape != (len(classes),):
-            raise ModelError(f"classes: {path} has class offsets for {bias.shape[0] if bias.dim() else 0} classes but "
-                             f"the spec lists {len(classes)}")
+            raise ModelError(
+                f"classes: {path} has class offsets for {bias.shape[0] if bias.dim() else 0} classes but "
+                f"the spec lists {len(classes)}"
+            )
         if not torch.isfinite(bias).all():
             raise ModelError(f"model.checkpoint: {path} has non-finite class offsets")
         desc += " (with calibrated class offsets)"
-    loaded = _finish(clip, classes, arch=mp.arch, model_cfg=model_cfg, tokenizer_name=tokenizer_name,
-                     heads_state=heads_sd, heads=mp.heads, rank=mp.rank, seed=seed, device=device,
-                     precision=mp.precision, source=desc)
+    loaded = _finish(
+        clip,
+        classes,
+        arch=mp.arch,
+        model_cfg=model_cfg,
+        tokenizer_name=tokenizer_name,
+        heads_state=heads_sd,
+        heads=mp.heads,
+        rank=mp.rank,
+        seed=seed,
+        device=device,
+        precision=mp.precision,
+        source=desc,
+    )
     towers = {k: v for k, v in sd.items() if k.startswith(TOWER_PREFIX)}
     if towers:
         indices = tower_indices(towers)
         if indices[-1] >= len(classes):
-            raise ModelError(f"classes: {path} has an image tower for class {indices[-1]} but the spec lists "
-                             f"{len(classes)} classes")
+            raise ModelError(
+                f"classes: {path} has an image tower for class {indices[-1]} but the spec lists {len(classes)} classes"
+            )
         hc = loaded.model
         for c in indices:
             hc.add_class_tower(c)
@@ -233,10 +301,11 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
             odd = sorted(set(towers) ^ want)
             raise ModelError(f"model.checkpoint: {path}: malformed class image towers ({', '.join(odd[:4])})")
         try:
-            hc.class_towers.load_state_dict({k[len(TOWER_PREFIX):]: v for k, v in towers.items()})
+            hc.class_towers.load_state_dict({k[len(TOWER_PREFIX) :]: v for k, v in towers.items()})
         except RuntimeError as e:
-            raise ModelError(f"model.checkpoint: {path}: its class image towers do not fit {mp.arch} "
-                             f"({_first_line(e)})") from e
+            raise ModelError(
+                f"model.checkpoint: {path}: its class image towers do not fit {mp.arch} ({_first_line(e)})"
+            ) from e
         hc.class_towers.to(device)
         loaded.source += f" (with image towers of {', '.join(repr(classes[c]) for c in indices)})"
     if bias is not None:
@@ -246,8 +315,14 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
     return loaded
 
 
-def load_model(mp: ModelPlan, classes: Sequence[str], *, device: str | torch.device | None = None,
-               seed: int = 0, cache_dir: str | None = None) -> LoadedModel:
+def load_model(
+    mp: ModelPlan,
+    classes: Sequence[str],
+    *,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> LoadedModel:
     """The spec's model: pretrained (open_clip tag or ``hf-hub:`` name) or a local checkpoint, with heads
     added (``B = 0``) when the spec enables them and the weights have none."""
     if len(set(classes)) != len(classes) or not classes:
@@ -259,6 +334,17 @@ def load_model(mp: ModelPlan, classes: Sequence[str], *, device: str | torch.dev
     if not mp.pretrained:
         raise ModelError("model: exactly one of 'pretrained' or 'checkpoint' is required")
     clip, model_cfg, tokenizer_name, source = _load_pretrained(mp.arch, mp.pretrained, dev, cache_dir)
-    return _finish(clip, classes, arch=mp.arch, model_cfg=model_cfg, tokenizer_name=tokenizer_name,
-                   heads_state=None, heads=mp.heads, rank=mp.rank, seed=seed, device=dev, precision=mp.precision,
-                   source=source + (" + fresh task-dependent heads (B = 0)" if mp.heads else ""))
+    return _finish(
+        clip,
+        classes,
+        arch=mp.arch,
+        model_cfg=model_cfg,
+        tokenizer_name=tokenizer_name,
+        heads_state=None,
+        heads=mp.heads,
+        rank=mp.rank,
+        seed=seed,
+        device=dev,
+        precision=mp.precision,
+        source=source + (" + fresh task-dependent heads (B = 0)" if mp.heads else ""),
+    )

@@ -34,8 +34,16 @@ class HeadedCLIP(nn.Module):
     are those into and out of the target class.
     """
 
-    def __init__(self, clip: nn.Module, classes: Sequence[str], heads: LowRankHeads | None = None, *,
-                 arch: str = "", model_cfg: dict | None = None, tokenizer_name: str | None = None):
+    def __init__(
+        self,
+        clip: nn.Module,
+        classes: Sequence[str],
+        heads: LowRankHeads | None = None,
+        *,
+        arch: str = "",
+        model_cfg: dict | None = None,
+        tokenizer_name: str | None = None,
+    ):
         super().__init__()
         # open_clip's modules are untyped: through nn.Module.__getattr__ every attribute would read as
         # Tensor | Module, so the wrapped model is Any to the type checker
@@ -107,8 +115,10 @@ class HeadedCLIP(nn.Module):
         if isinstance(proj, nn.Linear):
             return proj.in_features
         if proj is None:
-            raise ModelError(f"model.heads: the text tower of {self.arch or type(self.clip).__name__} has no "
-                             f"linear text projection for task-dependent heads to adapt; set heads.enabled: false")
+            raise ModelError(
+                f"model.heads: the text tower of {self.arch or type(self.clip).__name__} has no "
+                f"linear text projection for task-dependent heads to adapt; set heads.enabled: false"
+            )
         return proj.shape[0]
 
     @property
@@ -124,15 +134,18 @@ class HeadedCLIP(nn.Module):
         """Give every class (and the negatives) a fresh head with ``B = 0``: the model's outputs do not change."""
         kind, _ = self._text_tower()
         if kind == "other":
-            raise ModelError(f"model.heads: task-dependent heads need open_clip's own text transformer; "
-                             f"{self.arch or type(self.clip).__name__} uses a {type(getattr(self.clip, 'text', self.clip)).__name__} "
-                             f"text tower; set heads.enabled: false")
+            raise ModelError(
+                f"model.heads: task-dependent heads need open_clip's own text transformer; "
+                f"{self.arch or type(self.clip).__name__} uses a {type(getattr(self.clip, 'text', self.clip)).__name__} "
+                f"text tower; set heads.enabled: false"
+            )
         proj = self._projection()
         ref = proj.weight if isinstance(proj, nn.Linear) else proj
         if ref is None:
             raise ModelError("model.heads: this text tower has no text projection to adapt; set heads.enabled: false")
-        self.heads = LowRankHeads(len(self.classes) + 1, self.text_width, self.embed_dim, rank, seed=seed,
-                                  device=ref.device, dtype=ref.dtype)
+        self.heads = LowRankHeads(
+            len(self.classes) + 1, self.text_width, self.embed_dim, rank, seed=seed, device=ref.device, dtype=ref.dtype
+        )
         return self.heads
 
     # -- class image towers
@@ -179,8 +192,9 @@ class HeadedCLIP(nn.Module):
                 return t.ln_final(text_global_pool(x, pool_type="last"))
             x = t.ln_final(x)
             return text_global_pool(x, tokens, pool_type=t.pool_type, eos_token_id=getattr(t, "eos_id", None))
-        raise ModelError(f"model.heads: cannot reach the text projection of {type(self.clip).__name__}; "
-                         f"set heads.enabled: false")
+        raise ModelError(
+            f"model.heads: cannot reach the text projection of {type(self.clip).__name__}; set heads.enabled: false"
+        )
 
     def project_text(self, h: torch.Tensor, head_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``h @ W`` (+ ``(h @ A_k) @ B_k`` per row when heads exist and ``head_ids`` is given)."""
@@ -195,8 +209,9 @@ class HeadedCLIP(nn.Module):
             return plain
         return self.heads(h, head_ids, base=plain, inplace=True)  # plain is ours: no copy of it
 
-    def encode_text(self, tokens: torch.Tensor, head_ids: torch.Tensor | None = None,
-                    normalize: bool = True) -> torch.Tensor:
+    def encode_text(
+        self, tokens: torch.Tensor, head_ids: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
         """Text embeddings; row i goes through head ``head_ids[i]``, or through the shared projection
         alone when ``head_ids`` is None or the model has no heads."""
         if self.heads is None or head_ids is None:
@@ -230,8 +245,12 @@ class HeadedCLIP(nn.Module):
         flat, ids = self.class_prompts(class_tokens)
         return self.pool_templates(self.encode_text(flat, ids, normalize=True), class_tokens.shape[0])
 
-    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
-                head_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+        head_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         img = self.encode_image(images) if images is not None else None
         txt = self.encode_text(tokens, head_ids) if tokens is not None else None
         return img, txt
@@ -242,7 +261,7 @@ def tower_indices(sd: Mapping[str, torch.Tensor]) -> list[int]:
     out = set()
     for k in sd:
         if k.startswith(TOWER_PREFIX):
-            head = k[len(TOWER_PREFIX):].split(".", 1)[0]
+            head = k[len(TOWER_PREFIX) :].split(".", 1)[0]
             if not head.isdigit():
                 raise ModelError(f"unexpected tensor {k!r}: a class image tower is named by its class index")
             out.add(int(head))
@@ -250,8 +269,9 @@ def tower_indices(sd: Mapping[str, torch.Tensor]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------ zero-shot
-def build_class_tokens(tokenizer: Callable[[Sequence[str]], torch.Tensor], classes: Sequence[str],
-                       templates: Sequence[str]) -> torch.Tensor:
+def build_class_tokens(
+    tokenizer: Callable[[Sequence[str]], torch.Tensor], classes: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
     """(C, T, L) tokens: every template filled with every class name."""
     if not templates:
         raise ValueError("at least one prompt template is required")
@@ -265,8 +285,13 @@ def zero_shot_logits(image_features: torch.Tensor, text_features: torch.Tensor, 
     return F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T / tau
 
 
-def class_logits(image_features: torch.Tensor, text_features: torch.Tensor, tau: float,
-                 bias: torch.Tensor | None = None, towers: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+def class_logits(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    tau: float,
+    bias: torch.Tensor | None = None,
+    towers: Mapping[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Zero-shot logits of normalised features, ``(cos + bias) / tau`` (``bias``: the model's calibrated
     class offsets, if any). Class ``c``'s cosine is read from ``towers[c]``, the features of its own image
     tower, where given; every other class's from the shared ``image_features``, so its logit is exactly

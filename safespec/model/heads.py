@@ -113,8 +113,15 @@ def _segments(heads: list[int], counts: list[int]) -> list[tuple[int, int, int]]
     return out
 
 
-def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids: torch.Tensor,
-                     base: torch.Tensor | None = None, *, inplace: bool = False) -> torch.Tensor:
+def grouped_low_rank(
+    h: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    head_ids: torch.Tensor,
+    base: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
     """``base[i] + (h_i @ A[k_i]) @ B[k_i]`` for every row i (``base`` defaults to zeros), computed per head.
 
     The grouping is planned on the host from ``head_ids`` (pass them on the CPU, as safespec does, and no
@@ -155,16 +162,25 @@ def grouped_low_rank(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids
         ys = torch.bmm(torch.bmm(hs.view(g, m, -1), Au), Bu).reshape(n, -1)
         return base + ys.to(base.dtype) if order is None else base.index_add(0, order, ys.to(base.dtype))
     # the hand-written backward runs in h's dtype: keep autocast (which would recast each matmul) out
-    args = (h, A.to(h.dtype), B.to(h.dtype), base.to(h.dtype), order, ids_sorted.to(dev, non_blocking=True),
-            _segments(u_l, c_l), inplace and base.dtype == h.dtype)
+    args = (
+        h,
+        A.to(h.dtype),
+        B.to(h.dtype),
+        base.to(h.dtype),
+        order,
+        ids_sorted.to(dev, non_blocking=True),
+        _segments(u_l, c_l),
+        inplace and base.dtype == h.dtype,
+    )
     with torch.autocast(dev.type, enabled=False) if torch.is_autocast_enabled(dev.type) else contextlib.nullcontext():
         if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
             return _SortedGroups.apply(*args).to(base.dtype)
         return _grouped_forward(*args)[0].to(base.dtype)
 
 
-def naive_routed_projection(h: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                            head_ids: torch.Tensor) -> torch.Tensor:
+def naive_routed_projection(
+    h: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, head_ids: torch.Tensor
+) -> torch.Tensor:
     """The paper's reference routing, ``h_i @ (W + A_k B_k)`` with a per-sample matrix. Kept only as the
     numerical reference for tests and the cost baseline in ``bench/heads.py``; never used for training."""
     per_sample = W.unsqueeze(0) + torch.bmm(A[head_ids], B[head_ids])  # (N, width, embed)
@@ -174,13 +190,22 @@ def naive_routed_projection(h: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B
 class LowRankHeads(nn.Module):
     """One low-rank correction ``A_k B_k`` of the text projection per head (classes, then negatives)."""
 
-    def __init__(self, num_heads: int, width: int, embed_dim: int, rank: int, *, seed: int = 0,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        num_heads: int,
+        width: int,
+        embed_dim: int,
+        rank: int,
+        *,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         if num_heads < 1 or rank < 1:
             raise ValueError(f"need at least one head of rank >= 1 (got {num_heads} heads, rank {rank})")
         g = torch.Generator().manual_seed(int(seed))
-        bound = width ** -0.5  # LoRA's scale: h @ A has the magnitude of h, so B learns at the rate of W
+        bound = width**-0.5  # LoRA's scale: h @ A has the magnitude of h, so B learns at the rate of W
         a = (torch.rand(num_heads, width, rank, generator=g) * 2 - 1) * bound
         self.A = nn.Parameter(a.to(device=device, dtype=dtype or torch.float32))
         self.B = nn.Parameter(torch.zeros(num_heads, rank, embed_dim, device=device, dtype=dtype or torch.float32))
@@ -193,7 +218,8 @@ class LowRankHeads(nn.Module):
     def rank(self) -> int:
         return self.A.shape[2]
 
-    def forward(self, h: torch.Tensor, head_ids: torch.Tensor, base: torch.Tensor | None = None, *,
-                inplace: bool = False) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, head_ids: torch.Tensor, base: torch.Tensor | None = None, *, inplace: bool = False
+    ) -> torch.Tensor:
         """``base + (h @ A_k) @ B_k`` per row (see :func:`grouped_low_rank`)."""
         return grouped_low_rank(h, self.A.to(h.dtype), self.B.to(h.dtype), head_ids, base, inplace=inplace)

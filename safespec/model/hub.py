@@ -35,6 +35,7 @@ def _hub_offline() -> bool:
         return True
     try:
         from huggingface_hub import constants
+
         return bool(constants.HF_HUB_OFFLINE)
     except Exception:  # pragma: no cover - huggingface_hub is an open_clip dependency
         return False
@@ -59,6 +60,7 @@ def _reachable(host: str, port: int = 443, timeout: float = _NETWORK_PROBE_TIMEO
 
 def _hf_cached(repo_id: str, filenames: Sequence[str], cache_dir: str | None) -> str | None:
     from huggingface_hub import try_to_load_from_cache
+
     for fn in filenames:
         try:
             p = try_to_load_from_cache(repo_id, fn, cache_dir=cache_dir)
@@ -73,7 +75,8 @@ def _weights_unavailable(what: str, where: str, why: str, fetch: str) -> ModelEr
     return ModelError(
         f"model.pretrained: weights {what} are not in the cache {where} and cannot be downloaded ({why}); to provide "
         f"them, run `{fetch}` on a machine with internet and copy its cache here, or save the model there with "
-        f"safespec.model.save_checkpoint and set model.checkpoint to that file")
+        f"safespec.model.save_checkpoint and set model.checkpoint to that file"
+    )
 
 
 def _fetch_command(model_name: str, tag: str | None) -> str:
@@ -81,10 +84,12 @@ def _fetch_command(model_name: str, tag: str | None) -> str:
     return f'python -c "import open_clip; open_clip.create_model({args})"'
 
 
-def _ensure_available(files: list[tuple[str, list[str]]], url: str | None, what: str, cache_dir: str | None,
-                      fetch: str) -> bool:
+def _ensure_available(
+    files: list[tuple[str, list[str]]], url: str | None, what: str, cache_dir: str | None, fetch: str
+) -> bool:
     """Fail fast, with one line, when weights are neither cached nor fetchable. Returns True when cached."""
     from huggingface_hub import constants
+
     missing = [(repo, names) for repo, names in files if _hf_cached(repo, names, cache_dir) is None]
     if url:
         target = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(urlparse(url).path)
@@ -101,18 +106,25 @@ def _ensure_available(files: list[tuple[str, list[str]]], url: str | None, what:
     return False
 
 
-def _load_pretrained(arch: str, pretrained: str, device: torch.device, cache_dir: str | None
-                     ) -> tuple[nn.Module, dict, str | None, str]:
+def _load_pretrained(
+    arch: str, pretrained: str, device: torch.device, cache_dir: str | None
+) -> tuple[nn.Module, dict, str | None, str]:
     """(clip, model_cfg, tokenizer name, source) for an open_clip tag or an ``hf-hub:`` name."""
     from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
     kwargs: dict[str, Any] = {}
     if pretrained.startswith("hf-hub:") or arch.startswith("hf-hub:"):
         name = pretrained if pretrained.startswith("hf-hub:") else arch
-        repo = name[len("hf-hub:"):]
+        repo = name[len("hf-hub:") :]
         if not repo or repo.count("/") != 1:
             raise ModelError(f"model.pretrained: {name!r} is not an 'hf-hub:org/name' model id")
-        _ensure_available([(repo, [HF_CONFIG_NAME]), (repo, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME])], None,
-                          f"of {name}", cache_dir, _fetch_command(name, None))
+        _ensure_available(
+            [(repo, [HF_CONFIG_NAME]), (repo, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME])],
+            None,
+            f"of {name}",
+            cache_dir,
+            _fetch_command(name, None),
+        )
         model_name, tag, tokenizer_name, source = name, None, None, name
     else:
         _check_arch(arch)
@@ -122,8 +134,10 @@ def _load_pretrained(arch: str, pretrained: str, device: torch.device, cache_dir
                 raise ModelError(f"model.pretrained: {pretrained!r} is a file; local weights go in model.checkpoint")
             tags = open_clip.list_pretrained_tags_by_model(arch)
             near = _close(pretrained, tags) or ", ".join(tags[:8])
-            raise ModelError(f"model.pretrained: open_clip has no pretrained tag {pretrained!r} for {arch}"
-                             + (f"; known tags: {near}" if near else "; it ships no pretrained weights"))
+            raise ModelError(
+                f"model.pretrained: open_clip has no pretrained tag {pretrained!r} for {arch}"
+                + (f"; known tags: {near}" if near else "; it ships no pretrained weights")
+            )
         if "file" not in pcfg:
             hub = pcfg.get("hf_hub", "")
             files: list[tuple[str, list[str]]] = []
@@ -131,26 +145,41 @@ def _load_pretrained(arch: str, pretrained: str, device: torch.device, cache_dir
             if hub:
                 repo, fn = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
                 fn = fn or HF_WEIGHTS_NAME
-                alts = [HF_SAFE_WEIGHTS_NAME] if fn == HF_WEIGHTS_NAME else (
-                    [fn[:-4] + ".safetensors"] if fn.endswith((".bin", ".pth")) else [])
+                alts = (
+                    [HF_SAFE_WEIGHTS_NAME]
+                    if fn == HF_WEIGHTS_NAME
+                    else ([fn[:-4] + ".safetensors"] if fn.endswith((".bin", ".pth")) else [])
+                )
                 files = [(repo, [*alts, fn])]
             else:
                 url = pcfg.get("url") or None
-            _ensure_available(files, url, f"{arch}/{pretrained} ({hub.rstrip('/') or url})", cache_dir,
-                              _fetch_command(arch, pretrained))
+            _ensure_available(
+                files,
+                url,
+                f"{arch}/{pretrained} ({hub.rstrip('/') or url})",
+                cache_dir,
+                _fetch_command(arch, pretrained),
+            )
         if pcfg.get("quick_gelu", False) and not open_clip.get_model_config(arch).get("quick_gelu", False):
             kwargs["force_quick_gelu"] = True  # the tag was trained with QuickGELU: build what it was trained as
         model_name, tag, tokenizer_name, source = arch, pretrained, arch, f"{arch} / {pretrained} (open_clip)"
     try:
         with _quiet_open_clip():
-            clip = open_clip.create_model(model_name, pretrained=tag, device=device, cache_dir=cache_dir,
-                                          require_pretrained=True, weights_only=True, **kwargs)
+            clip = open_clip.create_model(
+                model_name,
+                pretrained=tag,
+                device=device,
+                cache_dir=cache_dir,
+                require_pretrained=True,
+                weights_only=True,
+                **kwargs,
+            )
     except ModelError:
         raise
     except Exception as e:
         raise ModelError(f"model.pretrained: could not load {source}: {type(e).__name__}: {_first_line(e)}") from e
     if model_name.startswith("hf-hub:"):
-        cfg_path = _hf_cached(model_name[len("hf-hub:"):], [HF_CONFIG_NAME], cache_dir)
+        cfg_path = _hf_cached(model_name[len("hf-hub:") :], [HF_CONFIG_NAME], cache_dir)
         with open(cfg_path, encoding="utf-8") as f:  # type: ignore[arg-type]
             hub_cfg = json.load(f)
         model_cfg = hub_cfg.get("model_cfg", hub_cfg)

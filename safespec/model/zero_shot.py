@@ -22,8 +22,14 @@ class ZeroShotOutput:
 class ZeroShotClassifier:
     """Classify images by their cosine similarity to each class's prompt embedding (through its own head)."""
 
-    def __init__(self, model: HeadedCLIP, tokenizer: Callable[[Sequence[str]], torch.Tensor],
-                 templates: Sequence[str], tau: float = 0.05, precision: str = "fp32"):
+    def __init__(
+        self,
+        model: HeadedCLIP,
+        tokenizer: Callable[[Sequence[str]], torch.Tensor],
+        templates: Sequence[str],
+        tau: float = 0.05,
+        precision: str = "fp32",
+    ):
         if tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}")
         self.model = model
@@ -55,9 +61,13 @@ class ZeroShotClassifier:
                 towers = self.model.encode_tower_images(images)
         elif self.model.class_towers:
             raise ValueError("a model with class image towers classifies images, not shared features")
-        return class_logits(F.normalize(x.float(), dim=-1), F.normalize(text_features.float().to(x.device), dim=-1),
-                            self.tau, self.model.class_bias,
-                            {c: F.normalize(f.float(), dim=-1) for c, f in towers.items()})  # as the shared features
+        return class_logits(
+            F.normalize(x.float(), dim=-1),
+            F.normalize(text_features.float().to(x.device), dim=-1),
+            self.tau,
+            self.model.class_bias,
+            {c: F.normalize(f.float(), dim=-1) for c, f in towers.items()},
+        )  # as the shared features
 
     @torch.no_grad()
     def predict_batches(self, batches: Iterable[Any]) -> ZeroShotOutput:

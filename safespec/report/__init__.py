@@ -26,4 +26,18 @@ from .terminal import summary_text
 from .view import build_context
 from .write import REPORT_FILES, remove_report, render_report
 
-__all__ = ['REPORT_FILES', 'SCHEMA_VERSION', 'STATUSES', 'RunData', 'build_context', 'load_run', 'remove_report', 'render_html', 'render_junit', 'render_report', 'result_schema', 'summary_text', 'validate_result']
+__all__ = [
+    "REPORT_FILES",
+    "SCHEMA_VERSION",
+    "STATUSES",
+    "RunData",
+    "build_context",
+    "load_run",
+    "remove_report",
+    "render_html",
+    "render_junit",
+    "render_report",
+    "result_schema",
+    "summary_text",
+    "validate_result",
+]

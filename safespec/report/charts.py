@@ -132,8 +132,15 @@ class Axis:
         return round(self.px_lo + (v - self.lo) * (self.px_hi - self.px_lo) / (self.hi - self.lo), 2)
 
 
-def _axis(values: Iterable[float | None], px_lo: float, px_hi: float, unit: str = "", pad: float = 0.05,
-          clamp: tuple[float, float] | None = None, count: int = 5) -> Axis:
+def _axis(
+    values: Iterable[float | None],
+    px_lo: float,
+    px_hi: float,
+    unit: str = "",
+    pad: float = 0.05,
+    clamp: tuple[float, float] | None = None,
+    count: int = 5,
+) -> Axis:
     vals = [float(v) for v in values if v is not None and is_number(v)]
     lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
     span = hi - lo or max(abs(hi), 1e-3)
@@ -162,10 +169,19 @@ def _segments(points: Sequence[tuple[Any, Any]], xa: Axis, ya: Axis) -> list[str
     return out
 
 
-def line_chart(series: list[dict[str, Any]], *, width: int = 330, height: int = 170, y_unit: str = "",
-               hlines: Sequence[tuple[float, str, str]] = (), vline: float | None = None,
-               y_clamp: tuple[float, float] | None = None, x_label: str = "step", y_label: str = "",
-               title: str = "") -> dict[str, Any]:
+def line_chart(
+    series: list[dict[str, Any]],
+    *,
+    width: int = 330,
+    height: int = 170,
+    y_unit: str = "",
+    hlines: Sequence[tuple[float, str, str]] = (),
+    vline: float | None = None,
+    y_clamp: tuple[float, float] | None = None,
+    x_label: str = "step",
+    y_label: str = "",
+    title: str = "",
+) -> dict[str, Any]:
     """Geometry of a line chart (numbers and labels only); templates/_charts.j2 draws it."""
     left, right, top, bottom = 46, 10, 8 if not title else 20, 30
     xs = [p[0] for s in series for p in s["points"]]
@@ -174,20 +190,33 @@ def line_chart(series: list[dict[str, Any]], *, width: int = 330, height: int = 
     ya = _axis(ys, height - bottom, top, unit=y_unit, clamp=y_clamp, count=4)
     drawn = []
     for i, s in enumerate(series):
-        drawn.append({
-            "label": s.get("label", ""),
-            "color": s.get("color") or PALETTE[i % len(PALETTE)],
-            "width": s.get("width", 1.6),
-            "dash": s.get("dash", ""),
-            "segments": _segments(s["points"], xa, ya),
-            "dots": [(xa(x), ya(y)) for x, y in s["points"] if is_number(x) and is_number(y)] if s.get("dots") else [],
-        })
+        drawn.append(
+            {
+                "label": s.get("label", ""),
+                "color": s.get("color") or PALETTE[i % len(PALETTE)],
+                "width": s.get("width", 1.6),
+                "dash": s.get("dash", ""),
+                "segments": _segments(s["points"], xa, ya),
+                "dots": [(xa(x), ya(y)) for x, y in s["points"] if is_number(x) and is_number(y)]
+                if s.get("dots")
+                else [],
+            }
+        )
     return {
-        "width": width, "height": height, "left": left, "right": width - right, "top": top, "bottom": height - bottom,
-        "xticks": xa.ticks, "yticks": ya.ticks, "series": drawn, "title": title,
+        "width": width,
+        "height": height,
+        "left": left,
+        "right": width - right,
+        "top": top,
+        "bottom": height - bottom,
+        "xticks": xa.ticks,
+        "yticks": ya.ticks,
+        "series": drawn,
+        "title": title,
         "hlines": [{"y": ya(v), "label": label, "color": color} for v, label, color in hlines if ya.lo <= v <= ya.hi],
         "vline": xa(vline) if vline is not None and xa.lo <= vline <= xa.hi else None,
-        "x_label": x_label, "y_label": y_label,
+        "x_label": x_label,
+        "y_label": y_label,
     }
 
 
@@ -200,14 +229,29 @@ def interval_chart(rows: list[dict[str, Any]], *, width: int = 1000) -> dict[str
     out = []
     for i, r in enumerate(rows):
         y = top + row_h * i + row_h / 2
-        out.append({
-            "y": y, "label": clean(r["label"], 26), "full": r["label"], "color": r["color"], "tag": r.get("tag", ""),
-            "old": (xa(r["old"]), xa(r["old_lo"]), xa(r["old_hi"])) if is_number(r["old"]) else None,
-            "new": (xa(r["new"]), xa(r["new_lo"]), xa(r["new_hi"])) if is_number(r["new"]) else None,
-            "tooltip": r["tooltip"],
-        })
-    return {"width": width, "height": height, "left": left, "right": width - right, "top": top,
-            "bottom": top + row_h * len(rows), "xticks": xa.ticks, "rows": out, "row_h": row_h}
+        out.append(
+            {
+                "y": y,
+                "label": clean(r["label"], 26),
+                "full": r["label"],
+                "color": r["color"],
+                "tag": r.get("tag", ""),
+                "old": (xa(r["old"]), xa(r["old_lo"]), xa(r["old_hi"])) if is_number(r["old"]) else None,
+                "new": (xa(r["new"]), xa(r["new_lo"]), xa(r["new_hi"])) if is_number(r["new"]) else None,
+                "tooltip": r["tooltip"],
+            }
+        )
+    return {
+        "width": width,
+        "height": height,
+        "left": left,
+        "right": width - right,
+        "top": top,
+        "bottom": top + row_h * len(rows),
+        "xticks": xa.ticks,
+        "rows": out,
+        "row_h": row_h,
+    }
 
 
 def forest_chart(caps: list[dict[str, Any]], *, width: int = 1000) -> dict[str, Any]:
@@ -223,17 +267,34 @@ def forest_chart(caps: list[dict[str, Any]], *, width: int = 1000) -> dict[str, 
     for i, c in enumerate(caps):
         y = top + row_h * i + row_h / 2
         lo = -c["drop_upper_bound"] if is_number(c["drop_upper_bound"]) else None
-        out.append({
-            "y": y, "label": clean(c["name"], 26), "full": c["name"], "color": STATUS_COLORS[c["status"]],
-            "status": c["status"],
-            "est": xa(c["change"]) if is_number(c["change"]) else None,
-            "lo": xa(lo) if lo is not None else None,
-            "tol": xa(-c["tolerance"]) if is_number(c["tolerance"]) else None,
-            "tooltip": (f"{c['name']}: change {pp(c['change'], 1, True)}, drop bound {pp(c['drop_upper_bound'], 2)}"
-                        f" at {conf(c['confidence'])}, tolerance {pp(c['tolerance'], 2)}: {c['status']}"),
-        })
-    return {"width": width, "height": height, "left": left, "right": width - right, "top": top,
-            "bottom": top + row_h * len(caps), "xticks": xa.ticks, "zero": xa(0.0), "rows": out, "row_h": row_h}
+        out.append(
+            {
+                "y": y,
+                "label": clean(c["name"], 26),
+                "full": c["name"],
+                "color": STATUS_COLORS[c["status"]],
+                "status": c["status"],
+                "est": xa(c["change"]) if is_number(c["change"]) else None,
+                "lo": xa(lo) if lo is not None else None,
+                "tol": xa(-c["tolerance"]) if is_number(c["tolerance"]) else None,
+                "tooltip": (
+                    f"{c['name']}: change {pp(c['change'], 1, True)}, drop bound {pp(c['drop_upper_bound'], 2)}"
+                    f" at {conf(c['confidence'])}, tolerance {pp(c['tolerance'], 2)}: {c['status']}"
+                ),
+            }
+        )
+    return {
+        "width": width,
+        "height": height,
+        "left": left,
+        "right": width - right,
+        "top": top,
+        "bottom": top + row_h * len(caps),
+        "xticks": xa.ticks,
+        "zero": xa(0.0),
+        "rows": out,
+        "row_h": row_h,
+    }
 
 
 def scatter_chart(points: list[dict[str, Any]], *, size: int = 420) -> dict[str, Any]:
@@ -244,11 +305,23 @@ def scatter_chart(points: list[dict[str, Any]], *, size: int = 420) -> dict[str,
     lo = max(0.0, math.floor(lo * 10) / 10)
     xa = _axis([lo, 1.0], margin, size - 12, unit="%", pad=0.0, clamp=(0.0, 1.0))
     ya = _axis([lo, 1.0], size - margin + 12, 12, unit="%", pad=0.0, clamp=(0.0, 1.0))
-    dots = [{"x": xa(p["old"]), "y": ya(p["new"]), "color": p["color"], "tooltip": p["tooltip"]}
-            for p in points if is_number(p["old"]) and is_number(p["new"])]
-    return {"width": size, "height": size, "left": margin, "right": size - 12, "top": 12, "bottom": size - margin + 12,
-            "xticks": xa.ticks, "yticks": ya.ticks, "dots": dots,
-            "diag": (xa(xa.lo), ya(xa.lo), xa(xa.hi), ya(xa.hi))}
+    dots = [
+        {"x": xa(p["old"]), "y": ya(p["new"]), "color": p["color"], "tooltip": p["tooltip"]}
+        for p in points
+        if is_number(p["old"]) and is_number(p["new"])
+    ]
+    return {
+        "width": size,
+        "height": size,
+        "left": margin,
+        "right": size - 12,
+        "top": 12,
+        "bottom": size - margin + 12,
+        "xticks": xa.ticks,
+        "yticks": ya.ticks,
+        "dots": dots,
+        "diag": (xa(xa.lo), ya(xa.lo), xa(xa.hi), ya(xa.hi)),
+    }
 
 
 def heatmap(classes: list[str], old: list[list[int]], new: list[list[int]]) -> dict[str, Any] | None:
@@ -267,9 +340,23 @@ def heatmap(classes: list[str], old: list[list[int]], new: list[list[int]]) -> d
             v = diff[i][j]
             good = v > 0 if i == j else v < 0  # more correct, or fewer confusions
             alpha = 0.0 if v == 0 else 0.15 + 0.75 * abs(v) / vmax
-            cells.append({"x": left + j * cell, "y": top + i * cell, "v": v, "alpha": round(alpha, 3),
-                          "color": "#1a7f37" if good else "#cf222e",
-                          "tooltip": f"true {classes[i]}, predicted {classes[j]}: {old[i][j]} -> {new[i][j]}"})
+            cells.append(
+                {
+                    "x": left + j * cell,
+                    "y": top + i * cell,
+                    "v": v,
+                    "alpha": round(alpha, 3),
+                    "color": "#1a7f37" if good else "#cf222e",
+                    "tooltip": f"true {classes[i]}, predicted {classes[j]}: {old[i][j]} -> {new[i][j]}",
+                }
+            )
     labels = [{"label": clean(c, 16), "full": c, "pos": i * cell + cell / 2} for i, c in enumerate(classes)]
-    return {"width": left + k * cell + 10, "height": top + k * cell + 10, "left": left, "top": top, "cell": cell,
-            "cells": cells, "labels": labels}
+    return {
+        "width": left + k * cell + 10,
+        "height": top + k * cell + 10,
+        "left": left,
+        "top": top,
+        "cell": cell,
+        "cells": cells,
+        "labels": labels,
+    }

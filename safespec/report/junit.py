@@ -32,10 +32,12 @@ def _cap_message(c: dict[str, Any]) -> str:
         needed = f"; needed n {_needed_text(c)}"
     bound = c.get("drop_upper_bound")
     rel = "<=" if is_number(bound) and bound <= c["tolerance"] else ">"
-    return (f"{c['status']}: accuracy {pct(c.get('old_accuracy'))} -> {pct(c.get('new_accuracy'))} "
-            f"({pp(c.get('accuracy_change', sub(c.get('new_accuracy'), c.get('old_accuracy'))), 1, True)}); "
-            f"drop upper bound {pp(bound, 2)} {rel} tolerance {pp(c['tolerance'], 2)} at {conf(c['confidence'])} "
-            f"confidence; n={c['n']}{needed}")
+    return (
+        f"{c['status']}: accuracy {pct(c.get('old_accuracy'))} -> {pct(c.get('new_accuracy'))} "
+        f"({pp(c.get('accuracy_change', sub(c.get('new_accuracy'), c.get('old_accuracy'))), 1, True)}); "
+        f"drop upper bound {pp(bound, 2)} {rel} tolerance {pp(c['tolerance'], 2)} at {conf(c['confidence'])} "
+        f"confidence; n={c['n']}{needed}"
+    )
 
 
 def _target_message(t: dict[str, Any]) -> str:
@@ -48,9 +50,11 @@ def _target_message(t: dict[str, Any]) -> str:
     interval = t.get("improvement_interval")
     iv = f" [{pp(interval[0], 1, True)}, {pp(interval[1], 1, True)}]" if interval else ""
     improvement = t.get("improvement", sub(t.get("new_accuracy"), t.get("old_accuracy")))
-    return (f"goal {'met' if t['goal_met'] else 'not met'}: accuracy {pct(t.get('old_accuracy'))} -> "
-            f"{pct(t.get('new_accuracy'))} ({pp(improvement, 1, True)}{iv}); "
-            f"goal {' and '.join(parts) if parts else 'not recorded'}")
+    return (
+        f"goal {'met' if t['goal_met'] else 'not met'}: accuracy {pct(t.get('old_accuracy'))} -> "
+        f"{pct(t.get('new_accuracy'))} ({pp(improvement, 1, True)}{iv}); "
+        f"goal {' and '.join(parts) if parts else 'not recorded'}"
+    )
 
 
 def render_junit(result: dict[str, Any]) -> str:
@@ -63,29 +67,51 @@ def render_junit(result: dict[str, Any]) -> str:
     failures = sum(1 for c in caps if not _meets(c, require)) + (0 if target["goal_met"] else 1)
     tests = len(caps) + 1
     prov = result.get("provenance") or {}
-    root = ET.Element("testsuites", {"name": "safespec", "tests": str(tests), "failures": str(failures),
-                                     "errors": "0", "time": "0"})
-    suite = ET.SubElement(root, "testsuite", {"name": _x(suite_name), "tests": str(tests), "failures": str(failures),
-                                              "errors": "0", "skipped": "0", "time": "0"})
+    root = ET.Element(
+        "testsuites", {"name": "safespec", "tests": str(tests), "failures": str(failures), "errors": "0", "time": "0"}
+    )
+    suite = ET.SubElement(
+        root,
+        "testsuite",
+        {
+            "name": _x(suite_name),
+            "tests": str(tests),
+            "failures": str(failures),
+            "errors": "0",
+            "skipped": "0",
+            "time": "0",
+        },
+    )
     if prov.get("finished"):
         suite.set("timestamp", _x(prov["finished"]))
     props = ET.SubElement(suite, "properties")
-    for k, v in (("verdict", result["verdict"]), ("require", require), ("method", result.get("method")),
-                 ("spec_digest", spec.get("digest") or prov.get("spec_digest"))):
+    for k, v in (
+        ("verdict", result["verdict"]),
+        ("require", require),
+        ("method", result.get("method")),
+        ("spec_digest", spec.get("digest") or prov.get("spec_digest")),
+    ):
         if v is not None:
             ET.SubElement(props, "property", {"name": k, "value": _x(v)})
     for c in caps:
-        case = ET.SubElement(suite, "testcase", {"classname": _x(f"{suite_name}.protected"),
-                                                 "name": _x(clean(c["name"])), "time": "0"})
+        case = ET.SubElement(
+            suite, "testcase", {"classname": _x(f"{suite_name}.protected"), "name": _x(clean(c["name"])), "time": "0"}
+        )
         msg = _x(_cap_message(c))
         if _meets(c, require):
             ET.SubElement(case, "system-out").text = msg
         else:
             fail = ET.SubElement(case, "failure", {"message": msg, "type": _x(c["status"])})
-            fail.text = msg + f"\nrequired: every protected capability {require}" + (
-                " or certified" if require == "preserved" else "")
-    case = ET.SubElement(suite, "testcase", {"classname": _x(f"{suite_name}.target"),
-                                             "name": _x(f"target {clean(target['class'])}"), "time": "0"})
+            fail.text = (
+                msg
+                + f"\nrequired: every protected capability {require}"
+                + (" or certified" if require == "preserved" else "")
+            )
+    case = ET.SubElement(
+        suite,
+        "testcase",
+        {"classname": _x(f"{suite_name}.target"), "name": _x(f"target {clean(target['class'])}"), "time": "0"},
+    )
     msg = _x(_target_message(target))
     if target["goal_met"]:
         ET.SubElement(case, "system-out").text = msg

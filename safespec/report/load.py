@@ -74,7 +74,9 @@ def _load_trajectory(run_dir: Path, result: dict[str, Any]) -> list[dict[str, An
     name = training.get("trajectory") or "trajectory.jsonl"
     path = _inside(run_dir, name)
     if path is None:
-        raise RunError(f"{run_dir / 'result.json'}: training.trajectory: expected a file inside the run directory (got {name!r})")
+        raise RunError(
+            f"{run_dir / 'result.json'}: training.trajectory: expected a file inside the run directory (got {name!r})"
+        )
     if not path.is_file():
         return []
     by_step: dict[Any, dict[str, Any]] = {}
@@ -224,7 +226,9 @@ def _check_consistency(path: Path, result: dict[str, Any]) -> None:
             )
         all_meet &= meets
     if result["verdict"] == "certified" and not all_meet:
-        raise RunError(f"{path}: verdict: 'certified' contradicts the capabilities (not every one is {require!r} or better)")
+        raise RunError(
+            f"{path}: verdict: 'certified' contradicts the capabilities (not every one is {require!r} or better)"
+        )
     if result["verdict"] == "not_certified" and all_meet:
         raise RunError(f"{path}: verdict: 'not_certified' contradicts the capabilities (every one meets {require!r})")
 

@@ -51,19 +51,37 @@ def _norm_capability(c: dict[str, Any], require: str, index: int) -> dict[str, A
         change = sub(c.get("new_accuracy"), c.get("old_accuracy"))
     per_class = []
     for pc in c.get("per_class") or ():
-        per_class.append({
-            "cls": pc["class"], "n": pc["n"], "old": pc.get("old_accuracy"), "new": pc.get("new_accuracy"),
-            "change": sub(pc.get("new_accuracy"), pc.get("old_accuracy")),
-            "neg": pc.get("negative_flips"), "pos": pc.get("positive_flips"),
-            "drop_upper_bound": pc.get("drop_upper_bound"), "status": pc.get("status"),
-        })
+        per_class.append(
+            {
+                "cls": pc["class"],
+                "n": pc["n"],
+                "old": pc.get("old_accuracy"),
+                "new": pc.get("new_accuracy"),
+                "change": sub(pc.get("new_accuracy"), pc.get("old_accuracy")),
+                "neg": pc.get("negative_flips"),
+                "pos": pc.get("positive_flips"),
+                "drop_upper_bound": pc.get("drop_upper_bound"),
+                "status": pc.get("status"),
+            }
+        )
     meets = _meets(c, require)
     return {
-        "index": index, "name": c["name"], "classes": list(c["classes"]), "status": c["status"], "meets": meets,
-        "tolerance": c["tolerance"], "confidence": c["confidence"], "n": c["n"],
-        "old": c.get("old_accuracy"), "new": c.get("new_accuracy"), "change": change,
-        "drop_upper_bound": c.get("drop_upper_bound"), "new_accuracy_lower": c.get("new_accuracy_lower"),
-        "flip_rate_upper": c.get("flip_rate_upper"), "neg": c.get("negative_flips"), "pos": c.get("positive_flips"),
+        "index": index,
+        "name": c["name"],
+        "classes": list(c["classes"]),
+        "status": c["status"],
+        "meets": meets,
+        "tolerance": c["tolerance"],
+        "confidence": c["confidence"],
+        "n": c["n"],
+        "old": c.get("old_accuracy"),
+        "new": c.get("new_accuracy"),
+        "change": change,
+        "drop_upper_bound": c.get("drop_upper_bound"),
+        "new_accuracy_lower": c.get("new_accuracy_lower"),
+        "flip_rate_upper": c.get("flip_rate_upper"),
+        "neg": c.get("negative_flips"),
+        "pos": c.get("positive_flips"),
         "needed_n": c.get("needed_n"),
         "per_class": per_class if (len(c["classes"]) > 1 or len(per_class) > 1) else [],
     }
@@ -109,12 +127,26 @@ def _flip_groups(run: RunData, per_class: dict[str, dict[str, Any]], target: str
         flips = flips_by_class.get(cls, [])
         shown = []
         for f in flips[:MAX_THUMBS_PER_CLASS]:
-            shown.append({"src": _thumbnail(run.run_dir, f.get("path")), "path": f.get("path") or "",
-                          "source": f.get("source") or "", "old_pred": f.get("old_pred") or "?",
-                          "new_pred": f.get("new_pred") or "?"})
-        groups.append({"cls": cls, "is_target": cls == target, "n": pc.get("n"),
-                       "neg": pc.get("negative_flips", len(flips)), "pos": pc.get("positive_flips"),
-                       "thumbs": shown, "more": max(0, len(flips) - len(shown))})
+            shown.append(
+                {
+                    "src": _thumbnail(run.run_dir, f.get("path")),
+                    "path": f.get("path") or "",
+                    "source": f.get("source") or "",
+                    "old_pred": f.get("old_pred") or "?",
+                    "new_pred": f.get("new_pred") or "?",
+                }
+            )
+        groups.append(
+            {
+                "cls": cls,
+                "is_target": cls == target,
+                "n": pc.get("n"),
+                "neg": pc.get("negative_flips", len(flips)),
+                "pos": pc.get("positive_flips"),
+                "thumbs": shown,
+                "more": max(0, len(flips) - len(shown)),
+            }
+        )
     groups.sort(key=lambda g: -(g["neg"] or 0))
     return groups
 
@@ -123,7 +155,7 @@ def _traj_series(traj: list[dict[str, Any]], key: str) -> dict[str, list[tuple[A
     """Per-name series of a dict-valued trajectory field (constraints, u, multipliers, val_accuracy)."""
     names: list[str] = []
     for t in traj:
-        for k in (t.get(key) or {}):
+        for k in t.get(key) or {}:
             if k not in names:
                 names.append(k)
     return {k: [(t["step"], (t.get(key) or {}).get(k)) for t in traj] for k in names}
@@ -145,7 +177,11 @@ def _aggregate_series(series: dict[str, list[tuple[Any, Any]]]) -> list[dict[str
         rows.append((x, vals))
     return [
         {"label": "max over capabilities", "color": "#cf222e", "points": [(x, max(v) if v else None) for x, v in rows]},
-        {"label": "90th percentile", "color": "#bc4c00", "points": [(x, _quantile(v, 0.9) if v else None) for x, v in rows]},
+        {
+            "label": "90th percentile",
+            "color": "#bc4c00",
+            "points": [(x, _quantile(v, 0.9) if v else None) for x, v in rows],
+        },
         {"label": "median", "color": "#0969da", "points": [(x, _quantile(v, 0.5) if v else None) for x, v in rows]},
     ]
 
@@ -163,8 +199,14 @@ def _value_at(points: list[tuple[Any, Any]], step: Any) -> float:
 
 def _training_charts(traj: list[dict[str, Any]], selected: Any) -> dict[str, Any]:
     vline = selected if is_number(selected) else None
-    charts: dict[str, Any] = {"constraints": [], "constraints_aggregate": None, "constraints_total": 0,
-                              "target": None, "loss": None, "duals": []}
+    charts: dict[str, Any] = {
+        "constraints": [],
+        "constraints_aggregate": None,
+        "constraints_total": 0,
+        "target": None,
+        "loss": None,
+        "duals": [],
+    }
     if not traj:
         return charts
     target = [(t["step"], t.get("target_metric")) for t in traj]
@@ -172,33 +214,58 @@ def _training_charts(traj: list[dict[str, Any]], selected: Any) -> dict[str, Any
         lines = [{"label": "target metric", "points": target, "dots": len(traj) <= 40}]
         calibrated = [(t["step"], t.get("target_calibrated")) for t in traj]
         if any(is_number(y) for _, y in calibrated):  # optimize.calibrate: the selection score beside the raw one
-            lines.append({"label": "with the calibrated offset", "points": calibrated, "color": "#1a7f37",
-                          "dots": len(traj) <= 40})
+            lines.append(
+                {
+                    "label": "with the calibrated offset",
+                    "points": calibrated,
+                    "color": "#1a7f37",
+                    "dots": len(traj) <= 40,
+                }
+            )
         charts["target"] = line_chart(lines, width=480, height=210, vline=vline, y_label="target metric")
     loss = [(t["step"], t.get("train_loss")) for t in traj]
     if any(is_number(y) for _, y in loss):
-        charts["loss"] = line_chart([{"label": "training loss", "points": loss, "color": "#6e7781"}],
-                                    width=480, height=210, vline=vline, y_label="training loss")
+        charts["loss"] = line_chart(
+            [{"label": "training loss", "points": loss, "color": "#6e7781"}],
+            width=480,
+            height=210,
+            vline=vline,
+            y_label="training loss",
+        )
     cons = _traj_series(traj, "constraints")
     charts["constraints_total"] = len(cons)
     if cons:
         ranked = sorted(cons, key=lambda k: -_value_at(cons[k], selected))
         if len(cons) > MAX_SMALL_MULTIPLES:
             charts["constraints_aggregate"] = line_chart(
-                _aggregate_series(cons), width=1000, height=240, vline=vline,
-                hlines=[(0.0, "limit (0)", "#cf222e")], y_label="L_k(new) - L_k(old) - slack")
+                _aggregate_series(cons),
+                width=1000,
+                height=240,
+                vline=vline,
+                hlines=[(0.0, "limit (0)", "#cf222e")],
+                y_label="L_k(new) - L_k(old) - slack",
+            )
             ranked = ranked[:MAX_SMALL_MULTIPLES]
         else:
             ranked = list(cons)  # spec order when all of them fit
         for name in ranked:
             pts = cons[name]
             at = _value_at(pts, selected)
-            charts["constraints"].append({
-                "name": name, "at_selected": at if math.isfinite(at) else None,
-                "steps_above": sum(1 for _, y in pts if is_number(y) and y > 0), "evals": len(pts),
-                "chart": line_chart([{"label": name, "points": pts, "color": "#0969da"}], width=240, height=140,
-                                    vline=vline, hlines=[(0.0, "", "#cf222e")]),
-            })
+            charts["constraints"].append(
+                {
+                    "name": name,
+                    "at_selected": at if math.isfinite(at) else None,
+                    "steps_above": sum(1 for _, y in pts if is_number(y) and y > 0),
+                    "evals": len(pts),
+                    "chart": line_chart(
+                        [{"label": name, "points": pts, "color": "#0969da"}],
+                        width=240,
+                        height=140,
+                        vline=vline,
+                        hlines=[(0.0, "", "#cf222e")],
+                    ),
+                }
+            )
     for key, label in (("u", "moving-average constraint estimates u_k"), ("multipliers", "Lagrange multipliers")):
         ser = _traj_series(traj, key)
         if not ser:
@@ -209,8 +276,14 @@ def _training_charts(traj: list[dict[str, Any]], selected: Any) -> dict[str, Any
         else:
             lines = [{"label": k, "points": v} for k, v in ser.items()]
             legend_note = ""
-        chart = line_chart(lines, width=1000, height=240, vline=vline, y_label=label,
-                           hlines=[(0.0, "", "#8c959f")] if key == "u" else ())
+        chart = line_chart(
+            lines,
+            width=1000,
+            height=240,
+            vline=vline,
+            y_label=label,
+            hlines=[(0.0, "", "#8c959f")] if key == "u" else (),
+        )
         charts["duals"].append({"title": label, "chart": chart, "note": legend_note})
     return charts
 
@@ -227,8 +300,14 @@ def build_context(run: RunData) -> dict[str, Any]:
     spec = r.get("spec") or {}
     target = dict(r["target"])
     target_class = target["class"]
-    for key in ("n", "confidence", "improvement_interval", "new_accuracy_interval", "improvement",
-                "goal_met_with_confidence"):
+    for key in (
+        "n",
+        "confidence",
+        "improvement_interval",
+        "new_accuracy_interval",
+        "improvement",
+        "goal_met_with_confidence",
+    ):
         target.setdefault(key, None)
     if not is_number(target["improvement"]):
         target["improvement"] = sub(target.get("new_accuracy"), target.get("old_accuracy"))
@@ -249,29 +328,38 @@ def build_context(run: RunData) -> dict[str, Any]:
         status = status_of.get(pc["class"])
         row["color"] = STATUS_COLORS.get(status, STATUS_COLORS[None])
         row["tag"] = "target" if pc["class"] == target_class else (status or "not protected")
-        row["tooltip"] = (f"{pc['class']} ({row['tag']}): {pct(row['old'])} -> {pct(row['new'])}, n={n}; "
-                          f"95% Wilson old [{pct(row['old_lo'])}, {pct(row['old_hi'])}], "
-                          f"new [{pct(row['new_lo'])}, {pct(row['new_hi'])}]")
+        row["tooltip"] = (
+            f"{pc['class']} ({row['tag']}): {pct(row['old'])} -> {pct(row['new'])}, n={n}; "
+            f"95% Wilson old [{pct(row['old_lo'])}, {pct(row['old_hi'])}], "
+            f"new [{pct(row['new_lo'])}, {pct(row['new_hi'])}]"
+        )
         rows.append(row)
     many_classes = len(rows) > MAX_ROWS_PER_CHART
     if many_classes:
-        scatter = scatter_chart([{"old": x["old"], "new": x["new"], "color": x["color"], "tooltip": x["tooltip"]}
-                                 for x in rows])
-        worst = sorted((x for x in rows if is_number(x["old"]) and is_number(x["new"])),
-                       key=lambda x: x["new"] - x["old"])[:MAX_ROWS_PER_CHART]
+        scatter = scatter_chart(
+            [{"old": x["old"], "new": x["new"], "color": x["color"], "tooltip": x["tooltip"]} for x in rows]
+        )
+        worst = sorted(
+            (x for x in rows if is_number(x["old"]) and is_number(x["new"])), key=lambda x: x["new"] - x["old"]
+        )[:MAX_ROWS_PER_CHART]
         interval = interval_chart(worst) if worst else None
     else:
         scatter = None
         interval = interval_chart(rows) if rows else None
 
     # With hundreds of capabilities the ones a reviewer must act on would drown in spec order: list them first.
-    table_caps = caps if len(caps) <= MAX_ROWS_PER_CHART else (
-        [c for c in caps if not c["meets"]] + [c for c in caps if c["meets"]])
+    table_caps = (
+        caps
+        if len(caps) <= MAX_ROWS_PER_CHART
+        else ([c for c in caps if not c["meets"]] + [c for c in caps if c["meets"]])
+    )
     forest_caps = caps
     if len(caps) > MAX_ROWS_PER_CHART:
+
         def margin(c: dict[str, Any]) -> float:
             b = c["drop_upper_bound"]
             return (b - c["tolerance"]) if is_number(b) else math.inf
+
         forest_caps = sorted(caps, key=margin, reverse=True)[:MAX_ROWS_PER_CHART]
     forest = forest_chart(forest_caps) if forest_caps else None
 
@@ -283,22 +371,39 @@ def build_context(run: RunData) -> dict[str, Any]:
     for b in r.get("baselines") or ():
         by_name = {c["name"]: c for c in b.get("capabilities") or ()}
         bt = b.get("target") or {}
-        baselines.append({"method": b["method"], "verdict": b.get("verdict"), "error": b.get("error"),
-                          "caps": by_name, "target_old": bt.get("old_accuracy"), "target_new": bt.get("new_accuracy"),
-                          "goal_met": bt.get("goal_met")})
+        baselines.append(
+            {
+                "method": b["method"],
+                "verdict": b.get("verdict"),
+                "error": b.get("error"),
+                "caps": by_name,
+                "target_old": bt.get("old_accuracy"),
+                "target_new": bt.get("new_accuracy"),
+                "goal_met": bt.get("goal_met"),
+            }
+        )
 
     # Per-class table (appendix): every class, with its role.
     cap_of = {cls: c["name"] for c in caps for cls in c["classes"]}
     class_table = []
     for pc in per_class_rows:
         cls = pc["class"]
-        class_table.append({
-            "cls": cls, "role": "target" if cls == target_class else ("protected" if cls in cap_of else "not protected"),
-            "capability": cap_of.get(cls, ""), "n": pc["n"], "old": pc.get("old_accuracy"), "new": pc.get("new_accuracy"),
-            "change": sub(pc.get("new_accuracy"), pc.get("old_accuracy")), "old_loss": pc.get("old_loss"),
-            "new_loss": pc.get("new_loss"), "neg": pc.get("negative_flips"), "pos": pc.get("positive_flips"),
-            "status": status_of.get(cls),
-        })
+        class_table.append(
+            {
+                "cls": cls,
+                "role": "target" if cls == target_class else ("protected" if cls in cap_of else "not protected"),
+                "capability": cap_of.get(cls, ""),
+                "n": pc["n"],
+                "old": pc.get("old_accuracy"),
+                "new": pc.get("new_accuracy"),
+                "change": sub(pc.get("new_accuracy"), pc.get("old_accuracy")),
+                "old_loss": pc.get("old_loss"),
+                "new_loss": pc.get("new_loss"),
+                "neg": pc.get("negative_flips"),
+                "pos": pc.get("positive_flips"),
+                "status": status_of.get(cls),
+            }
+        )
 
     confusion_data = r.get("confusion") or {}
     confusion = None
@@ -310,22 +415,48 @@ def build_context(run: RunData) -> dict[str, Any]:
     tolerances = sorted({c["tolerance"] for c in caps})
     trajectory_name = training.get("trajectory") or "trajectory.jsonl"
     return {
-        "caps": caps, "table_caps": table_caps, "table_reordered": table_caps is not caps,
-        "n_protected_classes": len({cls for c in caps for cls in c["classes"]}), "counts": counts, "met": met, "require": require,
-        "verdict": r["verdict"], "certified": r["verdict"] == "certified",
+        "caps": caps,
+        "table_caps": table_caps,
+        "table_reordered": table_caps is not caps,
+        "n_protected_classes": len({cls for c in caps for cls in c["classes"]}),
+        "counts": counts,
+        "met": met,
+        "require": require,
+        "verdict": r["verdict"],
+        "certified": r["verdict"] == "certified",
         "not_met": [c for c in caps if not c["meets"]],
         "spec": {k: spec.get(k) for k in ("name", "title", "description", "path", "digest", "text")},
         "title": spec.get("title") or spec.get("name") or "safespec run",
-        "method": r["method"], "target": target, "goal": goal, "target_class": target_class,
-        "interval": interval, "scatter": scatter, "many_classes": many_classes, "n_classes": len(rows),
-        "forest": forest, "forest_partial": len(forest_caps) < len(caps),
-        "charts": charts, "trajectory_len": len(run.trajectory), "trajectory_name": trajectory_name,
-        "flip_groups": _flip_groups(run, per_class, target_class), "n_flips": len(r.get("flips") or ()),
-        "baselines": baselines, "selection": selection, "training": training, "class_table": class_table,
-        "confusion": confusion, "statistics": r.get("statistics") or {}, "prov": prov,
-        "old_model": prov.get("old_model") or {}, "new_model": prov.get("new_model") or {},
-        "data_digests": prov.get("data") or {}, "versions": prov.get("versions") or {},
-        "confidences": confidences, "tolerances": tolerances, "status_colors": STATUS_COLORS,
-        "statuses": STATUSES, "display_confidence": DISPLAY_CONFIDENCE,
+        "method": r["method"],
+        "target": target,
+        "goal": goal,
+        "target_class": target_class,
+        "interval": interval,
+        "scatter": scatter,
+        "many_classes": many_classes,
+        "n_classes": len(rows),
+        "forest": forest,
+        "forest_partial": len(forest_caps) < len(caps),
+        "charts": charts,
+        "trajectory_len": len(run.trajectory),
+        "trajectory_name": trajectory_name,
+        "flip_groups": _flip_groups(run, per_class, target_class),
+        "n_flips": len(r.get("flips") or ()),
+        "baselines": baselines,
+        "selection": selection,
+        "training": training,
+        "class_table": class_table,
+        "confusion": confusion,
+        "statistics": r.get("statistics") or {},
+        "prov": prov,
+        "old_model": prov.get("old_model") or {},
+        "new_model": prov.get("new_model") or {},
+        "data_digests": prov.get("data") or {},
+        "versions": prov.get("versions") or {},
+        "confidences": confidences,
+        "tolerances": tolerances,
+        "status_colors": STATUS_COLORS,
+        "statuses": STATUSES,
+        "display_confidence": DISPLAY_CONFIDENCE,
         "run_dir_name": run.run_dir.resolve().name,
     }

@@ -29,8 +29,13 @@ def _file_problems(spec: Spec, doc: _Doc, base: Path) -> list[str]:
             elif not os.access(resolved, os.R_OK | os.X_OK):
                 lines.append(doc.line(loc, f"folder is not readable: {resolved}"))
         elif allow_dir and resolved.suffix.lower() != ".csv":
-            lines.append(doc.line(loc, f"must be a CSV manifest (.csv) or a folder with one sub-folder per class "
-                                       f"(got {resolved.name!r}): {resolved}"))
+            lines.append(
+                doc.line(
+                    loc,
+                    f"must be a CSV manifest (.csv) or a folder with one sub-folder per class "
+                    f"(got {resolved.name!r}): {resolved}",
+                )
+            )
         else:
             try:
                 with open(resolved, "rb") as f:

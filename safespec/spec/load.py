@@ -23,8 +23,15 @@ def _validate(doc: _Doc) -> Spec:
     version = data.get("safespec", SPEC_VERSION) if isinstance(data, dict) else SPEC_VERSION
     if type(version) is not int or version != SPEC_VERSION:
         # A spec of another language version: its other keys cannot be judged, so say only this.
-        raise SpecError([doc.line(("safespec",), f"unsupported spec language version {_show(version)}; this safespec "
-                                                 f"reads version {SPEC_VERSION} (write 'safespec: {SPEC_VERSION}')")])
+        raise SpecError(
+            [
+                doc.line(
+                    ("safespec",),
+                    f"unsupported spec language version {_show(version)}; this safespec "
+                    f"reads version {SPEC_VERSION} (write 'safespec: {SPEC_VERSION}')",
+                )
+            ]
+        )
     try:
         return Spec.model_validate(data)
     except ValidationError as e:
@@ -52,8 +59,9 @@ def _load(path: str | os.PathLike, check_files: bool) -> tuple[Spec, _Doc, Path]
     return spec, doc, base
 
 
-def parse_spec(text: str | bytes, *, filename: str = "<spec>", base: str | os.PathLike | None = None,
-               check_files: bool = False) -> Spec:
+def parse_spec(
+    text: str | bytes, *, filename: str = "<spec>", base: str | os.PathLike | None = None, check_files: bool = False
+) -> Spec:
     """Validate spec text that is not (or not only) a file, e.g. an embedded spec; errors name ``filename``.
 
     With ``base`` the relative paths are resolved against it (and checked, with ``check_files``)."""

@@ -123,13 +123,20 @@ def _show(v: Any) -> str:
 
 # ------------------------------------------------------------------------------------------- messages
 _TYPE_WORDS = {
-    "int_type": "must be a whole number", "int_parsing": "must be a whole number",
-    "int_from_float": "must be a whole number", "float_type": "must be a number",
-    "float_parsing": "must be a number", "finite_number": "must be a finite number",
-    "bool_type": "must be true or false", "bool_parsing": "must be true or false",
-    "string_type": "must be a string", "list_type": "must be a list",
-    "dict_type": "must be a mapping of keys to values", "model_type": "must be a mapping of keys to values",
-    "model_attributes_type": "must be a mapping of keys to values", "path_type": "must be a file path (a string)",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping of keys to values",
+    "model_type": "must be a mapping of keys to values",
+    "model_attributes_type": "must be a mapping of keys to values",
+    "path_type": "must be a file path (a string)",
 }
 _PATTERN_WORDS = {
     ("name",): "must start with a letter or digit and use only letters, digits, '.', '_' and '-'",
@@ -261,12 +268,22 @@ def _validation_lines(exc: ValidationError, doc: _Doc) -> list[str]:
             message = " or ".join(dict.fromkeys(p.removeprefix("must be ") for p in parts))
             chosen = []
             mark = doc.mark(loc)
-            entries.append(((mark.line if mark else 0), (mark.column if mark else 0),
-                            _format(doc.display, mark, loc, f"must be {message} (got {_show(value)})")))
+            entries.append(
+                (
+                    (mark.line if mark else 0),
+                    (mark.column if mark else 0),
+                    _format(doc.display, mark, loc, f"must be {message} (got {_show(value)})"),
+                )
+            )
         for e in chosen:
             mark = doc.mark(loc)
-            entries.append(((mark.line if mark else 0), (mark.column if mark else 0),
-                            _format(doc.display, mark, loc, _message(e, loc, doc))))
+            entries.append(
+                (
+                    (mark.line if mark else 0),
+                    (mark.column if mark else 0),
+                    _format(doc.display, mark, loc, _message(e, loc, doc)),
+                )
+            )
     entries.sort(key=lambda t: (t[0], t[1]))
     return list(dict.fromkeys(line for _, _, line in entries))
 

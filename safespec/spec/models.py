@@ -79,14 +79,34 @@ class HeadsSpec(_Strict):
 class ModelSpec(_Strict):
     """The old model: an open_clip architecture plus exactly one source of weights."""
 
-    arch: str = Field(..., min_length=1, description="open_clip architecture name, e.g. 'ViT-B-16' or a shipped config such as 'safespec-tiny-vit'.")
-    pretrained: str | None = Field(None, description="open_clip pretrained tag (e.g. 'openai', 'laion2b_s34b_b88k') or an 'hf-hub:org/name' model.")
-    checkpoint: SpecPath | None = Field(None, description="Local checkpoint of the old model (.safetensors, or a torch file loadable with weights_only=True). Relative to the spec file.")
+    arch: str = Field(
+        ...,
+        min_length=1,
+        description="open_clip architecture name, e.g. 'ViT-B-16' or a shipped config such as 'safespec-tiny-vit'.",
+    )
+    pretrained: str | None = Field(
+        None, description="open_clip pretrained tag (e.g. 'openai', 'laion2b_s34b_b88k') or an 'hf-hub:org/name' model."
+    )
+    checkpoint: SpecPath | None = Field(
+        None,
+        description="Local checkpoint of the old model (.safetensors, or a torch file loadable with weights_only=True). Relative to the spec file.",
+    )
     heads: HeadsSpec = Field(default_factory=HeadsSpec, description="Task-dependent heads.")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N' or 'mps'.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision for training and evaluation on accelerators; CPU runs use fp32.")
-    freeze: list[Literal["image", "text"]] = Field(default_factory=list, description="Towers kept frozen; their features are computed once and cached.")
-    target_tower: bool = Field(False, description="Give the target class its own copy of the image tower and train only that: every other class's logit stays exactly the old model's, so the only decisions the cycle can change are those into and out of the target class (docs/spec.md).")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+        description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N' or 'mps'.",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast precision for training and evaluation on accelerators; CPU runs use fp32."
+    )
+    freeze: list[Literal["image", "text"]] = Field(
+        default_factory=list, description="Towers kept frozen; their features are computed once and cached."
+    )
+    target_tower: bool = Field(
+        False,
+        description="Give the target class its own copy of the image tower and train only that: every other class's logit stays exactly the old model's, so the only decisions the cycle can change are those into and out of the target class (docs/spec.md).",
+    )
 
     @field_validator("freeze")
     @classmethod
@@ -101,7 +121,9 @@ class ModelSpec(_Strict):
         if self.pretrained is not None and self.checkpoint is not None:
             raise _rule(("checkpoint",), "give either 'pretrained' or 'checkpoint', not both")
         if self.pretrained is None and self.checkpoint is None:
-            raise _rule((), "needs the old model's weights: 'pretrained' (an open_clip tag) or 'checkpoint' (a local file)")
+            raise _rule(
+                (), "needs the old model's weights: 'pretrained' (an open_clip tag) or 'checkpoint' (a local file)"
+            )
         return self
 
 
@@ -109,8 +131,14 @@ class ModelSpec(_Strict):
 class ClassesSpec(_Strict):
     """The task: its class names and the prompt templates that turn a class name into text."""
 
-    names: list[str] = Field(..., min_length=2, description="Class names, in label order. Labels in manifests use these names.")
-    templates: list[str] = Field(["a photo of a {}."], min_length=1, description="Prompt templates; '{}' (exactly once, no other braces) is replaced by the class name. Embeddings are averaged over templates.")
+    names: list[str] = Field(
+        ..., min_length=2, description="Class names, in label order. Labels in manifests use these names."
+    )
+    templates: list[str] = Field(
+        ["a photo of a {}."],
+        min_length=1,
+        description="Prompt templates; '{}' (exactly once, no other braces) is replaced by the class name. Embeddings are averaged over templates.",
+    )
 
     @field_validator("names")
     @classmethod
@@ -131,7 +159,10 @@ class ClassesSpec(_Strict):
     def _placeholder(cls, v: list[str]) -> list[str]:
         for j, t in enumerate(v):
             if t.count("{}") != 1 or t.count("{") != 1 or t.count("}") != 1:
-                raise _rule((j,), f"a template needs exactly one '{{}}' placeholder for the class name and no other braces (got {t!r})")
+                raise _rule(
+                    (j,),
+                    f"a template needs exactly one '{{}}' placeholder for the class name and no other braces (got {t!r})",
+                )
         return v
 
 
@@ -140,38 +171,71 @@ class DataSpec(_Strict):
     """Where the images are. Each split is a CSV manifest (``path,label[,caption]``, paths relative to
     the manifest) or a folder with one sub-folder per class. Paths are relative to the spec file."""
 
-    protected: SpecPath = Field(..., description="Protected store S_k: stored examples of the protected classes (the constraints' data).")
-    target: SpecPath = Field(..., description="Target training set: rows of the target class are positives, other rows negatives; an optional caption column.")
+    protected: SpecPath = Field(
+        ..., description="Protected store S_k: stored examples of the protected classes (the constraints' data)."
+    )
+    target: SpecPath = Field(
+        ...,
+        description="Target training set: rows of the target class are positives, other rows negatives; an optional caption column.",
+    )
     validation: SpecPath = Field(..., description="Validation split for checkpoint selection (all classes).")
     heldout: SpecPath = Field(..., description="Held-out certification split; never seen by training or selection.")
-    base: SpecPath | None = Field(None, description="Optional: the old model's own training set (used only by the oracle baseline).")
+    base: SpecPath | None = Field(
+        None, description="Optional: the old model's own training set (used only by the oracle baseline)."
+    )
 
 
 # -------------------------------------------------------------------------------------------- protect
 class ConstraintSpec(_Strict):
     """The training constraint that enforces a capability: L_k(new) - L_k(old) <= slack."""
 
-    metric: Literal["loss", "smooth-accuracy", "distill", "focal-distill"] = Field("loss", description="'loss': mean cross-entropy on the store (the paper); 'smooth-accuracy': a sigmoid-margin accuracy proxy; 'distill': the KL divergence from the old model's class probabilities (at optimize.constraint_tau) to the new one's, which moves when a memorised image's whole prediction moves, not only its true class; 'focal-distill': the same divergence weighted 6x on the images the old model gets right (positive-congruent training).")
-    slack: float = Field(0.0, ge=0.0, le=10.0, description="Allowed increase of the metric over the old model's value, in the metric's units (0 = strict; 'distill' needs a slack > 0, in nats).")
+    metric: Literal["loss", "smooth-accuracy", "distill", "focal-distill"] = Field(
+        "loss",
+        description="'loss': mean cross-entropy on the store (the paper); 'smooth-accuracy': a sigmoid-margin accuracy proxy; 'distill': the KL divergence from the old model's class probabilities (at optimize.constraint_tau) to the new one's, which moves when a memorised image's whole prediction moves, not only its true class; 'focal-distill': the same divergence weighted 6x on the images the old model gets right (positive-congruent training).",
+    )
+    slack: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="Allowed increase of the metric over the old model's value, in the metric's units (0 = strict; 'distill' needs a slack > 0, in nats).",
+    )
 
     @model_validator(mode="after")
     def _distill_slack(self) -> ConstraintSpec:
         # KL(old || new) is 0 only at the old model itself: a strict 'distill' constraint would forbid every
         # change, so it fails here rather than as a run that never moves
         if self.metric in ("distill", "focal-distill") and self.slack <= 0.0:
-            raise _rule(("slack",), f"metric {self.metric!r} bounds the divergence from the old model, which is 0 only for the old model itself; give a slack > 0 (nats per image, e.g. 0.02)")
+            raise _rule(
+                ("slack",),
+                f"metric {self.metric!r} bounds the divergence from the old model, which is 0 only for the old model itself; give a slack > 0 (nats per image, e.g. 0.02)",
+            )
         return self
 
 
 class ProtectSpec(_Strict):
     """One protected capability: the classes it covers and how much held-out accuracy it may lose."""
 
-    name: str | None = Field(None, description="Name shown in the report; defaults to the class name (or the classes joined by '+').")
-    classes: list[str] | Literal["others"] = Field(..., description="Classes of this capability, or 'others' for every class except the target.")
-    each: bool = Field(False, description="Expand into one capability per class (e.g. 364 classes of Places365, one entry).")
-    tolerance: float = Field(..., ge=0.0, le=1.0, description="Largest accepted drop of held-out accuracy (non-inferiority margin), e.g. 0.03.")
-    confidence: float | None = Field(None, gt=0.5, lt=1.0, description="Confidence of this capability's certificate; defaults to certify.confidence.")
-    constraint: ConstraintSpec = Field(default_factory=ConstraintSpec, description="The training constraint that enforces it.")
+    name: str | None = Field(
+        None, description="Name shown in the report; defaults to the class name (or the classes joined by '+')."
+    )
+    classes: list[str] | Literal["others"] = Field(
+        ..., description="Classes of this capability, or 'others' for every class except the target."
+    )
+    each: bool = Field(
+        False, description="Expand into one capability per class (e.g. 364 classes of Places365, one entry)."
+    )
+    tolerance: float = Field(
+        ...,
+        ge=0.0,
+        le=1.0,
+        description="Largest accepted drop of held-out accuracy (non-inferiority margin), e.g. 0.03.",
+    )
+    confidence: float | None = Field(
+        None, gt=0.5, lt=1.0, description="Confidence of this capability's certificate; defaults to certify.confidence."
+    )
+    constraint: ConstraintSpec = Field(
+        default_factory=ConstraintSpec, description="The training constraint that enforces it."
+    )
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -195,8 +259,12 @@ class ProtectSpec(_Strict):
 class GoalSpec(_Strict):
     """What counts as success on the target; both may be given, then both must hold."""
 
-    min_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="Held-out accuracy the new model must reach on the target class.")
-    min_improvement: float | None = Field(None, ge=-1.0, le=1.0, description="Held-out accuracy gain over the old model the target must reach.")
+    min_accuracy: float | None = Field(
+        None, ge=0.0, le=1.0, description="Held-out accuracy the new model must reach on the target class."
+    )
+    min_improvement: float | None = Field(
+        None, ge=-1.0, le=1.0, description="Held-out accuracy gain over the old model the target must reach."
+    )
 
     @model_validator(mode="after")
     def _some(self) -> GoalSpec:
@@ -209,7 +277,9 @@ class TargetSpec(_Strict):
     """The task to improve (or add)."""
 
     class_: str = Field(..., alias="class", description="The class to improve; must be in classes.names.")
-    goal: GoalSpec = Field(default_factory=lambda: GoalSpec(min_improvement=0.0), description="The target's success criterion.")
+    goal: GoalSpec = Field(
+        default_factory=lambda: GoalSpec(min_improvement=0.0), description="The target's success criterion."
+    )
 
 
 # ------------------------------------------------------------------------------------------- optimize
@@ -225,67 +295,120 @@ class BatchSpec(_Strict):
 class PenaltySpec(_Strict):
     """Settings of the paper's quadratic penalty method."""
 
-    beta: float = Field(100.0, gt=0.0, description="Penalty weight beta (100 for BDD100K, 1000 for Places365 in the paper).")
-    schedule: Literal["constant", "cosine"] = Field("constant", description="Constant beta, or a cosine increase from 0 to beta over training.")
-    form: Literal["squared-hinge", "hinge"] = Field("squared-hinge", description="(beta/2)[u]_+^2 as in the paper, or the hinge beta*[u]_+.")
+    beta: float = Field(
+        100.0, gt=0.0, description="Penalty weight beta (100 for BDD100K, 1000 for Places365 in the paper)."
+    )
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="Constant beta, or a cosine increase from 0 to beta over training."
+    )
+    form: Literal["squared-hinge", "hinge"] = Field(
+        "squared-hinge", description="(beta/2)[u]_+^2 as in the paper, or the hinge beta*[u]_+."
+    )
 
 
 class LagrangianSpec(_Strict):
     """Settings of the exact-multiplier (Lagrangian) method."""
 
     multiplier_lr: float = Field(10.0, gt=0.0, description="Step size of the multipliers' ascent.")
-    rho: float = Field(0.0, ge=0.0, description="Augmented-Lagrangian quadratic term (0 = plain gradient descent-ascent).")
+    rho: float = Field(
+        0.0, ge=0.0, description="Augmented-Lagrangian quadratic term (0 = plain gradient descent-ascent)."
+    )
     max_multiplier: float = Field(1e4, gt=0.0, description="Cap on each multiplier, a guard against runaway ascent.")
 
 
 class WiseFTSpec(_Strict):
     """Settings of the WiSE-FT baseline (weight interpolation between the old model and a fine-tune)."""
 
-    grid: int = Field(11, ge=2, le=101, description="Mixing weights tried between the old model (0) and the fine-tune (1).")
+    grid: int = Field(
+        11, ge=2, le=101, description="Mixing weights tried between the old model (0) and the fine-tune (1)."
+    )
 
 
 class CalibrateSpec(_Strict):
     """The target's decision offset, chosen on validation at every evaluation (docs/selection.md)."""
 
-    target_offset: bool = Field(False, description="Choose an offset of the target's logit on validation at every evaluation: the largest whose candidate stays admissible under optimize.select; checkpoints are then compared at their offsets.")
+    target_offset: bool = Field(
+        False,
+        description="Choose an offset of the target's logit on validation at every evaluation: the largest whose candidate stays admissible under optimize.select; checkpoints are then compared at their offsets.",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _moved(cls, v: Any) -> Any:
         if isinstance(v, dict) and "max_drop" in v:
-            raise _rule(("max_drop",), "was replaced by optimize.select.min_certify_probability (a flip-count rule "
-                                       "meant something different at every validation size); remove it")
+            raise _rule(
+                ("max_drop",),
+                "was replaced by optimize.select.min_certify_probability (a flip-count rule "
+                "meant something different at every validation size); remove it",
+            )
         return v
 
 
 class SelectSpec(_Strict):
     """How checkpoints (and target offsets) are chosen on validation (docs/selection.md)."""
 
-    min_certify_probability: float = Field(0.8, ge=0.5, lt=1.0, description="A candidate is admissible when its validation evidence predicts, with at least this probability, that every protected capability passes the held-out certificate; the best target among admissible candidates is selected.")
+    min_certify_probability: float = Field(
+        0.8,
+        ge=0.5,
+        lt=1.0,
+        description="A candidate is admissible when its validation evidence predicts, with at least this probability, that every protected capability passes the held-out certificate; the best target among admissible candidates is selected.",
+    )
 
 
 class OptimizeSpec(_Strict):
     """The optimizer: the paper's penalty method, exact multipliers, or a baseline, with the paper's defaults."""
 
-    method: Literal["penalty", "lagrangian", "unconstrained", "replay", "wise-ft"] = Field("penalty", description="'penalty' (the paper), 'lagrangian' (exact multipliers), or the baselines 'unconstrained', 'replay', 'wise-ft'.")
-    objective: Literal["contrastive", "ce"] = Field("contrastive", description="Target objective: the one-way contrastive loss (method.md section 4) or cross-entropy.")
-    baselines: list[Literal["unconstrained", "replay", "wise-ft"]] = Field(default_factory=list, description="Baselines also run, certified and shown side by side in the report.")
+    method: Literal["penalty", "lagrangian", "unconstrained", "replay", "wise-ft"] = Field(
+        "penalty",
+        description="'penalty' (the paper), 'lagrangian' (exact multipliers), or the baselines 'unconstrained', 'replay', 'wise-ft'.",
+    )
+    objective: Literal["contrastive", "ce"] = Field(
+        "contrastive",
+        description="Target objective: the one-way contrastive loss (method.md section 4) or cross-entropy.",
+    )
+    baselines: list[Literal["unconstrained", "replay", "wise-ft"]] = Field(
+        default_factory=list, description="Baselines also run, certified and shown side by side in the report."
+    )
     steps: int = Field(600, ge=1, description="Training steps.")
     seed: int = Field(0, ge=0, description="Seed for sampling, initialisation of heads and everything random.")
     lr: float = Field(1e-6, gt=0.0, description="AdamW learning rate.")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay.")
     warmup_steps: int = Field(500, ge=0, description="Linear warm-up steps before cosine decay.")
-    batch: BatchSpec = Field(default_factory=BatchSpec, description="Batch sizes and the class-balanced protected batch.")
-    gamma: float = Field(0.8, gt=0.0, le=1.0, description="Moving-average weight of the constraint estimates u_k (and the contrastive inner means).")
+    batch: BatchSpec = Field(
+        default_factory=BatchSpec, description="Batch sizes and the class-balanced protected batch."
+    )
+    gamma: float = Field(
+        0.8,
+        gt=0.0,
+        le=1.0,
+        description="Moving-average weight of the constraint estimates u_k (and the contrastive inner means).",
+    )
     constraint_tau: float = Field(0.05, gt=0.0, description="Temperature of the zero-shot logits in the constraints.")
-    temperature: float = Field(0.05, gt=0.0, description="Temperature of the target objective: the contrastive loss, or the logits of the CE objective (kept apart from constraint_tau, so softening the constraints does not soften the target).")
+    temperature: float = Field(
+        0.05,
+        gt=0.0,
+        description="Temperature of the target objective: the contrastive loss, or the logits of the CE objective (kept apart from constraint_tau, so softening the constraints does not soften the target).",
+    )
     penalty: PenaltySpec = Field(default_factory=PenaltySpec, description="Settings of method 'penalty'.")
     lagrangian: LagrangianSpec = Field(default_factory=LagrangianSpec, description="Settings of method 'lagrangian'.")
-    wise_ft: WiseFTSpec = Field(default_factory=WiseFTSpec, alias="wise-ft", description="Settings of the 'wise-ft' baseline.")
-    calibrate: CalibrateSpec = Field(default_factory=CalibrateSpec, description="The target's decision offset, chosen on validation.")
-    select: SelectSpec = Field(default_factory=SelectSpec, description="Checkpoint (and offset) selection on validation.")
-    store_views: int = Field(0, ge=0, le=16, description="Fixed augmented copies (shift, rotation, scale, mirror) of every stored image that the constraints also measure: images the old model did not fit, closer to what the certificate sees than its own training data.")
-    eval_every: int = Field(100, ge=1, description="Evaluate on the validation split every N steps (checkpoint selection).")
+    wise_ft: WiseFTSpec = Field(
+        default_factory=WiseFTSpec, alias="wise-ft", description="Settings of the 'wise-ft' baseline."
+    )
+    calibrate: CalibrateSpec = Field(
+        default_factory=CalibrateSpec, description="The target's decision offset, chosen on validation."
+    )
+    select: SelectSpec = Field(
+        default_factory=SelectSpec, description="Checkpoint (and offset) selection on validation."
+    )
+    store_views: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Fixed augmented copies (shift, rotation, scale, mirror) of every stored image that the constraints also measure: images the old model did not fit, closer to what the certificate sees than its own training data.",
+    )
+    eval_every: int = Field(
+        100, ge=1, description="Evaluate on the validation split every N steps (checkpoint selection)."
+    )
     checkpoint_every: int = Field(100, ge=1, description="Save the resumable training state every N steps.")
 
     @model_validator(mode="after")
@@ -301,15 +424,26 @@ class OptimizeSpec(_Strict):
 class CertifySpec(_Strict):
     """The held-out certificate and the release gate."""
 
-    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Default confidence of each capability's certificate (one-sided).")
-    require: Literal["certified", "preserved"] = Field("certified", description="What the release gate requires of every capability: a confidence bound within tolerance ('certified') or only the point estimate ('preserved').")
-    test: Literal["exact", "score"] = Field("exact", description="The test behind each capability's drop bound: 'exact' (an exact unconditional test: its false-certification rate stays at or below 1 - confidence) or 'score' (Tango's asymptotic score test, which can exceed it slightly near the tolerance).")
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1.0, description="Default confidence of each capability's certificate (one-sided)."
+    )
+    require: Literal["certified", "preserved"] = Field(
+        "certified",
+        description="What the release gate requires of every capability: a confidence bound within tolerance ('certified') or only the point estimate ('preserved').",
+    )
+    test: Literal["exact", "score"] = Field(
+        "exact",
+        description="The test behind each capability's drop bound: 'exact' (an exact unconditional test: its false-certification rate stays at or below 1 - confidence) or 'score' (Tango's asymptotic score test, which can exceed it slightly near the tolerance).",
+    )
 
 
 class ReportSpec(_Strict):
     """Where the run directory and its audit report go."""
 
-    dir: SpecPath = Field(Path("out/run"), description="Run directory (result.json, report.html, junit.xml, trajectory). Relative to the working directory.")
+    dir: SpecPath = Field(
+        Path("out/run"),
+        description="Run directory (result.json, report.html, junit.xml, trajectory). Relative to the working directory.",
+    )
     title: str | None = Field(None, description="Report title; defaults to the spec name.")
 
 
@@ -318,7 +452,12 @@ class Spec(_Strict):
     """A safespec release spec, version 1."""
 
     safespec: Literal[1] = Field(..., description="Spec language version; this release reads version 1.")
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Short identifier of this development cycle (letters, digits, '.', '_', '-').")
+    name: str = Field(
+        ...,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Short identifier of this development cycle (letters, digits, '.', '_', '-').",
+    )
     description: str | None = Field(None, description="What this cycle is for, for the reviewers.")
     model: ModelSpec = Field(..., description="The old model and how it is adapted.")
     classes: ClassesSpec = Field(..., description="The task's classes and prompt templates.")
@@ -326,7 +465,9 @@ class Spec(_Strict):
     protect: list[ProtectSpec] = Field(..., min_length=1, description="Protected capabilities.")
     target: TargetSpec = Field(..., description="The class to improve and its goal.")
     optimize: OptimizeSpec = Field(default_factory=OptimizeSpec, description="The training method and its settings.")
-    certify: CertifySpec = Field(default_factory=CertifySpec, description="Certificate confidence and the release gate.")
+    certify: CertifySpec = Field(
+        default_factory=CertifySpec, description="Certificate confidence and the release gate."
+    )
     report: ReportSpec = Field(default_factory=ReportSpec, description="Run directory and report title.")
 
     @field_validator("safespec", mode="before")
@@ -334,7 +475,10 @@ class Spec(_Strict):
     def _version(cls, v: Any) -> Any:
         # Literal[1] alone would also take `true` and `1.0`.
         if type(v) is not int or v != SPEC_VERSION:
-            raise _rule((), f"unsupported spec language version {v!r}; this safespec reads version {SPEC_VERSION} (write 'safespec: {SPEC_VERSION}')")
+            raise _rule(
+                (),
+                f"unsupported spec language version {v!r}; this safespec reads version {SPEC_VERSION} (write 'safespec: {SPEC_VERSION}')",
+            )
         return v
 
     @model_validator(mode="after")
@@ -343,30 +487,42 @@ class Spec(_Strict):
         listed = list(self.classes.names)
         target = self.target.class_
         if target not in names:
-            raise _rule(("target", "class"), f"unknown class {target!r}; expected one of classes.names{_known(target, listed)}")
+            raise _rule(
+                ("target", "class"), f"unknown class {target!r}; expected one of classes.names{_known(target, listed)}"
+            )
         seen: dict[str, int] = {}
         for i, p in enumerate(self.protect):
             if p.classes == "others":
                 continue
             for j, c in enumerate(p.classes):
                 if c not in names:
-                    raise _rule(("protect", i, "classes", j), f"unknown class {c!r}; expected one of classes.names{_known(c, listed)}")
+                    raise _rule(
+                        ("protect", i, "classes", j),
+                        f"unknown class {c!r}; expected one of classes.names{_known(c, listed)}",
+                    )
                 if c == target:
-                    raise _rule(("protect", i, "classes", j), f"class {c!r} is the target; a class cannot be both improved and protected")
+                    raise _rule(
+                        ("protect", i, "classes", j),
+                        f"class {c!r} is the target; a class cannot be both improved and protected",
+                    )
                 if c in seen:
                     raise _rule(("protect", i, "classes", j), f"class {c!r} is already protected by protect[{seen[c]}]")
                 seen[c] = i
         if any(p.classes == "others" for p in self.protect) and len(self.protect) > 1:
             i = next(i for i, p in enumerate(self.protect) if p.classes == "others")
-            raise _rule(("protect", i, "classes"), "'others' covers every non-target class; it must be the only protect entry")
+            raise _rule(
+                ("protect", i, "classes"), "'others' covers every non-target class; it must be the only protect entry"
+            )
         return self
 
     def resolve(self, base: Path) -> Spec:
         """Return a copy whose relative paths (checkpoint, data) are anchored at ``base`` (the spec's folder).
 
         ``report.dir`` stays relative to the working directory, where runs are started."""
+
         def fix(p: Path | None) -> Path | None:
             return p if p is None or p.is_absolute() else Path(os.path.normpath(base / p))
+
         data = self.data.model_copy(update={k: fix(getattr(self.data, k)) for k in DataSpec.model_fields})
         model = self.model.model_copy(update={"checkpoint": fix(self.model.checkpoint)})
         return self.model_copy(update={"data": data, "model": model})

@@ -36,9 +36,11 @@ for _tag, _regexp, _first in [
     ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
     ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
     ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", list("-+0123456789")),
-    ("tag:yaml.org,2002:float",
-     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.nan|\.NaN|\.NAN)$",
-     list("-+0123456789.")),
+    (
+        "tag:yaml.org,2002:float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.nan|\.NaN|\.NAN)$",
+        list("-+0123456789."),
+    ),
 ]:
     _Loader.add_implicit_resolver(_tag, re.compile(_regexp), _first)
 
@@ -67,8 +69,11 @@ def _scalar(node: yaml.ScalarNode) -> Any:
         if low == ".nan":
             return float("nan")
         return float(v)
-    raise _Problem(node.start_mark, f"unsupported YAML tag {_tag_name(node.tag)!r}; a spec holds only plain strings, "
-                                    f"numbers, booleans, lists and mappings")
+    raise _Problem(
+        node.start_mark,
+        f"unsupported YAML tag {_tag_name(node.tag)!r}; a spec holds only plain strings, "
+        f"numbers, booleans, lists and mappings",
+    )
 
 
 def _tag_name(tag: str) -> str:
@@ -161,7 +166,9 @@ class _Reader:
                 kloc = loc + (key,)
                 if key in out:
                     first = self.doc.keys[kloc]
-                    raise _Problem(knode.start_mark, f"duplicate key {key!r} (first defined at line {first.line + 1})", kloc)
+                    raise _Problem(
+                        knode.start_mark, f"duplicate key {key!r} (first defined at line {first.line + 1})", kloc
+                    )
                 self.doc.keys[kloc] = knode.start_mark
                 out[key] = self.read(vnode, kloc)
             return out
@@ -213,7 +220,9 @@ def _decode(raw: bytes, display: str) -> str:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise SpecError([f"{display}:{line}:{col}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the spec as UTF-8"]) from None
+        raise SpecError(
+            [f"{display}:{line}:{col}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the spec as UTF-8"]
+        ) from None
     return text
 
 
@@ -226,12 +235,18 @@ def _read_doc(text: str, display: str) -> _Doc:
     except RecursionError:
         raise SpecError([f"{display}:1:1: nested too deeply to be a spec"]) from None
     if root is None:
-        raise SpecError([f"{display}:1:1: empty spec; expected a mapping that starts with 'safespec: {SPEC_VERSION}' "
-                         f"(run 'safespec init' for a starter spec)"])
+        raise SpecError(
+            [
+                f"{display}:1:1: empty spec; expected a mapping that starts with 'safespec: {SPEC_VERSION}' "
+                f"(run 'safespec init' for a starter spec)"
+            ]
+        )
     doc.root = root.start_mark
     if not isinstance(root, yaml.MappingNode):
         kind = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
-        raise SpecError([_format(display, root.start_mark, (), f"the spec must be a mapping of keys to values (got {kind})")])
+        raise SpecError(
+            [_format(display, root.start_mark, (), f"the spec must be a mapping of keys to values (got {kind})")]
+        )
     try:
         doc.data = _Reader(doc).read(root, ())
     except _Problem as p:

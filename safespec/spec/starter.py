@@ -15,6 +15,11 @@ STARTER_DATA = ("data/protected.csv", "data/target.csv", "data/validation.csv", 
 def starter_spec(name: str = "my-cycle") -> str:
     """A commented starter spec (what ``safespec init`` writes); it validates once its data exists."""
     text = resources.files(__package__).joinpath("starter.yaml").read_text(encoding="utf-8")
-    return string.Template(text).substitute(name=name, version=SPEC_VERSION, protected=STARTER_DATA[0],
-                                            target=STARTER_DATA[1], validation=STARTER_DATA[2],
-                                            heldout=STARTER_DATA[3])
+    return string.Template(text).substitute(
+        name=name,
+        version=SPEC_VERSION,
+        protected=STARTER_DATA[0],
+        target=STARTER_DATA[1],
+        validation=STARTER_DATA[2],
+        heldout=STARTER_DATA[3],
+    )

@@ -12,5 +12,17 @@ from .schedule import lr_factor
 from .trainer import STATE_VERSION, Trainer
 from .weights import CONSTRAINED, FOCAL_BETA, METHODS, ConstraintWeights, beta_at, focal_weights
 
-__all__ = ["CONSTRAINED", "FOCAL_BETA", "METHODS", "STATE_VERSION", "ConstraintWeights", "Split", "TrainData",
-           "TrainOutcome", "Trainer", "beta_at", "focal_weights", "lr_factor"]
+__all__ = [
+    "CONSTRAINED",
+    "FOCAL_BETA",
+    "METHODS",
+    "STATE_VERSION",
+    "ConstraintWeights",
+    "Split",
+    "TrainData",
+    "TrainOutcome",
+    "Trainer",
+    "beta_at",
+    "focal_weights",
+    "lr_factor",
+]

@@ -26,14 +26,25 @@ class _Towers(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, prompts, prompt_heads, captions=None, caption_heads=None, *,
-                hidden: bool = False, shared: bool = True):
+    def forward(
+        self,
+        images,
+        prompts,
+        prompt_heads,
+        captions=None,
+        caption_heads=None,
+        *,
+        hidden: bool = False,
+        shared: bool = True,
+    ):
         """``hidden``: the text inputs are the frozen text tower's outputs; only the projection and the
         heads run. ``shared``: run the shared image tower (False: its features are cached, and the images
         go through the class image towers only)."""
         img = self.model.encode_image(images) if images is not None and shared else None
         towers = self.model.encode_tower_images(images) if images is not None else {}
-        text = (lambda h, ids: F.normalize(self.model.project_text(h, ids), dim=-1)) if hidden else self.model.encode_text
+        text = (
+            (lambda h, ids: F.normalize(self.model.project_text(h, ids), dim=-1)) if hidden else self.model.encode_text
+        )
         txt = text(prompts, prompt_heads) if prompts is not None else None
         cap = text(captions, caption_heads) if captions is not None else None
         return img, towers, txt, cap

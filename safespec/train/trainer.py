@@ -58,14 +58,25 @@ from .weights import CONSTRAINED, METHODS, ConstraintWeights, beta_at, focal_wei
 
 STATE_VERSION = 3  # 2: the calibrated target offset is part of the state; 3: what blocked selection
 
+
 # ------------------------------------------------------------------------------------------ trainer
 class Trainer:
     """One training run of one method. Build it, then :meth:`run`; state lives in plain attributes so
     that :meth:`state_dict` captures all of it for resume."""
 
-    def __init__(self, plan: Plan, loaded, data: TrainData, *, method: str | None = None,
-                 run_dir: Path | None = None, cache: PredictionCache | None = None, quiet: bool = False,
-                 log: Callable[[str], None] | None = None, tag: str | None = None):
+    def __init__(
+        self,
+        plan: Plan,
+        loaded,
+        data: TrainData,
+        *,
+        method: str | None = None,
+        run_dir: Path | None = None,
+        cache: PredictionCache | None = None,
+        quiet: bool = False,
+        log: Callable[[str], None] | None = None,
+        tag: str | None = None,
+    ):
 
         self.plan, self.o = plan, plan.optimizer
         self.method = method or self.o.method
@@ -110,8 +121,12 @@ class Trainer:
             vis = visual_digest(self.model)
             for split in (data.store, data.target, data.validation):
                 key = feature_key(vis, split.digest, plan.model.precision)
-                feats = self.cache.features(key, functools.partial(
-                    image_features, self.model, split.bank, device=self.device, autocast=self.autocast))
+                feats = self.cache.features(
+                    key,
+                    functools.partial(
+                        image_features, self.model, split.bank, device=self.device, autocast=self.autocast
+                    ),
+                )
                 self._features[id(split)] = feats.to(self.device)
 
         # the old model's references: per-sample metric on the store, predictions on validation
@@ -129,11 +144,22 @@ class Trainer:
         ref_val_logp = self.ref_val.log_probs
         assert ref_val_logp is not None  # asked for above
         self.selector = Selector(
-            ref_val_logp, data.validation.labels,
-            [Capability(c.name, tuple(c.class_indices), c.tolerance, c.confidence,
-                        int(np.asarray(counts)[list(c.class_indices)].sum()), plan.certify.test)
-             for c in self.constraints],
-            plan.objective.target_index, self.o.min_certify_probability)
+            ref_val_logp,
+            data.validation.labels,
+            [
+                Capability(
+                    c.name,
+                    tuple(c.class_indices),
+                    c.tolerance,
+                    c.confidence,
+                    int(np.asarray(counts)[list(c.class_indices)].sum()),
+                    plan.certify.test,
+                )
+                for c in self.constraints
+            ],
+            plan.objective.target_index,
+            self.o.min_certify_probability,
+        )
         self.blocked: dict | None = None  # the best candidate that selection refused, and why
         if self.distill:
             self.ref_store_logp = torch.as_tensor(self.ref_store.log_probs, device=self.device)
@@ -142,14 +168,21 @@ class Trainer:
             self.ref_store_metric = torch.zeros(len(data.store.labels), device=self.device)  # KL(old || old)
         else:
             self.ref_store_metric = torch.as_tensor(
-                metric_values(self.ref_store.losses, self.ref_store.margins, self.metric), device=self.device)
+                metric_values(self.ref_store.losses, self.ref_store.margins, self.metric), device=self.device
+            )
 
         # samplers: store rows of protected classes only; target rows split into positives/negatives
         protected = sorted({i for c in self.constraints for i in c.class_indices})
-        self.prot_sampler = ProtectedSampler(data.store.labels, protected, self.o.protected_classes_per_step,
-                                             self.o.per_class, seed=self.o.seed)
-        self.target_sampler = TargetSampler(data.target.labels, plan.objective.target_index, self.o.target_batch,
-                                            self.o.positive_fraction, seed=self.o.seed + 1)
+        self.prot_sampler = ProtectedSampler(
+            data.store.labels, protected, self.o.protected_classes_per_step, self.o.per_class, seed=self.o.seed
+        )
+        self.target_sampler = TargetSampler(
+            data.target.labels,
+            plan.objective.target_index,
+            self.o.target_batch,
+            self.o.positive_fraction,
+            seed=self.o.seed + 1,
+        )
         self.target_labels = torch.as_tensor(data.target.labels, device=self.device)
         self.store_labels = torch.as_tensor(data.store.labels, device=self.device)
         self.caption_tokens = None
@@ -164,7 +197,8 @@ class Trainer:
             self.sog_seen = torch.zeros(n, dtype=torch.bool, device=self.device)
 
         self.weights = ConstraintWeights.from_plan(
-            "unconstrained" if self.method == "wise-ft" else self.method, K, self.o, device=self.device)
+            "unconstrained" if self.method == "wise-ft" else self.method, K, self.o, device=self.device
+        )
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
 
@@ -195,7 +229,8 @@ class Trainer:
         # of the default implementation costs as much as the forward pass of a tiny model
         self.opt = torch.optim.AdamW(params, lr=self.o.lr, weight_decay=self.o.weight_decay, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, self.o.warmup_steps, self.o.steps))
+            self.opt, lambda s: lr_factor(s, self.o.warmup_steps, self.o.steps)
+        )
         self.step = 0
         self.trajectory: list[dict] = []
         self.best_step, self.best_score, self.best_offset = 0, -math.inf, 0.0
@@ -225,14 +260,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ references and evaluation
     def _reference(self, split: Split, *, log_probs: bool) -> Predictions:
-        key = prediction_key(self.old_digest, split.digest, self.plan.classes, self.plan.templates, self.tau,
-                             heads=getattr(self.model, "heads", None) is not None, log_probs=log_probs)
+        key = prediction_key(
+            self.old_digest,
+            split.digest,
+            self.plan.classes,
+            self.plan.templates,
+            self.tau,
+            heads=getattr(self.model, "heads", None) is not None,
+            log_probs=log_probs,
+        )
         return self.cache.get_or_compute(key, lambda: self._evaluate(split, log_probs=log_probs))
 
     def _evaluate(self, split: Split, *, log_probs: bool) -> Predictions:
-        return evaluate(self.model, self.class_tokens, split.bank, split.labels, self.tau,
-                        device=self.device, autocast=self.autocast, features=self._features.get(id(split)),
-                        log_probs=log_probs)
+        return evaluate(
+            self.model,
+            self.class_tokens,
+            split.bank,
+            split.labels,
+            self.tau,
+            device=self.device,
+            autocast=self.autocast,
+            features=self._features.get(id(split)),
+            log_probs=log_probs,
+        )
 
     def constraint_values(self, new: Predictions, old: Predictions) -> np.ndarray:
         """Per capability: mean metric(new) - mean metric(old) - slack over the capability's images."""
@@ -271,10 +321,17 @@ class Trainer:
         t = self.plan.objective.target_index
         assert new.log_probs is not None  # evaluated with log_probs=True
         a: Assessment = self.selector.assess(new.log_probs, calibrate=self.calibrate)
-        out = {"constraints": cons, "drops": drops, "accuracy": acc, "target": float(acc[t]),
-               "score": a.target_accuracy if self.calibrate else float(acc[t]),
-               # logits were at temperature tau: the offset in cosine units is offset * tau
-               "offset": a.offset * self.tau, "feasible": a.admissible, "assessment": a}
+        out = {
+            "constraints": cons,
+            "drops": drops,
+            "accuracy": acc,
+            "target": float(acc[t]),
+            "score": a.target_accuracy if self.calibrate else float(acc[t]),
+            # logits were at temperature tau: the offset in cosine units is offset * tau
+            "offset": a.offset * self.tau,
+            "feasible": a.admissible,
+            "assessment": a,
+        }
         return out
 
     # ------------------------------------------------------------------ one step
@@ -315,9 +372,9 @@ class Trainer:
             x, isplit = None, False
         else:
             ilo, ihi, isplit = self._shard(nt + npr)
-            parts = [self.data.target.bank[t_rows[min(ilo, nt):min(ihi, nt)]]]
+            parts = [self.data.target.bank[t_rows[min(ilo, nt) : min(ihi, nt)]]]
             if p_rows is not None:
-                parts.append(self.data.store.bank[p_rows[max(ilo - nt, 0):max(ihi - nt, 0)]])
+                parts.append(self.data.store.bank[p_rows[max(ilo - nt, 0) : max(ihi - nt, 0)]])
             x = torch.cat(parts).to(self.device, non_blocking=True)
         plo, phi, psplit = self._shard(self.prompt_inputs.shape[0])
         heads = self.prompt_heads[plo:phi] if self.prompt_heads is not None else None
@@ -331,8 +388,9 @@ class Trainer:
             assert self.caption_inputs is not None  # the contrastive objective encoded the captions
             caps, cap_heads = self.caption_inputs[caption_rows[clo:chi]], cap_heads[clo:chi]
         with self.autocast():
-            img, towers, txt, cap = self.towers(x, prompts, heads, caps, cap_heads,
-                                                hidden=self.text_frozen, shared=not self.image_frozen)
+            img, towers, txt, cap = self.towers(
+                x, prompts, heads, caps, cap_heads, hidden=self.text_frozen, shared=not self.image_frozen
+            )
         gather = self.dist.gather_rows
         if isplit:
             towers = {c: gather(f, nt + npr) for c, f in towers.items()}
@@ -365,18 +423,22 @@ class Trainer:
         feats, towers, text, cap = self._encode(t_rows, p_rows, caption_rows, len(pos))
         nt = len(t_rows)
         yt = self.target_labels[_index(t_rows, dev)]
-        loss = self._target_objective(feats[:nt], {c: f[:nt] for c, f in towers.items()}, text, cap, yt,
-                                      len(pos), pos_idx)
+        loss = self._target_objective(
+            feats[:nt], {c: f[:nt] for c, f in towers.items()}, text, cap, yt, len(pos), pos_idx
+        )
         if constrained:
             assert p_rows is not None
             p_idx = _index(p_rows, dev)
             yp = self.store_labels[p_idx]
-            logits, ce, margin = logits_losses(feats[nt:], text, yp, self.tau, self.model.class_bias,
-                                               {c: f[nt:] for c, f in towers.items()})
+            logits, ce, margin = logits_losses(
+                feats[nt:], text, yp, self.tau, self.model.class_bias, {c: f[nt:] for c, f in towers.items()}
+            )
             if self.method == "replay":  # the regulariser baseline: plain CE on the store, no reference
                 m_new = ce
             elif self.distill:
-                m_new = kl_from_old(self.ref_store_logp[p_idx], F.log_softmax(logits.float(), 1)) * self.store_focal[p_idx]
+                m_new = (
+                    kl_from_old(self.ref_store_logp[p_idx], F.log_softmax(logits.float(), 1)) * self.store_focal[p_idx]
+                )
             else:
                 m_new = metric_values(ce, margin, self.metric)
             k_of = self.cap_of_class[yp]
@@ -433,15 +495,21 @@ class Trainer:
         names = [c.name for c in self.constraints]
         entry = {
             "step": self.step,
-            "lr": float(self.sched.get_last_lr()[0]) if self.step > 0 else float(self.o.lr * lr_factor(0, self.o.warmup_steps, self.o.steps)),
-            "beta": beta_at(self.step, self.o.steps, self.o.beta, self.o.beta_schedule) if self.method == "penalty" else None,
+            "lr": float(self.sched.get_last_lr()[0])
+            if self.step > 0
+            else float(self.o.lr * lr_factor(0, self.o.warmup_steps, self.o.steps)),
+            "beta": beta_at(self.step, self.o.steps, self.o.beta, self.o.beta_schedule)
+            if self.method == "penalty"
+            else None,
             "train_loss": float(self.loss_sum) / self.loss_count if self.loss_count else None,
             "target_metric": v["target"],
             "constraints": dict(zip(names, map(float, v["constraints"]))),
             "val_drop": dict(zip(names, map(float, v["drops"]))),
             "u": dict(zip(names, map(float, self.weights.u.cpu()))),
             "multipliers": dict(zip(names, map(float, self.weights.lam.cpu()))) if self.method == "lagrangian" else {},
-            "val_accuracy": {c: (None if math.isnan(a) else float(a)) for c, a in zip(self.plan.classes, v["accuracy"])},
+            "val_accuracy": {
+                c: (None if math.isnan(a) else float(a)) for c, a in zip(self.plan.classes, v["accuracy"])
+            },
             "feasible": v["feasible"],
             "certify_probability": v["assessment"].probability,
             "val_drop_smooth": {e.name: e.drop for e in v["assessment"].evidence},
@@ -468,15 +536,23 @@ class Trainer:
         e = a.blocking()
         q = self.o.min_certify_probability
         self.blocked = {
-            "step": self.step, "target": v["score"], "certify_probability": a.probability,
+            "step": self.step,
+            "target": v["score"],
+            "certify_probability": a.probability,
             "capability": e.name if e else None,
             "evidence": [x.to_dict() for x in a.evidence],
-            "summary": (f"step {self.step} (validation target {v['score']:.3f}) was refused: the chance that every "
-                        f"capability passes the held-out certificate was {a.probability:.2f} < {q:.2f}; "
-                        + (f"{e.name!r} blocked it most (P = {e.probability:.2f}: smooth validation drop "
-                           f"{e.drop:+.2%}, {e.flips[0]} negative / {e.flips[1]} positive flips of {e.n}, predicted "
-                           f"drop bound {e.predicted_bound:.2%} against a tolerance of {e.tolerance:.2%}); it would "
-                           f"have needed {e.needed(q ** (1 / max(len(a.evidence), 1)))}" if e else "")),
+            "summary": (
+                f"step {self.step} (validation target {v['score']:.3f}) was refused: the chance that every "
+                f"capability passes the held-out certificate was {a.probability:.2f} < {q:.2f}; "
+                + (
+                    f"{e.name!r} blocked it most (P = {e.probability:.2f}: smooth validation drop "
+                    f"{e.drop:+.2%}, {e.flips[0]} negative / {e.flips[1]} positive flips of {e.n}, predicted "
+                    f"drop bound {e.predicted_bound:.2%} against a tolerance of {e.tolerance:.2%}); it would "
+                    f"have needed {e.needed(q ** (1 / max(len(a.evidence), 1)))}"
+                    if e
+                    else ""
+                )
+            ),
         }
 
     def _with_offset(self, state: dict[str, torch.Tensor], offset: float) -> dict[str, torch.Tensor]:
@@ -489,60 +565,100 @@ class Trainer:
 
     def _write_trajectory(self) -> None:
         if self.run_dir is not None and self.dist.is_main:
-            atomic_write_text(self.run_dir / f"trajectory-{self.tag}.jsonl",
-                              "".join(json.dumps(e) + "\n" for e in self.trajectory))
+            atomic_write_text(
+                self.run_dir / f"trajectory-{self.tag}.jsonl", "".join(json.dumps(e) + "\n" for e in self.trajectory)
+            )
 
     def _outcome(self) -> TrainOutcome:
         fell_back = self.best_state is None
         q = self.o.min_certify_probability
         target = self.plan.objective.target_class
         if fell_back:
-            reason = (f"no checkpoint with a better target on validation was predicted to pass every held-out "
-                      f"certificate with probability {q:.2f}; the old model is kept as the answer")
+            reason = (
+                f"no checkpoint with a better target on validation was predicted to pass every held-out "
+                f"certificate with probability {q:.2f}; the old model is kept as the answer"
+            )
             if self.blocked:
                 reason += f". {self.blocked['summary']}"
         else:
-            among = (f"among candidates predicted to pass every capability's held-out certificate with "
-                     f"probability >= {q:.2f}" if self.method in CONSTRAINED
-                     else "(a baseline: selected by the target alone)")
-            reason = (f"step {self.best_step}: best validation accuracy on {target!r} ({self.best_score:.3f}) {among}")
+            among = (
+                f"among candidates predicted to pass every capability's held-out certificate with "
+                f"probability >= {q:.2f}"
+                if self.method in CONSTRAINED
+                else "(a baseline: selected by the target alone)"
+            )
+            reason = f"step {self.best_step}: best validation accuracy on {target!r} ({self.best_score:.3f}) {among}"
             if self.calibrate:
-                reason = (f"step {self.best_step}{' (the old model)' if self.best_step == 0 else ''}, with the "
-                          f"{target!r} logit offset by {self.best_offset:+.4f} (cosine units): best calibrated "
-                          f"validation accuracy on the target ({self.best_score:.3f}) {among}")
+                reason = (
+                    f"step {self.best_step}{' (the old model)' if self.best_step == 0 else ''}, with the "
+                    f"{target!r} logit offset by {self.best_offset:+.4f} (cosine units): best calibrated "
+                    f"validation accuracy on the target ({self.best_score:.3f}) {among}"
+                )
         validation: dict[str, Any] = {"target_offset": self.best_offset} if self.calibrate else {}
         validation["min_certify_probability"] = q
         if self.blocked and self.method in CONSTRAINED:
             validation["blocked"] = self.blocked
         state = self.old_state if fell_back or self.best_state is None else self.best_state
-        return TrainOutcome(method=self.method, state_dict=state, selected_step=self.best_step,
-                            fell_back_to_old=fell_back, reason=reason, trajectory=list(self.trajectory),
-                            steps=self.step, seconds=self.seconds,
-                            validation=validation)
+        return TrainOutcome(
+            method=self.method,
+            state_dict=state,
+            selected_step=self.best_step,
+            fell_back_to_old=fell_back,
+            reason=reason,
+            trajectory=list(self.trajectory),
+            steps=self.step,
+            seconds=self.seconds,
+            validation=validation,
+        )
 
     # ------------------------------------------------------------------ wise-ft
     def _run_wise_ft(self, *, resume: bool) -> TrainOutcome:
-        inner = Trainer(self.plan, self.loaded, self.data, method="unconstrained", run_dir=self.run_dir,
-                        cache=self.cache, quiet=self.quiet, log=self.log, tag=f"{self.tag}-finetune")
+        inner = Trainer(
+            self.plan,
+            self.loaded,
+            self.data,
+            method="unconstrained",
+            run_dir=self.run_dir,
+            cache=self.cache,
+            quiet=self.quiet,
+            log=self.log,
+            tag=f"{self.tag}-finetune",
+        )
         inner.run(resume=resume)
         ft = _cpu_state(self.model)
         # a class image tower the fine-tune added starts from the old shared tower: that is its alpha = 0
-        old = {**{k: self.old_state["clip.visual." + k.split(".", 2)[2]] for k in ft
-                  if k.startswith(TOWER_PREFIX) and k not in self.old_state}, **self.old_state}
+        old = {
+            **{
+                k: self.old_state["clip.visual." + k.split(".", 2)[2]]
+                for k in ft
+                if k.startswith(TOWER_PREFIX) and k not in self.old_state
+            },
+            **self.old_state,
+        }
         best = None
         self.trajectory = []
         for i in range(self.o.wise_ft_grid - 1, -1, -1):
             a = i / (self.o.wise_ft_grid - 1)
             # a weight the fine-tune left alone stays exactly as it was ((1 - a) x + a x is not x in floats):
             # with a target tower, every other class's logit stays the old model's to the bit
-            mixed = {k: (old[k].float() * (1 - a) + ft[k].float() * a).to(old[k].dtype)
-                     if old[k].is_floating_point() and not torch.equal(old[k], ft[k]) else ft[k] for k in old}
+            mixed = {
+                k: (old[k].float() * (1 - a) + ft[k].float() * a).to(old[k].dtype)
+                if old[k].is_floating_point() and not torch.equal(old[k], ft[k])
+                else ft[k]
+                for k in old
+            }
             self.model.load_state_dict(mixed)
             self.step = round(a * 1000)  # the "step" of a mixing weight, for the trajectory only
             v = self.validate() if a > 0 else self.validate_old()
-            self.trajectory.append({"alpha": a, "step": self.step, "target_metric": v["target"],
-                                    "constraints": {c.name: float(x) for c, x in zip(self.constraints, v["constraints"])},
-                                    "feasible": v["feasible"]})
+            self.trajectory.append(
+                {
+                    "alpha": a,
+                    "step": self.step,
+                    "target_metric": v["target"],
+                    "constraints": {c.name: float(x) for c, x in zip(self.constraints, v["constraints"])},
+                    "feasible": v["feasible"],
+                }
+            )
             if v["feasible"]:
                 best = (a, mixed, v)
                 break
@@ -550,19 +666,31 @@ class Trainer:
             # not even the old model is admissible (a held-out split too small to certify anything): keep it,
             # as the constrained methods do when nothing is admissible
             a, state = 0.0, self.old_state
-            reason = ("no mixing weight between the old model (0) and the unconstrained fine-tune (1) keeps every "
-                      "constraint on validation, not even 0: the old model is kept")
+            reason = (
+                "no mixing weight between the old model (0) and the unconstrained fine-tune (1) keeps every "
+                "constraint on validation, not even 0: the old model is kept"
+            )
         else:
             a, state, _ = best
             if a == 0:  # the old model itself, not a copy of it with an untrained tower
                 state = self.old_state
-            reason = (f"largest mixing weight alpha={a:.2f} between the old model (0) and the unconstrained "
-                      f"fine-tune (1) that keeps every constraint on validation")
+            reason = (
+                f"largest mixing weight alpha={a:.2f} between the old model (0) and the unconstrained "
+                f"fine-tune (1) that keeps every constraint on validation"
+            )
         self.model.load_state_dict(state)
         self._write_trajectory()
-        return TrainOutcome(method="wise-ft", state_dict=_cpu_state(self.model), selected_step=inner.step,
-                            fell_back_to_old=a == 0, reason=reason, trajectory=self.trajectory,
-                            steps=inner.step, seconds=inner.seconds, validation={"alpha": a})
+        return TrainOutcome(
+            method="wise-ft",
+            state_dict=_cpu_state(self.model),
+            selected_step=inner.step,
+            fell_back_to_old=a == 0,
+            reason=reason,
+            trajectory=self.trajectory,
+            steps=inner.step,
+            seconds=inner.seconds,
+            validation={"alpha": a},
+        )
 
     def validate_old(self) -> dict:
         saved, self.step = self.step, 0
@@ -573,9 +701,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def fingerprint(self) -> str:
-        blob = json.dumps({"plan": self.plan.to_dict(), "method": self.method, "old": self.old_digest,
-                           "data": [self.data.store.digest, self.data.target.digest, self.data.validation.digest],
-                           "v": STATE_VERSION}, sort_keys=True, default=str)
+        blob = json.dumps(
+            {
+                "plan": self.plan.to_dict(),
+                "method": self.method,
+                "old": self.old_digest,
+                "data": [self.data.store.digest, self.data.target.digest, self.data.validation.digest],
+                "v": STATE_VERSION,
+            },
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def state_path(self) -> Path:
@@ -585,14 +721,24 @@ class Trainer:
 
     def state_dict(self) -> dict:
         st = {
-            "version": STATE_VERSION, "fingerprint": self.fingerprint(), "step": self.step,
-            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-            "weights": self.weights.state_dict(), "loss_sum": self.loss_sum, "loss_count": self.loss_count,
+            "version": STATE_VERSION,
+            "fingerprint": self.fingerprint(),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "weights": self.weights.state_dict(),
+            "loss_sum": self.loss_sum,
+            "loss_count": self.loss_count,
             "prot_sampler": json.dumps(self.prot_sampler.state_dict(), default=_jsonable),
             "target_sampler": json.dumps(self.target_sampler.state_dict(), default=_jsonable),
-            "trajectory": json.dumps(self.trajectory), "best_step": self.best_step, "best_score": self.best_score,
-            "best_offset": self.best_offset, "blocked": json.dumps(self.blocked),
-            "seconds": self.seconds, "torch_rng": torch.get_rng_state(),
+            "trajectory": json.dumps(self.trajectory),
+            "best_step": self.best_step,
+            "best_score": self.best_score,
+            "best_offset": self.best_offset,
+            "blocked": json.dumps(self.blocked),
+            "seconds": self.seconds,
+            "torch_rng": torch.get_rng_state(),
         }
         if self.caption_tokens is not None:
             st.update(sog_u1=self.sog_u1, sog_u2=self.sog_u2, sog_seen=self.sog_seen)
@@ -615,12 +761,16 @@ class Trainer:
         try:
             st = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:  # corrupt or foreign file
-            raise RunError(f"{path}: unreadable training state ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise RunError(
+                f"{path}: unreadable training state ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
         if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
             raise RunError(f"{path}: not a safespec training state of version {STATE_VERSION}")
         if st.get("fingerprint") != self.fingerprint():
-            raise RunError(f"{path}: the training state was made with another spec, model or data; "
-                           "remove it or run without --resume")
+            raise RunError(
+                f"{path}: the training state was made with another spec, model or data; "
+                "remove it or run without --resume"
+            )
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])

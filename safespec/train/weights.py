@@ -76,9 +76,19 @@ class ConstraintWeights:
 
     @classmethod
     def from_plan(cls, method: str, k: int, o, device="cpu") -> ConstraintWeights:
-        return cls.zeros(method, k, device, gamma=o.gamma, beta=o.beta, beta_schedule=o.beta_schedule,
-                         form=o.penalty_form, multiplier_lr=o.multiplier_lr, rho=o.rho,
-                         max_multiplier=o.max_multiplier, total_steps=o.steps)
+        return cls.zeros(
+            method,
+            k,
+            device,
+            gamma=o.gamma,
+            beta=o.beta,
+            beta_schedule=o.beta_schedule,
+            form=o.penalty_form,
+            multiplier_lr=o.multiplier_lr,
+            rho=o.rho,
+            max_multiplier=o.max_multiplier,
+            total_steps=o.steps,
+        )
 
     @torch.no_grad()
     def update(self, c: torch.Tensor, present: torch.Tensor, step: int) -> torch.Tensor:
@@ -92,7 +102,9 @@ class ConstraintWeights:
             return beta * (self.u.clamp(min=0) if self.form == "squared-hinge" else (self.u > 0).float())
         # lagrangian: weight from the current multipliers, then one ascent step on the constraints seen
         w = (self.lam + self.rho * self.u).clamp(min=0)
-        self.lam = torch.where(present, (self.lam + self.multiplier_lr * self.u).clamp(0, self.max_multiplier), self.lam)
+        self.lam = torch.where(
+            present, (self.lam + self.multiplier_lr * self.u).clamp(0, self.max_multiplier), self.lam
+        )
         return w
 
     def state_dict(self) -> dict:
