@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from .data import Split, TrainData, TrainOutcome
 from .schedule import lr_factor
-from .trainer import STATE_VERSION, Trainer
+from .state import STATE_VERSION
+from .trainer import Trainer
 from .weights import CONSTRAINED, FOCAL_BETA, METHODS, ConstraintWeights, beta_at, focal_weights
 
 __all__ = [

@@ -18,8 +18,6 @@ to an uninterrupted one on CPU. The hot loop never synchronises with the device 
 from __future__ import annotations
 
 import functools
-import hashlib
-import io
 import json
 import math
 import time
@@ -34,7 +32,7 @@ import torch.nn.functional as F
 from ..certify.selection import Assessment, Capability, Selector
 from ..data import ProtectedSampler, TargetSampler
 from ..distributed import context as dist_context
-from ..errors import RunError, atomic_write_bytes, atomic_write_text
+from ..errors import RunError, atomic_write_text
 from ..evaluate import (
     PredictionCache,
     Predictions,
@@ -48,15 +46,14 @@ from ..evaluate import (
     prediction_key,
     visual_digest,
 )
-from ..model import TOWER_PREFIX, build_class_tokens, model_autocast
+from ..model import build_class_tokens, model_autocast
 from ..plan import Plan
 from ..progress import Progress
+from . import state, wise_ft
 from .data import Split, TrainData, TrainOutcome
 from .schedule import lr_factor
 from .towers import _cpu_state, _index, _Towers
 from .weights import CONSTRAINED, METHODS, ConstraintWeights, beta_at, focal_weights
-
-STATE_VERSION = 3  # 2: the calibrated target offset is part of the state; 3: what blocked selection
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -93,9 +90,22 @@ class Trainer:
         self.autocast = functools.partial(model_autocast, self.device, plan.model.precision)
         self.tau = self.o.constraint_tau
 
+        self._init_constraints()
+        self.class_tokens = build_class_tokens(loaded.tokenizer, plan.classes, plan.templates).to(self.device)
+        self.prompt_tokens, self.prompt_heads = self.model.class_prompts(self.class_tokens)
+        self.old_state = _cpu_state(self.model)
+        self.old_digest = loaded.digest
+
+        self._init_features()
+        self._init_references()
+        self._init_samplers()
+        self._init_optimizer()
+
+    def _init_constraints(self) -> None:
+        """Which capability each class belongs to, and the constraints' slacks and metric."""
+        plan = self.plan
         C = len(plan.classes)
         self.constraints = plan.constraints
-        K = len(self.constraints)
         cap = np.full(C, -1, dtype=np.int64)
         for k, c in enumerate(self.constraints):
             cap[list(c.class_indices)] = k
@@ -105,11 +115,9 @@ class Trainer:
         if any(c.metric != self.metric for c in self.constraints):
             raise RunError("protect[*].constraint.metric: all capabilities must use the same metric in one run")
 
-        self.class_tokens = build_class_tokens(loaded.tokenizer, plan.classes, plan.templates).to(self.device)
-        self.prompt_tokens, self.prompt_heads = self.model.class_prompts(self.class_tokens)
-        self.old_state = _cpu_state(self.model)
-        self.old_digest = loaded.digest
-
+    def _init_features(self) -> None:
+        """Cached image features of a frozen (or target-tower) shared image tower."""
+        plan, data = self.plan, self.data
         # a frozen image tower sees every image once: its features for the store, the target set and
         # validation are computed (or read from the cache, keyed by the tower's digest) before training
         # model.target_tower: the target's own image tower is the only part that trains (added below, after
@@ -129,6 +137,10 @@ class Trainer:
                 )
                 self._features[id(split)] = feats.to(self.device)
 
+    def _init_references(self) -> None:
+        """The old model's references (store metric, validation predictions) and the selector."""
+        plan, data = self.plan, self.data
+        C = len(plan.classes)
         # the old model's references: per-sample metric on the store, predictions on validation
         # ('distill': the old model's class log-probabilities of every store image, N x C, instead)
         self.distill = self.metric in ("distill", "focal-distill")
@@ -171,6 +183,9 @@ class Trainer:
                 metric_values(self.ref_store.losses, self.ref_store.margins, self.metric), device=self.device
             )
 
+    def _init_samplers(self) -> None:
+        """The step's samplers, labels on the device and (contrastive objective) caption state."""
+        plan, data, loaded = self.plan, self.data, self.loaded
         # samplers: store rows of protected classes only; target rows split into positives/negatives
         protected = sorted({i for c in self.constraints for i in c.class_indices})
         self.prot_sampler = ProtectedSampler(
@@ -196,6 +211,10 @@ class Trainer:
             self.sog_u2 = torch.zeros(n, device=self.device)
             self.sog_seen = torch.zeros(n, dtype=torch.bool, device=self.device)
 
+    def _init_optimizer(self) -> None:
+        """Constraint weights, the target's tower, frozen parts, cached text inputs, the optimizer."""
+        plan = self.plan
+        K = len(self.constraints)
         self.weights = ConstraintWeights.from_plan(
             "unconstrained" if self.method == "wise-ft" else self.method, K, self.o, device=self.device
         )
@@ -613,84 +632,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ wise-ft
     def _run_wise_ft(self, *, resume: bool) -> TrainOutcome:
-        inner = Trainer(
-            self.plan,
-            self.loaded,
-            self.data,
-            method="unconstrained",
-            run_dir=self.run_dir,
-            cache=self.cache,
-            quiet=self.quiet,
-            log=self.log,
-            tag=f"{self.tag}-finetune",
-        )
-        inner.run(resume=resume)
-        ft = _cpu_state(self.model)
-        # a class image tower the fine-tune added starts from the old shared tower: that is its alpha = 0
-        old = {
-            **{
-                k: self.old_state["clip.visual." + k.split(".", 2)[2]]
-                for k in ft
-                if k.startswith(TOWER_PREFIX) and k not in self.old_state
-            },
-            **self.old_state,
-        }
-        best = None
-        self.trajectory = []
-        for i in range(self.o.wise_ft_grid - 1, -1, -1):
-            a = i / (self.o.wise_ft_grid - 1)
-            # a weight the fine-tune left alone stays exactly as it was ((1 - a) x + a x is not x in floats):
-            # with a target tower, every other class's logit stays the old model's to the bit
-            mixed = {
-                k: (old[k].float() * (1 - a) + ft[k].float() * a).to(old[k].dtype)
-                if old[k].is_floating_point() and not torch.equal(old[k], ft[k])
-                else ft[k]
-                for k in old
-            }
-            self.model.load_state_dict(mixed)
-            self.step = round(a * 1000)  # the "step" of a mixing weight, for the trajectory only
-            v = self.validate() if a > 0 else self.validate_old()
-            self.trajectory.append(
-                {
-                    "alpha": a,
-                    "step": self.step,
-                    "target_metric": v["target"],
-                    "constraints": {c.name: float(x) for c, x in zip(self.constraints, v["constraints"])},
-                    "feasible": v["feasible"],
-                }
-            )
-            if v["feasible"]:
-                best = (a, mixed, v)
-                break
-        if best is None:
-            # not even the old model is admissible (a held-out split too small to certify anything): keep it,
-            # as the constrained methods do when nothing is admissible
-            a, state = 0.0, self.old_state
-            reason = (
-                "no mixing weight between the old model (0) and the unconstrained fine-tune (1) keeps every "
-                "constraint on validation, not even 0: the old model is kept"
-            )
-        else:
-            a, state, _ = best
-            if a == 0:  # the old model itself, not a copy of it with an untrained tower
-                state = self.old_state
-            reason = (
-                f"largest mixing weight alpha={a:.2f} between the old model (0) and the unconstrained "
-                f"fine-tune (1) that keeps every constraint on validation"
-            )
-        self.model.load_state_dict(state)
-        self._write_trajectory()
-        return TrainOutcome(
-            method="wise-ft",
-            state_dict=_cpu_state(self.model),
-            selected_step=inner.step,
-            fell_back_to_old=a == 0,
-            reason=reason,
-            trajectory=self.trajectory,
-            steps=inner.step,
-            seconds=inner.seconds,
-            validation={"alpha": a},
-        )
+        return wise_ft.run(self, resume=resume)
 
     def validate_old(self) -> dict:
         saved, self.step = self.step, 0
@@ -700,106 +642,18 @@ class Trainer:
             self.step = saved
 
     # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ state (safespec.train.state)
     def fingerprint(self) -> str:
-        blob = json.dumps(
-            {
-                "plan": self.plan.to_dict(),
-                "method": self.method,
-                "old": self.old_digest,
-                "data": [self.data.store.digest, self.data.target.digest, self.data.validation.digest],
-                "v": STATE_VERSION,
-            },
-            sort_keys=True,
-            default=str,
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return state.fingerprint(self)
 
     def state_path(self) -> Path:
-        if self.run_dir is None:
-            raise RunError("training state needs a run directory")
-        return self.run_dir / "checkpoints" / f"state-{self.tag}.pt"
+        return state.state_path(self)
 
     def state_dict(self) -> dict:
-        st = {
-            "version": STATE_VERSION,
-            "fingerprint": self.fingerprint(),
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "opt": self.opt.state_dict(),
-            "sched": self.sched.state_dict(),
-            "weights": self.weights.state_dict(),
-            "loss_sum": self.loss_sum,
-            "loss_count": self.loss_count,
-            "prot_sampler": json.dumps(self.prot_sampler.state_dict(), default=_jsonable),
-            "target_sampler": json.dumps(self.target_sampler.state_dict(), default=_jsonable),
-            "trajectory": json.dumps(self.trajectory),
-            "best_step": self.best_step,
-            "best_score": self.best_score,
-            "best_offset": self.best_offset,
-            "blocked": json.dumps(self.blocked),
-            "seconds": self.seconds,
-            "torch_rng": torch.get_rng_state(),
-        }
-        if self.caption_tokens is not None:
-            st.update(sog_u1=self.sog_u1, sog_u2=self.sog_u2, sog_seen=self.sog_seen)
-        return st
+        return state.state_dict(self)
 
     def save_state(self) -> None:
-        if self.run_dir is None or not self.dist.is_main:
-            return
-        st = self.state_dict()
-        if self.best_state is not None:
-            st["best_state"] = self.best_state
-        buf = io.BytesIO()
-        torch.save(st, buf)
-        atomic_write_bytes(self.state_path(), buf.getvalue())
+        state.save_state(self)
 
     def load_state(self) -> None:
-        path = self.state_path()
-        if not path.exists():
-            raise RunError(f"{path}: no training state to resume from (run without --resume first)")
-        try:
-            st = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:  # corrupt or foreign file
-            raise RunError(
-                f"{path}: unreadable training state ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            ) from None
-        if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
-            raise RunError(f"{path}: not a safespec training state of version {STATE_VERSION}")
-        if st.get("fingerprint") != self.fingerprint():
-            raise RunError(
-                f"{path}: the training state was made with another spec, model or data; "
-                "remove it or run without --resume"
-            )
-        self.model.load_state_dict(st["model"])
-        self.opt.load_state_dict(st["opt"])
-        self.sched.load_state_dict(st["sched"])
-        self.weights.load_state_dict(st["weights"])
-        self.loss_sum, self.loss_count = st["loss_sum"], st["loss_count"]
-        self.prot_sampler.load_state_dict(json.loads(st["prot_sampler"], object_hook=_unjson))
-        self.target_sampler.load_state_dict(json.loads(st["target_sampler"], object_hook=_unjson))
-        self.trajectory = json.loads(st["trajectory"])
-        self.best_step, self.best_score, self.best_offset = st["best_step"], st["best_score"], st["best_offset"]
-        self.best_state = st.get("best_state")
-        self.blocked = json.loads(st.get("blocked", "null"))
-        self.step, self.seconds = st["step"], st["seconds"]
-        torch.set_rng_state(st["torch_rng"])
-        if self.caption_tokens is not None:
-            self.sog_u1, self.sog_u2, self.sog_seen = st["sog_u1"], st["sog_u2"], st["sog_seen"]
-        self.log(f"resumed {self.tag} at step {self.step}/{self.o.steps}")
-
-
-def _jsonable(x):
-    if isinstance(x, np.ndarray):
-        return {"__nd__": x.tolist(), "dtype": str(x.dtype)}
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.floating):
-        return float(x)
-    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
-
-
-def _unjson(d):
-    if "__nd__" in d:
-        return np.asarray(d["__nd__"], dtype=d["dtype"])
-    return d
+        state.load_state(self)
