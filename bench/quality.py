@@ -166,7 +166,7 @@ def _run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print, hel
     from safespec.data import ViewBank
     from safespec.evaluate import PredictionCache, evaluate, image_features
     from safespec.model import build_class_tokens, load_model
-    from safespec.runner import _split, load_inputs, make_train_data
+    from safespec.runner import load_inputs, load_split, make_train_data
     from safespec.train import Split, Trainer
 
     inp = load_inputs(spec_path, log=log)
@@ -182,7 +182,7 @@ def _run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print, hel
     )
     if heldout_n is not None:
         data.heldout_counts = np.full(C, int(heldout_n))
-    held = _split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
+    held = load_split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
     tokens = build_class_tokens(old.tokenizer, plan0.classes, plan0.templates)
     tau = plan0.optimizer.constraint_tau
     held_features = image_features(old.model, held.bank)

@@ -44,14 +44,14 @@ def init(spec):
     torch.set_num_threads(2)
     from safespec.evaluate import PredictionCache, evaluate
     from safespec.model import build_class_tokens, load_model
-    from safespec.runner import _split, load_inputs, make_train_data
+    from safespec.runner import load_inputs, load_split, make_train_data
 
     inp = load_inputs(Path(spec), log=lambda s: None)
     plan = inp.plan
     old = load_model(plan.model, plan.classes)
     dev = next(old.model.parameters()).device
     data = make_train_data(inp, old.preprocess)
-    held = _split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
+    held = load_split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
     tokens = build_class_tokens(old.tokenizer, plan.classes, plan.templates).to(dev)
     p_old = evaluate(old.model, tokens, held.bank, held.labels, 0.05, device=dev)
     val = data.validation

@@ -154,7 +154,7 @@ def make_train_data(inp: Loaded, preprocess):
     from .train import Split, TrainData
 
     held = inp.manifests["heldout"]
-    store = _split(inp.manifests["protected"], preprocess, inp.digests["protected"])
+    store = load_split(inp.manifests["protected"], preprocess, inp.digests["protected"])
     views = inp.plan.optimizer.store_views
     if views:  # the constraints also measure fixed augmented copies of the store (safespec.data.ViewBank)
         from .data import ViewBank
@@ -163,13 +163,14 @@ def make_train_data(inp: Loaded, preprocess):
         store = Split(bank=bank, labels=bank.labels, digest=bank.digest(store.digest))
     return TrainData(
         store=store,
-        target=_split(inp.manifests["target"], preprocess, inp.digests["target"]),
-        validation=_split(inp.manifests["validation"], preprocess, inp.digests["validation"]),
+        target=load_split(inp.manifests["target"], preprocess, inp.digests["target"]),
+        validation=load_split(inp.manifests["validation"], preprocess, inp.digests["validation"]),
         heldout_counts=np.bincount(held.labels, minlength=len(inp.plan.classes)),
     )
 
 
-def _split(manifest, preprocess, digest: str):
+def load_split(manifest, preprocess, digest: str):
+    """One split as training and evaluation read it: its image bank, labels, digest and captions."""
     from .data import ImageBank, decode_workers
     from .train import Split
 
@@ -193,7 +194,7 @@ def certify_candidate(
     from .model import build_class_tokens
 
     plan = inp.plan
-    held = _split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
+    held = load_split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
     tokens = build_class_tokens(old.tokenizer, plan.classes, plan.templates).to(device)
     tau = plan.optimizer.constraint_tau
 

@@ -146,3 +146,15 @@ def test_every_package_is_listed_for_the_wheel():
     listed = set(re.findall(r'"(safespec(?:\.[a-z_]+)*)"', text.split("packages = [", 1)[1].split("]", 1)[0]))
     packages = {"safespec" + ("." + m if m else "") for m in [""] + sorted(MODULES) if m == "" or _is_package(m)}
     assert packages <= listed, sorted(packages - listed)
+
+
+def test_bench_uses_the_public_api_only():
+    """bench measures what users run: it imports no private name (a leading underscore) from safespec."""
+    private = []
+    for path in sorted((PKG.parent / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("safespec"):
+                private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+                if any(part.startswith("_") for part in (node.module or "").split(".")):
+                    private.append(f"{path.name}: {node.module}")
+    assert private == []

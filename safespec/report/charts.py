@@ -65,7 +65,7 @@ def sub(a: Any, b: Any) -> float | None:
 
 def wilson_interval(k: int, n: int, confidence: float = DISPLAY_CONFIDENCE) -> tuple[float, float] | None:
     """Two-sided Wilson score interval of a proportion: display error bars only (the certificate's
-    bounds come from certify.py and are in result.json)."""
+    bounds come from safespec.certify and are in result.json)."""
     if n <= 0:
         return None
     z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
