@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .distributed import context as dist_context
+from .environment import versions
 from .errors import RunError, SafespecError, atomic_write_json
 from .plan import Plan
 
@@ -32,24 +32,6 @@ MAX_FLIP_THUMBNAILS = 8
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"safespec": __version__, "python": platform.python_version()}
-    for name, dist in (
-        ("torch", "torch"),
-        ("open_clip", "open_clip_torch"),
-        ("numpy", "numpy"),
-        ("pydantic", "pydantic"),
-        ("scipy", "scipy"),
-    ):
-        try:
-            out[name] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 # ----------------------------------------------------------------------------------- run directory

@@ -51,9 +51,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,8 +61,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
 from ..data import check_disjoint, file_digest, read_manifest, write_manifest
+from ..environment import versions
 from ..errors import DataError, atomic_write_json
 from .config import SPLITS, WORLD_FORMAT, WorldConfig, _label, _show
 from .sources import ANIMAL_CLASSES, get_source
@@ -383,21 +381,6 @@ def _build(
         "v1": model_info,
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.perf_counter() - t0, 1),
-        "versions": _versions(),
+        "versions": versions(),
     }
     atomic_write_json(out / "world.json", meta)
-
-
-def _versions() -> dict[str, str]:
-    import torch
-
-    v = {
-        "safespec": __version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-    oc = sys.modules.get("open_clip")
-    if oc is not None:
-        v["open_clip"] = getattr(oc, "__version__", "unknown")
-    return v

@@ -1,0 +1,26 @@
+"""What a result was computed with: the versions of safespec, Python and the packages whose code decides
+the numbers. One function, used by the run's provenance and by a demo world's world.json."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+
+from . import __version__
+
+
+def versions() -> dict[str, str]:
+    """Package versions as installed (a package that is missing is left out)."""
+    out = {"safespec": __version__, "python": platform.python_version()}
+    for name, dist in (
+        ("torch", "torch"),
+        ("open_clip", "open_clip_torch"),
+        ("numpy", "numpy"),
+        ("pydantic", "pydantic"),
+        ("scipy", "scipy"),
+    ):
+        try:
+            out[name] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
