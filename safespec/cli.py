@@ -29,6 +29,7 @@ import click
 
 from . import __version__
 from .errors import SafespecError, SpecError, atomic_write_text
+from .spec import METHODS
 
 EXIT_OK, EXIT_NOT_CERTIFIED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -235,7 +236,7 @@ def release_ok(result: dict) -> bool:
 @click.option("--resume", is_flag=True, help="Continue from the training state saved in the run directory.")
 @click.option(
     "--method",
-    type=click.Choice(["penalty", "lagrangian", "unconstrained", "replay", "wise-ft"]),
+    type=click.Choice(METHODS),
     default=None,
     help="Override optimize.method (e.g. to certify a baseline).",
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .load import load_spec, parse_spec, read_spec, spec_digest
 from .models import (
     JSON_SCHEMA_DIALECT,
+    METHODS,
     SPEC_VERSION,
     BatchSpec,
     CalibrateSpec,
@@ -37,6 +38,7 @@ from .starter import STARTER_DATA, starter_spec
 
 __all__ = [
     "JSON_SCHEMA_DIALECT",
+    "METHODS",
     "SPEC_VERSION",
     "STARTER_DATA",
     "BatchSpec",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from pydantic_core import PydanticCustomError
 
 SPEC_VERSION = 1
+
+#: The optimisation methods, named once: the spec's choices, the CLI's --method and the trainer's registry
+#: all read this.
+Method = Literal["penalty", "lagrangian", "unconstrained", "replay", "wise-ft"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
@@ -358,7 +364,7 @@ class SelectSpec(_Strict):
 class OptimizeSpec(_Strict):
     """The optimizer: the paper's penalty method, exact multipliers, or a baseline, with the paper's defaults."""
 
-    method: Literal["penalty", "lagrangian", "unconstrained", "replay", "wise-ft"] = Field(
+    method: Method = Field(
         "penalty",
         description="'penalty' (the paper), 'lagrangian' (exact multipliers), or the baselines 'unconstrained', 'replay', 'wise-ft'.",
     )

@@ -7,11 +7,12 @@ validation, selection, checkpoints and resume)."""
 
 from __future__ import annotations
 
+from ..spec import METHODS  # the methods are named once, in the spec language
 from .data import Split, TrainData, TrainOutcome
 from .schedule import lr_factor
 from .state import STATE_VERSION
 from .trainer import Trainer
-from .weights import CONSTRAINED, FOCAL_BETA, METHODS, ConstraintWeights, beta_at, focal_weights
+from .weights import CONSTRAINED, FOCAL_BETA, ConstraintWeights, beta_at, focal_weights
 
 __all__ = [
     "CONSTRAINED",

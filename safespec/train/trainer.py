@@ -49,11 +49,12 @@ from ..evaluate import (
 from ..model import build_class_tokens, model_autocast
 from ..plan import Plan
 from ..progress import Progress
+from ..spec import METHODS
 from . import state, wise_ft
 from .data import Split, TrainData, TrainOutcome
 from .schedule import lr_factor
 from .towers import _cpu_state, _index, _Towers
-from .weights import CONSTRAINED, METHODS, ConstraintWeights, beta_at, focal_weights
+from .weights import CONSTRAINED, ConstraintWeights, beta_at, focal_weights
 
 
 # ------------------------------------------------------------------------------------------ trainer

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-METHODS = ("penalty", "lagrangian", "unconstrained", "replay", "wise-ft")
 CONSTRAINED = ("penalty", "lagrangian")
 
 
