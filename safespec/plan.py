@@ -155,7 +155,44 @@ def compile_spec(spec: Spec) -> Plan:
     names = tuple(spec.classes.names)
     index = {n: i for i, n in enumerate(names)}
     target = spec.target.class_
+    constraints = _constraints(spec, names, index, target)
+    _check_rules(spec, constraints)
+    o = spec.optimize
+    return Plan(
+        name=spec.name,
+        description=spec.description,
+        classes=names,
+        templates=tuple(spec.classes.templates),
+        model=_model_plan(spec),
+        data=DataPlan(
+            protected=str(spec.data.protected),
+            target=str(spec.data.target),
+            validation=str(spec.data.validation),
+            heldout=str(spec.data.heldout),
+            base=_str(spec.data.base),
+        ),
+        constraints=tuple(constraints),
+        objective=Objective(
+            target_class=target,
+            target_index=index[target],
+            kind=o.objective,
+            min_accuracy=spec.target.goal.min_accuracy,
+            min_improvement=spec.target.goal.min_improvement,
+        ),
+        optimizer=_optimizer_plan(spec),
+        certify=CertifyPlan(confidence=spec.certify.confidence, require=spec.certify.require, test=spec.certify.test),
+        report_dir=str(spec.report.dir),
+        title=spec.report.title or spec.name,
+    )
 
+
+def _str(p: Path | None) -> str | None:
+    return None if p is None else str(p)
+
+
+def _constraints(spec: Spec, names: tuple[str, ...], index: dict[str, int], target: str) -> list[Constraint]:
+    """One constraint per capability (``each``: one per class), named uniquely; a clash is located at the
+    protect[] entry that repeats the name."""
     constraints: list[Constraint] = []
     source: list[int] = []  # protect[] entry of each constraint, for located errors
     for i, p in enumerate(spec.protect):
@@ -190,6 +227,11 @@ def compile_spec(spec: Spec) -> Plan:
             )
         seen[c.name] = k
 
+    return constraints
+
+
+def _check_rules(spec: Spec, constraints: list[Constraint]) -> None:
+    """Rules across fields that the section models cannot see on their own."""
     o = spec.optimize
     n_protected = sum(len(c.classes) for c in constraints)
     if o.batch.protected_classes > n_protected:
@@ -222,71 +264,51 @@ def compile_spec(spec: Spec) -> Plan:
     if set(m.freeze) == {"image", "text"} and not m.heads.enabled and not m.target_tower:
         raise PlanError("model.freeze", "both towers are frozen and the heads are disabled: nothing would be trained")
 
-    def s(p: Path | None) -> str | None:
-        return None if p is None else str(p)
 
-    return Plan(
-        name=spec.name,
-        description=spec.description,
-        classes=names,
-        templates=tuple(spec.classes.templates),
-        model=ModelPlan(
-            arch=m.arch,
-            pretrained=m.pretrained,
-            checkpoint=s(m.checkpoint),
-            heads=m.heads.enabled,
-            rank=m.heads.rank,
-            device=m.device,
-            precision=m.precision,
-            freeze=tuple(m.freeze),
-            target_tower=m.target_tower,
-        ),
-        data=DataPlan(
-            protected=str(spec.data.protected),
-            target=str(spec.data.target),
-            validation=str(spec.data.validation),
-            heldout=str(spec.data.heldout),
-            base=s(spec.data.base),
-        ),
-        constraints=tuple(constraints),
-        objective=Objective(
-            target_class=target,
-            target_index=index[target],
-            kind=o.objective,
-            min_accuracy=spec.target.goal.min_accuracy,
-            min_improvement=spec.target.goal.min_improvement,
-        ),
-        optimizer=OptimizerPlan(
-            method=o.method,
-            baselines=tuple(o.baselines),
-            steps=o.steps,
-            seed=o.seed,
-            lr=o.lr,
-            weight_decay=o.weight_decay,
-            warmup_steps=o.warmup_steps,
-            target_batch=o.batch.target,
-            positive_fraction=o.batch.positive_fraction,
-            protected_classes_per_step=o.batch.protected_classes,
-            per_class=o.batch.per_class,
-            gamma=o.gamma,
-            constraint_tau=o.constraint_tau,
-            temperature=o.temperature,
-            beta=o.penalty.beta,
-            beta_schedule=o.penalty.schedule,
-            penalty_form=o.penalty.form,
-            multiplier_lr=o.lagrangian.multiplier_lr,
-            rho=o.lagrangian.rho,
-            max_multiplier=o.lagrangian.max_multiplier,
-            wise_ft_grid=o.wise_ft.grid,
-            eval_every=o.eval_every,
-            checkpoint_every=o.checkpoint_every,
-            calibrate_target=o.calibrate.target_offset,
-            min_certify_probability=o.select.min_certify_probability,
-            store_views=o.store_views,
-        ),
-        certify=CertifyPlan(confidence=spec.certify.confidence, require=spec.certify.require, test=spec.certify.test),
-        report_dir=str(spec.report.dir),
-        title=spec.report.title or spec.name,
+def _model_plan(spec: Spec) -> ModelPlan:
+    m = spec.model
+    return ModelPlan(
+        arch=m.arch,
+        pretrained=m.pretrained,
+        checkpoint=_str(m.checkpoint),
+        heads=m.heads.enabled,
+        rank=m.heads.rank,
+        device=m.device,
+        precision=m.precision,
+        freeze=tuple(m.freeze),
+        target_tower=m.target_tower,
+    )
+
+
+def _optimizer_plan(spec: Spec) -> OptimizerPlan:
+    o = spec.optimize
+    return OptimizerPlan(
+        method=o.method,
+        baselines=tuple(o.baselines),
+        steps=o.steps,
+        seed=o.seed,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        warmup_steps=o.warmup_steps,
+        target_batch=o.batch.target,
+        positive_fraction=o.batch.positive_fraction,
+        protected_classes_per_step=o.batch.protected_classes,
+        per_class=o.batch.per_class,
+        gamma=o.gamma,
+        constraint_tau=o.constraint_tau,
+        temperature=o.temperature,
+        beta=o.penalty.beta,
+        beta_schedule=o.penalty.schedule,
+        penalty_form=o.penalty.form,
+        multiplier_lr=o.lagrangian.multiplier_lr,
+        rho=o.lagrangian.rho,
+        max_multiplier=o.lagrangian.max_multiplier,
+        wise_ft_grid=o.wise_ft.grid,
+        eval_every=o.eval_every,
+        checkpoint_every=o.checkpoint_every,
+        calibrate_target=o.calibrate.target_offset,
+        min_certify_probability=o.select.min_certify_probability,
+        store_views=o.store_views,
     )
 
 
