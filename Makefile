@@ -26,14 +26,15 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(MAKE) --no-print-directory fashion-mnist
 	touch $(STAMP)
 
-# The second world's data (bench and tests only): Fashion-MNIST (MIT). No PyPI package ships its files;
-# Debian's dataset-fashion-mnist does, and its two test-split files are unpacked into the venv (no root,
-# nothing installed system-wide). A machine without apt gets a note; the tests that need the files then skip.
+# The other worlds' data (bench and tests only): Fashion-MNIST (MIT). No PyPI package ships its files;
+# Debian's dataset-fashion-mnist does, and its files are unpacked into the venv (no root, nothing installed
+# system-wide): the test split for the second world, the training split for the tuning world. A machine
+# without apt gets a note; the tests that need the files then skip.
 FASHION_DEB ?= dataset-fashion-mnist=0.0~git20200523.55506a9-1
 FASHION_DIR := $(VENV)/share/datasets/fashion-mnist
 
 fashion-mnist: | $(PY)
-	@if [ -f $(FASHION_DIR)/t10k-images-idx3-ubyte.gz ] && [ -f $(FASHION_DIR)/t10k-labels-idx1-ubyte.gz ]; then \
+	@if [ -f $(FASHION_DIR)/t10k-images-idx3-ubyte.gz ] && [ -f $(FASHION_DIR)/train-labels-idx1-ubyte.gz ]; then \
 	  exit 0; \
 	elif ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then \
 	  echo "note: no apt-get/dpkg-deb here: Fashion-MNIST (the second world, bench and tests only) not installed"; \
@@ -42,7 +43,7 @@ fashion-mnist: | $(PY)
 	  { apt-get download -q "$(FASHION_DEB)" 2>/dev/null || \
 	    { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get download -q "$(FASHION_DEB)"; }; } && \
 	  dpkg-deb -x dataset-fashion-mnist_*.deb root && cd - >/dev/null && mkdir -p $(FASHION_DIR) && \
-	  cp "$$tmp"/root/usr/share/datasets/fashion-mnist/t10k-*-ubyte.gz $(FASHION_DIR)/; \
+	  cp "$$tmp"/root/usr/share/datasets/fashion-mnist/*-ubyte.gz $(FASHION_DIR)/; \
 	fi
 
 install: $(STAMP)
