@@ -144,9 +144,9 @@ def _draw_batches(plan, data, n: int, device) -> list:
 
     o = plan.optimizer
     protected = sorted({i for c in plan.constraints for i in c.class_indices})
-    ps = ProtectedSampler(data.store.labels, protected, o.protected_classes_per_step, o.per_class, seed=o.seed)
+    ps = ProtectedSampler(data.store.labels, protected, o.batch.protected_classes, o.batch.per_class, seed=o.seed)
     ts = TargetSampler(
-        data.target.labels, plan.objective.target_index, o.target_batch, o.positive_fraction, seed=o.seed + 1
+        data.target.labels, plan.objective.target_index, o.batch.target, o.batch.positive_fraction, seed=o.seed + 1
     )
     out = []
     for _ in range(n):
@@ -228,9 +228,9 @@ def step_overhead(
         "classes": len(plan.classes),
         "constraints": len(plan.constraints),
         "batch": {
-            "target": o.target_batch,
-            "protected_classes": o.protected_classes_per_step,
-            "per_class": o.per_class,
+            "target": o.batch.target,
+            "protected_classes": o.batch.protected_classes,
+            "per_class": o.batch.per_class,
         },
         "optimizer_matches_trainer": same_opt,
         "step_ms": ms,

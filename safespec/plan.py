@@ -83,7 +83,59 @@ class DataPlan:
 
 
 @dataclass(frozen=True)
+class BatchPlan:
+    """One step's draw (``optimize.batch``)."""
+
+    target: int
+    positive_fraction: float
+    protected_classes: int
+    per_class: int
+
+
+@dataclass(frozen=True)
+class PenaltyPlan:
+    """The penalty method's settings (``optimize.penalty``)."""
+
+    beta: float
+    schedule: str  # "constant" | "cosine"
+    form: str  # "squared-hinge" | "hinge"
+
+
+@dataclass(frozen=True)
+class LagrangianPlan:
+    """The Lagrangian method's settings (``optimize.lagrangian``)."""
+
+    multiplier_lr: float
+    rho: float
+    max_multiplier: float
+
+
+@dataclass(frozen=True)
+class WiseFtPlan:
+    """The wise-ft baseline's settings (``optimize.wise_ft``)."""
+
+    grid: int
+
+
+@dataclass(frozen=True)
+class CalibratePlan:
+    """``optimize.calibrate``: what is calibrated on validation after every evaluation."""
+
+    target_offset: bool = False
+
+
+@dataclass(frozen=True)
+class SelectPlan:
+    """``optimize.select``: when a candidate is admissible (docs/selection.md)."""
+
+    min_certify_probability: float = 0.8
+
+
+@dataclass(frozen=True)
 class OptimizerPlan:
+    """``optimize``, section for section and name for name: each method's settings stay in their own
+    sub-plan, so a setting has one name from the spec to the trainer."""
+
     method: str
     baselines: tuple[str, ...]
     steps: int
@@ -91,25 +143,38 @@ class OptimizerPlan:
     lr: float
     weight_decay: float
     warmup_steps: int
-    target_batch: int
-    positive_fraction: float
-    protected_classes_per_step: int
-    per_class: int
+    batch: BatchPlan
     gamma: float
     constraint_tau: float
     temperature: float
-    beta: float
-    beta_schedule: str
-    penalty_form: str
-    multiplier_lr: float
-    rho: float
-    max_multiplier: float
-    wise_ft_grid: int
+    penalty: PenaltyPlan
+    lagrangian: LagrangianPlan
+    wise_ft: WiseFtPlan
     eval_every: int
     checkpoint_every: int
-    calibrate_target: bool = False
-    min_certify_probability: float = 0.8
+    calibrate: CalibratePlan = CalibratePlan()
+    select: SelectPlan = SelectPlan()
     store_views: int = 0
+
+    def updated(self, changes: dict[str, Any]) -> OptimizerPlan:
+        """A copy with ``changes`` applied; a key names a field (``lr``) or a method's setting by its
+        section (``penalty.beta``). An unknown name is a KeyError, not a silently ignored setting."""
+        top: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in changes.items():
+            section, _, name = key.rpartition(".")
+            if section:
+                sub = getattr(self, section, None)
+                if not dataclasses.is_dataclass(sub) or name not in {f.name for f in dataclasses.fields(sub)}:
+                    raise KeyError(f"optimizer plan has no setting {key!r}")
+                nested.setdefault(section, {})[name] = value
+            elif name in {f.name for f in dataclasses.fields(self)}:
+                top[name] = value
+            else:
+                raise KeyError(f"optimizer plan has no setting {key!r}")
+        for section, values in nested.items():
+            top[section] = dataclasses.replace(top.get(section, getattr(self, section)), **values)
+        return dataclasses.replace(self, **top)
 
 
 @dataclass(frozen=True)
@@ -290,24 +355,24 @@ def _optimizer_plan(spec: Spec) -> OptimizerPlan:
         lr=o.lr,
         weight_decay=o.weight_decay,
         warmup_steps=o.warmup_steps,
-        target_batch=o.batch.target,
-        positive_fraction=o.batch.positive_fraction,
-        protected_classes_per_step=o.batch.protected_classes,
-        per_class=o.batch.per_class,
+        batch=BatchPlan(
+            target=o.batch.target,
+            positive_fraction=o.batch.positive_fraction,
+            protected_classes=o.batch.protected_classes,
+            per_class=o.batch.per_class,
+        ),
         gamma=o.gamma,
         constraint_tau=o.constraint_tau,
         temperature=o.temperature,
-        beta=o.penalty.beta,
-        beta_schedule=o.penalty.schedule,
-        penalty_form=o.penalty.form,
-        multiplier_lr=o.lagrangian.multiplier_lr,
-        rho=o.lagrangian.rho,
-        max_multiplier=o.lagrangian.max_multiplier,
-        wise_ft_grid=o.wise_ft.grid,
+        penalty=PenaltyPlan(beta=o.penalty.beta, schedule=o.penalty.schedule, form=o.penalty.form),
+        lagrangian=LagrangianPlan(
+            multiplier_lr=o.lagrangian.multiplier_lr, rho=o.lagrangian.rho, max_multiplier=o.lagrangian.max_multiplier
+        ),
+        wise_ft=WiseFtPlan(grid=o.wise_ft.grid),
         eval_every=o.eval_every,
         checkpoint_every=o.checkpoint_every,
-        calibrate_target=o.calibrate.target_offset,
-        min_certify_probability=o.select.min_certify_probability,
+        calibrate=CalibratePlan(target_offset=o.calibrate.target_offset),
+        select=SelectPlan(min_certify_probability=o.select.min_certify_probability),
         store_views=o.store_views,
     )
 

@@ -192,12 +192,12 @@ def test_bdd100k_specs_validate_with_stand_in_data(tmp_path, name, target, prote
         o.lr,
         o.weight_decay,
         o.warmup_steps,
-        o.target_batch,
-        o.beta,
+        o.batch.target,
+        o.penalty.beta,
         o.gamma,
         o.constraint_tau,
         o.temperature,
-        o.protected_classes_per_step,
+        o.batch.protected_classes,
     ) == (1e-6, 0.1, 500, 256, beta, 0.8, 0.05, 0.05, per_step)
     assert Path(plan.data.protected).is_file()
 
@@ -210,7 +210,7 @@ def test_places365_spec_validates_with_stand_in_data(tmp_path):
     assert plan.objective.target_class == "dressing room"
     assert len(plan.constraints) == 364 and "dressing room" not in {c.name for c in plan.constraints}
     o = plan.optimizer
-    assert (o.beta, o.protected_classes_per_step, o.per_class) == (1000, 240, 2)
+    assert (o.penalty.beta, o.batch.protected_classes, o.batch.per_class) == (1000, 240, 2)
 
 
 def test_example_without_its_data_names_the_paths_tried(tmp_path):

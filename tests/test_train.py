@@ -34,7 +34,7 @@ def _train(
     torch.manual_seed(0)
     plan = inp.plan
     if opt or steps:
-        o = dataclasses.replace(plan.optimizer, **opt, **({"steps": steps} if steps else {}))
+        o = plan.optimizer.updated({**opt, **({"steps": steps} if steps else {})})
         plan = dataclasses.replace(plan, optimizer=o)
     old = load_model(plan.model, plan.classes)
     data = make_train_data(inp, old.preprocess)
@@ -101,7 +101,7 @@ def test_resume_after_an_interruption_is_bit_identical(world_inputs, tmp_path):
     final_b = resumed.model.state_dict()
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
     assert out_a.trajectory == out_b.trajectory
-    assert torch.equal(straight.weights.u, resumed.weights.u)
+    assert torch.equal(straight.formulation.u, resumed.formulation.u)
     assert out_a.selected_step == out_b.selected_step
     assert all(torch.equal(out_a.state_dict[k], out_b.state_dict[k]) for k in out_a.state_dict)
 
@@ -341,7 +341,7 @@ def test_the_ce_target_follows_its_own_temperature_not_the_constraints(world_inp
 
     def first_loss(**opt):
         torch.manual_seed(0)
-        p = dataclasses.replace(plan, optimizer=dataclasses.replace(plan.optimizer, **opt))
+        p = dataclasses.replace(plan, optimizer=plan.optimizer.updated(opt))
         old = load_model(p.model, p.classes)
         trainer = Trainer(
             p,
@@ -463,8 +463,7 @@ def test_calibrated_selection_picks_the_best_admissible_candidate(world_inputs, 
         steps=40,
         eval_every=10,
         checkpoint_every=10,
-        calibrate_target=True,
-        min_certify_probability=0.6,
+        **{"calibrate.target_offset": True, "select.min_certify_probability": 0.6},
         lr=5e-5,
         heldout_n=400,
     )
@@ -496,7 +495,9 @@ def test_calibrated_selection_picks_the_best_admissible_candidate(world_inputs, 
 
 
 def test_calibration_leaves_the_baselines_as_trained(world_inputs, tmp_path):
-    trainer, out = _train(world_inputs, tmp_path, "unconstrained", steps=20, eval_every=10, calibrate_target=True)
+    trainer, out = _train(
+        world_inputs, tmp_path, "unconstrained", steps=20, eval_every=10, **{"calibrate.target_offset": True}
+    )
     assert "target_offset" not in out.validation and "class_bias" not in out.state_dict
     assert all("target_offset" not in e for e in trainer.trajectory)
 
@@ -504,7 +505,7 @@ def test_calibration_leaves_the_baselines_as_trained(world_inputs, tmp_path):
 # ------------------------------------------------------------------------------------------ model.target_tower
 def _target_tower_plan(inp, **opt):
     plan = dataclasses.replace(inp.plan, model=dataclasses.replace(inp.plan.model, target_tower=True))
-    return dataclasses.replace(plan, optimizer=dataclasses.replace(plan.optimizer, **opt))
+    return dataclasses.replace(plan, optimizer=plan.optimizer.updated(opt))
 
 
 def _all_logits(model, tokenizer, plan, bank):

@@ -52,7 +52,7 @@ def state_dict(t: Trainer) -> dict:
         "model": t.model.state_dict(),
         "opt": t.opt.state_dict(),
         "sched": t.sched.state_dict(),
-        "weights": t.weights.state_dict(),
+        "weights": t.formulation.state_dict(),
         "loss_sum": t.loss_sum,
         "loss_count": t.loss_count,
         "prot_sampler": json.dumps(t.prot_sampler.state_dict(), default=_jsonable),
@@ -100,7 +100,7 @@ def load_state(t: Trainer) -> None:
     t.model.load_state_dict(st["model"])
     t.opt.load_state_dict(st["opt"])
     t.sched.load_state_dict(st["sched"])
-    t.weights.load_state_dict(st["weights"])
+    t.formulation.load_state_dict(st["weights"])
     t.loss_sum, t.loss_count = st["loss_sum"], st["loss_count"]
     t.prot_sampler.load_state_dict(json.loads(st["prot_sampler"], object_hook=_unjson))
     t.target_sampler.load_state_dict(json.loads(st["target_sampler"], object_hook=_unjson))

@@ -1,13 +1,8 @@
 """The constrained optimizer: fine-tune so the target improves while every protected constraint holds.
 
-Methods (``optimize.method``), all from the same plan and the same batches:
-
-* ``penalty``: the paper's quadratic penalty with moving-average constraint estimates (method.md section 2);
-* ``lagrangian``: exact per-constraint multipliers (gradient descent-ascent, optionally augmented), so that
-  users need not tune beta;
-* baselines ``unconstrained`` (target objective only), ``replay`` (plus cross-entropy on the store, no
-  old-model reference) and ``wise-ft`` (interpolate old and unconstrained weights, the largest mixing
-  weight that keeps every constraint on validation).
+The loop is the same for every method (``optimize.method``); what differs between them, the store term,
+the constraint weights and wise-ft's run of its own, is a class of :mod:`.methods`, all fed the same plan
+and the same batches.
 
 The old model's per-sample losses on the store are computed once and cached by digest. Checkpoint
 selection uses the validation split only (the held-out split belongs to the certificate). The whole
@@ -49,12 +44,13 @@ from ..evaluate import (
 from ..model import build_class_tokens, model_autocast
 from ..plan import Plan
 from ..progress import Progress
-from ..spec import METHODS
-from . import state, wise_ft
+from . import state
 from .data import Split, TrainData, TrainOutcome
+from .methods import REGISTRY, Method
+from .methods import build as build_method
 from .schedule import lr_factor
 from .towers import _cpu_state, _index, _Towers
-from .weights import CONSTRAINED, ConstraintWeights, beta_at, focal_weights
+from .weights import focal_weights
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -78,8 +74,8 @@ class Trainer:
 
         self.plan, self.o = plan, plan.optimizer
         self.method = method or self.o.method
-        if self.method not in METHODS:
-            raise RunError(f"optimize.method: unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.method not in REGISTRY:
+            raise RunError(f"optimize.method: unknown method {self.method!r}; expected one of {', '.join(REGISTRY)}")
         self.loaded, self.model, self.data = loaded, loaded.model, data
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.cache = cache or PredictionCache()
@@ -92,6 +88,8 @@ class Trainer:
         self.tau = self.o.constraint_tau
 
         self._init_constraints()
+        # what differs between methods (train.methods): the store term, the constraint weights, a run of its own
+        self.formulation: Method = build_method(self.method, self.o, len(self.constraints), self.device)
         self.class_tokens = build_class_tokens(loaded.tokenizer, plan.classes, plan.templates).to(self.device)
         self.prompt_tokens, self.prompt_heads = self.model.class_prompts(self.class_tokens)
         self.old_state = _cpu_state(self.model)
@@ -123,7 +121,7 @@ class Trainer:
         # validation are computed (or read from the cache, keyed by the tower's digest) before training
         # model.target_tower: the target's own image tower is the only part that trains (added below, after
         # the old model's references), so the shared tower's features are cached like a frozen tower's
-        self.target_tower = plan.model.target_tower and self.method != "wise-ft"  # wise-ft: its inner run adds it
+        self.target_tower = plan.model.target_tower and self.formulation.adds_target_tower
         self.image_frozen = "image" in plan.model.freeze or plan.model.target_tower
         self._features: dict[int, torch.Tensor] = {}
         if self.image_frozen:
@@ -146,7 +144,7 @@ class Trainer:
         # ('distill': the old model's class log-probabilities of every store image, N x C, instead)
         self.distill = self.metric in ("distill", "focal-distill")
         # the target's decision offset, chosen on validation at every evaluation (constrained methods only)
-        self.calibrate = self.o.calibrate_target and self.method in CONSTRAINED
+        self.calibrate = self.o.calibrate.target_offset and self.formulation.constrained
         self.ref_store = self._reference(data.store, log_probs=self.distill)
         # (calibration reads the old model's validation logits too: cached with the reference, not re-run)
         self.ref_val = self._reference(data.validation, log_probs=True)
@@ -171,7 +169,7 @@ class Trainer:
                 for c in self.constraints
             ],
             plan.objective.target_index,
-            self.o.min_certify_probability,
+            self.o.select.min_certify_probability,
         )
         self.blocked: dict | None = None  # the best candidate that selection refused, and why
         if self.distill:
@@ -190,13 +188,13 @@ class Trainer:
         # samplers: store rows of protected classes only; target rows split into positives/negatives
         protected = sorted({i for c in self.constraints for i in c.class_indices})
         self.prot_sampler = ProtectedSampler(
-            data.store.labels, protected, self.o.protected_classes_per_step, self.o.per_class, seed=self.o.seed
+            data.store.labels, protected, self.o.batch.protected_classes, self.o.batch.per_class, seed=self.o.seed
         )
         self.target_sampler = TargetSampler(
             data.target.labels,
             plan.objective.target_index,
-            self.o.target_batch,
-            self.o.positive_fraction,
+            self.o.batch.target,
+            self.o.batch.positive_fraction,
             seed=self.o.seed + 1,
         )
         self.target_labels = torch.as_tensor(data.target.labels, device=self.device)
@@ -215,10 +213,6 @@ class Trainer:
     def _init_optimizer(self) -> None:
         """Constraint weights, the target's tower, frozen parts, cached text inputs, the optimizer."""
         plan = self.plan
-        K = len(self.constraints)
-        self.weights = ConstraintWeights.from_plan(
-            "unconstrained" if self.method == "wise-ft" else self.method, K, self.o, device=self.device
-        )
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
 
@@ -435,7 +429,7 @@ class Trainer:
         pos, neg = self.target_sampler.sample()
         pos_idx = _index(pos, dev)
         t_rows = np.concatenate([pos, neg])
-        constrained = self.method != "unconstrained"
+        constrained = self.formulation.draws_store
         p_rows = self.prot_sampler.sample()[0] if constrained else None
         caption_rows = None
         if self.plan.objective.kind != "ce":
@@ -453,7 +447,7 @@ class Trainer:
             logits, ce, margin = logits_losses(
                 feats[nt:], text, yp, self.tau, self.model.class_bias, {c: f[nt:] for c, f in towers.items()}
             )
-            if self.method == "replay":  # the regulariser baseline: plain CE on the store, no reference
+            if not self.formulation.uses_reference:  # replay: plain CE on the store
                 m_new = ce
             elif self.distill:
                 m_new = (
@@ -470,7 +464,7 @@ class Trainer:
             with torch.no_grad():
                 diff = m_new.detach() - self.ref_store_metric[p_idx]
                 c = torch.zeros(K, device=dev).index_add_(0, k_of, diff) / counts.clamp(min=1) - self.slack
-            weight = self.weights.update(c, present, self.step)
+            weight = self.formulation.weight(c, present, self.step)
             # torch.where, not boolean indexing: indexing by a mask waits for the device to count it
             loss = loss + torch.where(present, weight * self.tau * mean_new, 0.0).sum() / present.sum().clamp(min=1)
         loss.backward()
@@ -483,8 +477,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> TrainOutcome:
         """Train to ``optimize.steps`` (or stop early after ``stop_after`` steps, for tests of resume)."""
-        if self.method == "wise-ft":
-            return self._run_wise_ft(resume=resume)
+        own = self.formulation.run(self, resume=resume)
+        if own is not None:
+            return own
         if resume:
             self.load_state()
         if self.step == 0 and not self.trajectory:
@@ -498,9 +493,7 @@ class Trainer:
                 loss = self.train_step()
                 self.loss_sum += loss
                 self.loss_count += 1
-                status = None
-                if self.step % max(1, o.steps // 50) == 0 and self.method in ("penalty", "lagrangian"):
-                    status = f"worst u={float(self.weights.u.max()):+.4f}"
+                status = self.formulation.status() if self.step % max(1, o.steps // 50) == 0 else None
                 bar.update(1, status=status)
                 if self.step % o.eval_every == 0 or self.step == o.steps:
                     self._record(self.validate())
@@ -513,20 +506,19 @@ class Trainer:
 
     def _record(self, v: dict) -> None:
         names = [c.name for c in self.constraints]
+        own = self.formulation.record(names, self.step)
         entry = {
             "step": self.step,
             "lr": float(self.sched.get_last_lr()[0])
             if self.step > 0
             else float(self.o.lr * lr_factor(0, self.o.warmup_steps, self.o.steps)),
-            "beta": beta_at(self.step, self.o.steps, self.o.beta, self.o.beta_schedule)
-            if self.method == "penalty"
-            else None,
+            "beta": own["beta"],
             "train_loss": float(self.loss_sum) / self.loss_count if self.loss_count else None,
             "target_metric": v["target"],
             "constraints": dict(zip(names, map(float, v["constraints"]))),
             "val_drop": dict(zip(names, map(float, v["drops"]))),
-            "u": dict(zip(names, map(float, self.weights.u.cpu()))),
-            "multipliers": dict(zip(names, map(float, self.weights.lam.cpu()))) if self.method == "lagrangian" else {},
+            "u": own["u"],
+            "multipliers": own["multipliers"],
             "val_accuracy": {
                 c: (None if math.isnan(a) else float(a)) for c, a in zip(self.plan.classes, v["accuracy"])
             },
@@ -541,7 +533,7 @@ class Trainer:
         self.trajectory.append(entry)
         # constrained methods select among checkpoints that keep every constraint on validation; the
         # baselines select by the target alone, so that they show what the constraints buy
-        eligible = v["feasible"] or self.method not in CONSTRAINED
+        eligible = v["feasible"] or not self.formulation.constrained
         if not eligible and self.step > 0 and (self.blocked is None or v["score"] > self.blocked["target"]):
             self._note_blocked(v)
         if eligible and v["score"] > self.best_score:
@@ -554,7 +546,7 @@ class Trainer:
         """Remember the best-scoring candidate that selection refused: the report says what blocked it."""
         a: Assessment = v["assessment"]
         e = a.blocking()
-        q = self.o.min_certify_probability
+        q = self.o.select.min_certify_probability
         self.blocked = {
             "step": self.step,
             "target": v["score"],
@@ -591,7 +583,7 @@ class Trainer:
 
     def _outcome(self) -> TrainOutcome:
         fell_back = self.best_state is None
-        q = self.o.min_certify_probability
+        q = self.o.select.min_certify_probability
         target = self.plan.objective.target_class
         if fell_back:
             reason = (
@@ -604,7 +596,7 @@ class Trainer:
             among = (
                 f"among candidates predicted to pass every capability's held-out certificate with "
                 f"probability >= {q:.2f}"
-                if self.method in CONSTRAINED
+                if self.formulation.constrained
                 else "(a baseline: selected by the target alone)"
             )
             reason = f"step {self.best_step}: best validation accuracy on {target!r} ({self.best_score:.3f}) {among}"
@@ -616,7 +608,7 @@ class Trainer:
                 )
         validation: dict[str, Any] = {"target_offset": self.best_offset} if self.calibrate else {}
         validation["min_certify_probability"] = q
-        if self.blocked and self.method in CONSTRAINED:
+        if self.blocked and self.formulation.constrained:
             validation["blocked"] = self.blocked
         state = self.old_state if fell_back or self.best_state is None else self.best_state
         return TrainOutcome(
@@ -630,10 +622,6 @@ class Trainer:
             seconds=self.seconds,
             validation=validation,
         )
-
-    # ------------------------------------------------------------------ wise-ft
-    def _run_wise_ft(self, *, resume: bool) -> TrainOutcome:
-        return wise_ft.run(self, resume=resume)
 
     def validate_old(self) -> dict:
         saved, self.step = self.step, 0

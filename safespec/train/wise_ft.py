@@ -44,8 +44,8 @@ def run(t: Trainer, *, resume: bool) -> TrainOutcome:
     }
     best = None
     t.trajectory = []
-    for i in range(t.o.wise_ft_grid - 1, -1, -1):
-        a = i / (t.o.wise_ft_grid - 1)
+    for i in range(t.o.wise_ft.grid - 1, -1, -1):
+        a = i / (t.o.wise_ft.grid - 1)
         # a weight the fine-tune left alone stays exactly as it was ((1 - a) x + a x is not x in floats):
         # with a target tower, every other class's logit stays the old model's to the bit
         mixed = {
