@@ -29,6 +29,7 @@ import click
 
 from . import __version__
 from .errors import SafespecError, SpecError, atomic_write_text
+from .result import parse_result
 from .spec import METHODS
 
 EXIT_OK, EXIT_NOT_CERTIFIED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -226,9 +227,12 @@ def _is_main() -> bool:
 
 
 def release_ok(result: dict) -> bool:
-    """The release gate: every protected capability meets what the spec requires (the verdict) *and* the
-    target reaches its goal; a model that keeps everything but improves nothing is not a release."""
-    return result.get("verdict") == "certified" and bool((result.get("target") or {}).get("goal_met"))
+    """The release gate (:attr:`safespec.result.Result.release_ok`); a result that does not parse is no
+    release (fail closed)."""
+    try:
+        return parse_result(result).release_ok
+    except ValueError:
+        return False
 
 
 @main.command()

@@ -25,6 +25,7 @@ from .distributed import context as dist_context
 from .environment import versions
 from .errors import RunError, SafespecError, atomic_write_json
 from .plan import Plan
+from .result import SCHEMA_VERSION, parse_result
 
 OUTPUTS = ("result.json", "report.html", "junit.xml")
 MAX_FLIP_THUMBNAILS = 8
@@ -326,7 +327,11 @@ def _spec_block(inp: Loaded) -> dict:
 def _finish(rd: RunDir, result: dict, *, log) -> dict:
     from .report import render_report
 
-    result["schema_version"] = 1
+    result["schema_version"] = SCHEMA_VERSION
+    try:
+        parse_result(result)  # never write a result.json that a reader would refuse (fail closed)
+    except ValueError as e:
+        raise RunError(f"internal error: the run's result does not match its schema: {e}") from None
     if not rd.writes:
         return result
     atomic_write_json(rd.path / "result.json", result)

@@ -121,6 +121,15 @@ def test_the_report_needs_no_model_torch_or_training(module):
     )
 
 
+def test_the_typed_result_stands_alone():
+    """result.py is the contract between certify and report: pydantic only, so any tool can read a result."""
+    siblings, outside = _reach("result")
+    assert siblings == set() and outside <= {"__future__", "collections", "json", "re", "sys", "typing", "pydantic"}, (
+        sorted(siblings),
+        sorted(outside),
+    )
+
+
 def test_nothing_imports_the_cli():
     importers = sorted(m for m in MODULES - {"cli", "__main__"} if "cli" in _imports(m))
     assert importers == []

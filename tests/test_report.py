@@ -417,16 +417,56 @@ def test_synthetic_results_match_the_shipped_schema():
     assert report.validate_result(make_result()) == []
     assert report.validate_result(make_result(many_capabilities(30))) == []
     schema = report.result_schema()
+    defs = schema.get("$defs", {})
+    seen = []
 
     def walk(s, where="$"):
+        if "$ref" in s:
+            s = defs[s["$ref"].rsplit("/", 1)[1]]
+        for branch in s.get("anyOf", ()):
+            walk(branch, where)
         for key in s.get("required", ()):
             assert key in s.get("properties", {}), f"{where}: required {key} not described"
         for k, sub in s.get("properties", {}).items():
+            seen.append(f"{where}.{k}")
             walk(sub, f"{where}.{k}")
         if isinstance(s.get("items"), dict):
             walk(s["items"], f"{where}[]")
 
     walk(schema)
+    # the generated schema reaches every nested part (refs resolved)
+    assert {"$.capabilities[].per_class[].status", "$.target.goal.min_improvement", "$.provenance.seed"} <= set(seen)
+
+
+def test_the_shipped_schema_is_the_generated_one():
+    """safespec/result_schema.json is what the typed result generates (python -m safespec.result)."""
+    from importlib import resources
+
+    from safespec.result import schema_text
+
+    shipped = resources.files("safespec").joinpath("result_schema.json").read_text(encoding="utf-8")
+    assert shipped == schema_text(), "regenerate: python -m safespec.result > safespec/result_schema.json"
+
+
+def test_the_release_decision_is_a_property_of_the_result():
+    from safespec.cli import release_ok
+    from safespec.result import parse_result
+
+    ok = make_result()
+    ok["verdict"] = "certified"
+    for c in ok["capabilities"]:
+        c["status"], c["meets_requirement"] = "certified", True
+    ok["target"]["goal_met"] = True
+    assert parse_result(ok).release_ok and release_ok(ok)
+    no_goal = copy.deepcopy(ok)
+    no_goal["target"]["goal_met"] = False
+    assert not parse_result(no_goal).release_ok and not release_ok(no_goal)
+    forged = copy.deepcopy(ok)
+    forged["capabilities"][0]["status"] = "violated"  # the verdict no longer follows: no release, fail closed
+    forged["capabilities"][0]["meets_requirement"] = False
+    with pytest.raises(ValueError, match="verdict: 'certified' contradicts"):
+        parse_result(forged)
+    assert not release_ok(forged)
 
 
 def test_schema_checker_rejects_wrong_types():
@@ -435,9 +475,9 @@ def test_schema_checker_rejects_wrong_types():
     bad["capabilities"][1]["negative_flips"] = True
     bad["target"]["improvement_interval"] = [0.1]
     problems = report.validate_result(bad)
-    assert any(p.startswith("capabilities[0].old_accuracy: expected number or null") for p in problems)
-    assert any(p.startswith("capabilities[1].negative_flips: expected integer") for p in problems)
-    assert any(p.startswith("target.improvement_interval: expected at least 2 items") for p in problems)
+    assert "capabilities[0].old_accuracy: expected a number (got '0.9')" in problems
+    assert "capabilities[1].negative_flips: expected an integer (got True)" in problems
+    assert "target.improvement_interval: expected at least 2 items (got 1 item)" in problems
 
 
 def test_wilson_interval_known_values():
@@ -556,3 +596,24 @@ def test_a_calibrated_run_charts_its_selection_score_beside_the_raw_target():
     calibrated = [dict(t, target_calibrated=t["target_metric"] - 0.05, target_offset=-0.01) for t in traj]
     series = _training_charts(calibrated, 100)["target"]["series"]
     assert [s["label"] for s in series] == ["target metric", "with the calibrated offset"]
+
+
+def test_the_documented_fields_are_the_typed_ones():
+    """docs/result-schema.md's tables name exactly the fields of the typed result (no field documented that
+    the models lack, none typed that the docs leave out)."""
+    import re
+
+    from safespec.result import CapabilityCertificate, Result, TargetResult
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "result-schema.md").read_text(encoding="utf-8")
+
+    def table(heading):
+        part = doc.split(heading, 1)[1].split("\n#", 1)[0]
+        return {f for row in re.findall(r"^\| (`[^|]+`) \|", part, re.M) for f in re.findall(r"`([a-z_]+)`", row)}
+
+    def fields(model):
+        return {f.alias or name for name, f in model.model_fields.items()}
+
+    assert table("## Top level") == fields(Result)
+    assert table("### `capabilities[]`") == fields(CapabilityCertificate)
+    assert table("### `target`") == fields(TargetResult)

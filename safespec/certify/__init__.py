@@ -8,11 +8,11 @@ test), ``binomial`` (Clopper-Pearson) and ``power`` (operating curves and sample
 
 from __future__ import annotations
 
+from ..result import STATUSES  # defined once, with the typed result the certificate fills
 from . import stats
 from .certificate import (
     NEEDED_N_POWER,
     STATISTICS,
-    STATUSES,
     CapabilityResult,
     Certificate,
     ClassResult,

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 
 from ..plan import Plan
+from ..result import meets
 from . import stats
-
-STATUSES = ("certified", "preserved", "violated", "inconclusive")
 
 _COMMON = {
     "accuracy_bounds": "Clopper-Pearson (one-sided)",
@@ -241,11 +240,9 @@ def status_of(
 
 
 def _meets(status: str, require: str) -> bool:
-    if require == "certified":
-        return status == "certified"
-    if require == "preserved":
-        return status in ("certified", "preserved")
-    raise ValueError(f"certify.require must be 'certified' or 'preserved', got {require!r}")
+    if require not in ("certified", "preserved"):
+        raise ValueError(f"certify.require must be 'certified' or 'preserved', got {require!r}")
+    return meets(status, require)
 
 
 @dataclass(frozen=True)

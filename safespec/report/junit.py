@@ -7,6 +7,7 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Any
 
+from ..result import meets
 from .charts import (
     clean,
     conf,
@@ -15,7 +16,6 @@ from .charts import (
     pp,
     sub,
 )
-from .load import _meets
 from .view import _needed_text
 
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -64,7 +64,7 @@ def render_junit(result: dict[str, Any]) -> str:
     suite_name = f"safespec.{clean(spec.get('name') or 'run')}"
     caps = result["capabilities"]
     target = result["target"]
-    failures = sum(1 for c in caps if not _meets(c, require)) + (0 if target["goal_met"] else 1)
+    failures = sum(1 for c in caps if not meets(c["status"], require)) + (0 if target["goal_met"] else 1)
     tests = len(caps) + 1
     prov = result.get("provenance") or {}
     root = ET.Element(
@@ -98,7 +98,7 @@ def render_junit(result: dict[str, Any]) -> str:
             suite, "testcase", {"classname": _x(f"{suite_name}.protected"), "name": _x(clean(c["name"])), "time": "0"}
         )
         msg = _x(_cap_message(c))
-        if _meets(c, require):
+        if meets(c["status"], require):
             ET.SubElement(case, "system-out").text = msg
         else:
             fail = ET.SubElement(case, "failure", {"message": msg, "type": _x(c["status"])})

@@ -6,17 +6,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..errors import RunError
-from .charts import (
-    is_number,
-)
+from ..result import SCHEMA_VERSION, STATUSES, Result, json_schema, meets, parse_result, validate_result
+from .charts import is_number
 
-SCHEMA_VERSION = 1
-STATUSES = ("certified", "preserved", "violated", "inconclusive")
+__all__ = ["SCHEMA_VERSION", "STATUSES", "RunData", "load_run", "meets", "result_schema", "validate_result"]
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -25,7 +22,8 @@ class RunData:
     """What a report needs from a run directory, already validated."""
 
     run_dir: Path
-    result: dict[str, Any]
+    result: dict[str, Any]  # as written (what the renderers read)
+    typed: Result  # the same, checked and typed
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     state: dict[str, Any] | None = None
 
@@ -123,114 +121,20 @@ def load_run(run_dir: str | os.PathLike, *, finishing: bool = False) -> RunData:
             f"{path}: schema_version: this safespec reads schema_version {SCHEMA_VERSION} (got {version!r}); "
             "use the safespec release that wrote it"
         )
-    problems = validate_result(result)
-    if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise RunError(f"{path}: {problems[0]}{more}")
-    _check_consistency(path, result)
-    return RunData(run_dir=run_dir, result=result, trajectory=_load_trajectory(run_dir, result), state=state)
+    try:
+        typed = parse_result(result)  # the schema, and a verdict that follows from its capabilities
+    except ValueError as e:
+        raise RunError(f"{path}: {e}") from None
+    return RunData(
+        run_dir=run_dir, result=result, typed=typed, trajectory=_load_trajectory(run_dir, result), state=state
+    )
 
 
 # ------------------------------------------------------------------------------------ validation
 def result_schema() -> dict[str, Any]:
-    """The JSON Schema of result.json (schema_version 1), shipped with the package for other tools."""
-    try:
-        text = resources.files("safespec").joinpath("result_schema.json").read_text(encoding="utf-8")
-    except (OSError, FileNotFoundError):
-        raise RunError("safespec/result_schema.json is missing from this installation; reinstall safespec") from None
-    return json.loads(text)
-
-
-_TYPE_CHECKS = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-    "number": is_number,
-    "integer": lambda v: is_number(v) and float(v).is_integer(),
-}
-
-
-def _validate(value: Any, schema: dict[str, Any], where: str, out: list[str]) -> None:
-    """The subset of JSON Schema the result schema uses (type, enum, const, required, properties,
-    items, additionalProperties, minimum/maximum, minItems/maxItems): enough to reject what would
-    otherwise render as a wrong page, without a jsonschema dependency."""
-    if "const" in schema and value != schema["const"]:
-        out.append(f"{where}: expected {schema['const']!r} (got {value!r})")
-        return
-    if "enum" in schema and value not in schema["enum"]:
-        allowed = ", ".join("null" if e is None else str(e) for e in schema["enum"])
-        out.append(f"{where}: expected one of {allowed} (got {value!r})")
-        return
-    types = schema.get("type")
-    if types is not None:
-        types = [types] if isinstance(types, str) else types
-        if not any(_TYPE_CHECKS[t](value) for t in types):
-            got = "null" if value is None else type(value).__name__
-            out.append(f"{where}: expected {' or '.join(types)} (got {got})")
-            return
-    if is_number(value):
-        if "minimum" in schema and value < schema["minimum"]:
-            out.append(f"{where}: expected at least {schema['minimum']} (got {value!r})")
-        if "maximum" in schema and value > schema["maximum"]:
-            out.append(f"{where}: expected at most {schema['maximum']} (got {value!r})")
-    if isinstance(value, dict):
-        for key in schema.get("required", ()):
-            if key not in value:
-                out.append(f"{where + '.' if where else ''}{key}: required field is missing")
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties")
-        for key, child in value.items():
-            sub_where = f"{where}.{key}" if where else str(key)
-            if key in props:
-                _validate(child, props[key], sub_where, out)
-            elif isinstance(extra, dict):
-                _validate(child, extra, sub_where, out)
-    if isinstance(value, list):
-        if "minItems" in schema and len(value) < schema["minItems"]:
-            out.append(f"{where}: expected at least {schema['minItems']} items (got {len(value)})")
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            out.append(f"{where}: expected at most {schema['maxItems']} items (got {len(value)})")
-        if "items" in schema:
-            for i, item in enumerate(value):
-                _validate(item, schema["items"], f"{where}[{i}]", out)
-
-
-def validate_result(result: Any) -> list[str]:
-    """Problems of a result.json object against the shipped schema, each as ``field.path: message``."""
-    out: list[str] = []
-    _validate(result, result_schema(), "", out)
-    return out
-
-
-def _required_statuses(require: str) -> tuple[str, ...]:
-    return ("certified",) if require == "certified" else ("certified", "preserved")
-
-
-def _meets(cap: dict[str, Any], require: str) -> bool:
-    return cap["status"] in _required_statuses(require)
-
-
-def _check_consistency(path: Path, result: dict[str, Any]) -> None:
-    """A verdict must follow from its capabilities (intersection-union): refuse a self-contradicting file."""
-    require = result.get("require", "certified")
-    all_meet = True
-    for i, cap in enumerate(result["capabilities"]):
-        meets = _meets(cap, require)
-        declared = cap.get("meets_requirement")
-        if declared is not None and declared != meets:
-            raise RunError(
-                f"{path}: capabilities[{i}].meets_requirement: {declared} contradicts status "
-                f"{cap['status']!r} under require {require!r}"
-            )
-        all_meet &= meets
-    if result["verdict"] == "certified" and not all_meet:
-        raise RunError(
-            f"{path}: verdict: 'certified' contradicts the capabilities (not every one is {require!r} or better)"
-        )
-    if result["verdict"] == "not_certified" and all_meet:
-        raise RunError(f"{path}: verdict: 'not_certified' contradicts the capabilities (every one meets {require!r})")
+    """The JSON Schema of result.json (schema_version 1), generated from :mod:`safespec.result`; the same
+    text ships as ``safespec/result_schema.json`` for other tools."""
+    return json_schema()
 
 
 def _inside(run_dir: Path, rel: Any) -> Path | None:

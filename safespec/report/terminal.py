@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..result import STATUSES, meets
 from .charts import (
     clean,
     is_number,
@@ -11,7 +12,6 @@ from .charts import (
     pp,
     sub,
 )
-from .load import STATUSES, _meets
 from .view import _needed_text
 
 SUMMARY_MAX_CAPABILITIES = 20
@@ -37,8 +37,8 @@ def summary_text(result: dict[str, Any], color: bool = False) -> str:
 
     require = result.get("require", "certified")
     caps = result["capabilities"]
-    met = [c for c in caps if _meets(c, require)]
-    not_met = [c for c in caps if not _meets(c, require)]
+    met = [c for c in caps if meets(c["status"], require)]
+    not_met = [c for c in caps if not meets(c["status"], require)]
     spec = result.get("spec") or {}
     verdict = result["verdict"]
     head = "CERTIFIED" if verdict == "certified" else "NOT CERTIFIED"

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..result import STATUSES, meets
 from .charts import (
     DISPLAY_CONFIDENCE,
     STATUS_COLORS,
@@ -21,7 +22,7 @@ from .charts import (
     sub,
     wilson_interval,
 )
-from .load import STATUSES, RunData, _inside, _meets
+from .load import RunData, _inside
 
 # Above these sizes the page switches from one mark per item to aggregates plus the worst items, so a
 # 364-class spec still gives a report that opens quickly and prints in a sane number of pages.
@@ -64,13 +65,13 @@ def _norm_capability(c: dict[str, Any], require: str, index: int) -> dict[str, A
                 "status": pc.get("status"),
             }
         )
-    meets = _meets(c, require)
+    ok = meets(c["status"], require)
     return {
         "index": index,
         "name": c["name"],
         "classes": list(c["classes"]),
         "status": c["status"],
-        "meets": meets,
+        "meets": ok,
         "tolerance": c["tolerance"],
         "confidence": c["confidence"],
         "n": c["n"],
