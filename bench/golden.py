@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.quality import spec_with
-from safespec.runner import run_cycle
+from safespec.api import run_cycle
 
 #: Every method, and the settings the demo spec adds to the Lagrangian (the target tower with its
 #: calibrated offset, focal distillation with store views), each as spec overrides.

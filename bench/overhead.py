@@ -203,7 +203,7 @@ def step_overhead(
     """Constrained step / bare step on the spec's data, model, batch sizes and optimizer settings."""
     from safespec.evaluate import PredictionCache
     from safespec.model import load_model
-    from safespec.runner import load_inputs, make_train_data
+    from safespec.api import load_inputs, make_train_data
 
     env = _environment()
     inp = load_inputs(spec_path, log=log)
@@ -291,7 +291,7 @@ def verify_throughput(
     ``safespec verify`` process (old model cached), which pays for its imports and every file digest."""
     from safespec.data import ImageBank, decode_workers
     from safespec.model import build_class_tokens, load_model, model_autocast
-    from safespec.runner import load_inputs, verify_candidate
+    from safespec.api import load_inputs, verify_candidate
 
     env = _environment()
     inp = load_inputs(spec_path, log=log)
@@ -638,7 +638,7 @@ def frozen_towers(
     and with ``freeze: [image, text]`` (cached image features and prompt features: a step runs the heads)."""
     from safespec.evaluate import PredictionCache
     from safespec.model import load_model
-    from safespec.runner import load_inputs, make_train_data
+    from safespec.api import load_inputs, make_train_data
     from safespec.train import Trainer
 
     env = _environment()

@@ -166,7 +166,7 @@ def _run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print, hel
     from safespec.data import ViewBank
     from safespec.evaluate import PredictionCache, evaluate, image_features
     from safespec.model import build_class_tokens, load_model
-    from safespec.runner import load_inputs, load_split, make_train_data
+    from safespec.api import load_inputs, load_split, make_train_data
     from safespec.train import Split, Trainer
 
     inp = load_inputs(spec_path, log=log)

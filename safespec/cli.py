@@ -29,8 +29,10 @@ import click
 
 from . import __version__
 from .errors import SafespecError, SpecError, atomic_write_text
+from .plan import load_plan
+from .report import load_run, render_report, summary_text
 from .result import parse_result
-from .spec import METHODS
+from .spec import METHODS, STARTER_DATA, json_schema, load_spec, starter_spec
 
 EXIT_OK, EXIT_NOT_CERTIFIED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -113,7 +115,6 @@ def validate(specs: tuple[str, ...], no_data_check: bool) -> int:
     """Check spec files: syntax, schema, cross-field rules, data files and the plan.
 
     Prints one 'ok' line per valid spec and one line per problem (FILE:LINE:COL: field: message)."""
-    from .plan import load_plan
 
     failed = False
     for path in specs:
@@ -142,7 +143,6 @@ def validate(specs: tuple[str, ...], no_data_check: bool) -> int:
 )
 def schema(output: str | None) -> None:
     """Print the JSON Schema of the spec language (for editors and linters; see docs/spec.md)."""
-    from .spec import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if output is None:
@@ -158,7 +158,6 @@ def schema(output: str | None) -> None:
 @click.option("--name", default=None, help="The spec's name (default: from the file name).")
 def init(path: str, force: bool, name: str | None) -> None:
     """Write a commented starter spec to PATH (default spec.yaml; a folder gets spec.yaml inside)."""
-    from .spec import STARTER_DATA, starter_spec
 
     target = Path(path)
     if target.is_dir():
@@ -184,7 +183,6 @@ def init(path: str, force: bool, name: str | None) -> None:
 @_NO_DATA_CHECK
 def compile_cmd(spec: str, no_data_check: bool) -> None:
     """Print the plan the later stages run (JSON): every shorthand expanded, paths resolved."""
-    from .plan import load_plan
 
     _, plan = load_plan(spec, check_files=not no_data_check)
     click.echo(plan.to_json())
@@ -208,14 +206,13 @@ def _distributed(quiet: bool) -> bool:
     unless ``--quiet``; the other ranks stay silent (their lines would repeat rank 0's)."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return not quiet
-    from .distributed import setup
+    from .distributed import setup  # torch: imported by the commands that train
 
     ctx = setup(log=_log(quiet))
     return ctx.is_main and not quiet
 
 
 def _summarise(result: dict, show: bool = True) -> int:
-    from .report import summary_text
 
     if show:
         click.echo(summary_text(result, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
@@ -251,7 +248,7 @@ def run(spec: str, resume: bool, method: str | None, out: str | None, quiet: boo
 
     Exits 0 when every protected capability meets what the spec requires and the target reaches its goal,
     1 when not, 2 on bad input."""
-    from .runner import run_cycle
+    from .api import run_cycle  # torch and open_clip: only the commands that need them pay their import
 
     talk = _distributed(quiet)
     result = run_cycle(
@@ -272,7 +269,7 @@ def run(spec: str, resume: bool, method: str | None, out: str | None, quiet: boo
 @_QUIET
 def verify(spec: str, candidate: str, out: str | None, quiet: bool) -> int:
     """Certify a model trained elsewhere against the spec's old model, without training."""
-    from .runner import verify_candidate
+    from .api import verify_candidate  # torch and open_clip, as above
 
     talk = _distributed(quiet)
     result = verify_candidate(spec, candidate, out=Path(out) if out else None, log=_log(not talk))
@@ -283,7 +280,6 @@ def verify(spec: str, candidate: str, out: str | None, quiet: bool) -> int:
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
 def report(run_dir: str) -> int:
     """Re-render report.html and junit.xml from a run directory's result.json and trajectory."""
-    from .report import load_run, render_report
 
     written = render_report(Path(run_dir))
     for path in written.values():
@@ -311,9 +307,8 @@ def report(run_dir: str) -> int:
 @_QUIET
 def demo(spec_path: str | None, world: str | None, world_only: bool, quiet: bool) -> int:
     """Build the embedded demo world once (Animal-MNIST + the old model v1) and run the demo cycle on it."""
-    from .demo import build_world
-    from .runner import run_cycle
-    from .spec import load_spec
+    from .api import run_cycle  # torch and open_clip: only the commands that need them pay their import
+    from .demo import build_world  # torch, as above
 
     spec_file = Path(spec_path) if spec_path else Path(__file__).resolve().parent.parent / "specs" / "demo.yaml"
     if not spec_file.is_file():

@@ -27,7 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["Context", "context", "setup", "teardown"]
 
@@ -72,8 +75,6 @@ class Context:
         """Concatenate each rank's rows of a numpy array (in rank order, exactly ``n`` rows)."""
         if not self.active:
             return local
-        import numpy as np
-
         t = torch.as_tensor(np.ascontiguousarray(local))
         return _all_gather_padded(t, self.sizes(n)).numpy()
 
@@ -81,31 +82,23 @@ class Context:
         """Rank 0's ``obj`` on every rank."""
         if not self.active:
             return obj
-        import torch.distributed as dist
-
         box = [obj if self.is_main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self) -> None:
         if self.active:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         """``module`` under DistributedDataParallel (gradients averaged across ranks), or as it is."""
         if not self.active:
             return module
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
 def _all_gather_padded(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    import torch.distributed as dist
-
     m = max(sizes)
     pad = t.new_zeros((m, *t.shape[1:]))
     pad[: t.shape[0]] = t
@@ -144,8 +137,6 @@ def setup(log: Callable[[str], Any] | None = None) -> Context:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1 or _CONTEXT.active:
         return _CONTEXT
-    import torch.distributed as dist
-
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and os.environ.get("SAFESPEC_DIST_BACKEND", "") != "gloo"
     if cuda:
@@ -161,8 +152,6 @@ def setup(log: Callable[[str], Any] | None = None) -> Context:
 def teardown() -> None:
     global _CONTEXT
     if _CONTEXT.active:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
     _CONTEXT = Context()

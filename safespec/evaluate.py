@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import cache_root
 from .distributed import context as dist_context
 from .errors import atomic_write_bytes
-from .model import class_logits
+from .model import class_logits, tensor_digest
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,6 @@ class Predictions:
         return acc
 
     def to_npz_bytes(self) -> bytes:
-        import io
-
         buf = io.BytesIO()
         arrays = {"labels": self.labels, "preds": self.preds, "losses": self.losses, "margins": self.margins}
         if self.log_probs is not None:
@@ -141,8 +141,6 @@ def image_features(
 def visual_digest(model) -> str:
     """Digest of the image tower's weights alone: a fine-tune that froze its image tower shares this digest
     (and so the cached image features) with its old model, whatever happened to its text side."""
-    from .model import tensor_digest
-
     return tensor_digest({k: v for k, v in model.state_dict().items() if k.startswith("clip.visual.")})
 
 
@@ -213,8 +211,6 @@ def evaluate(
 
 
 def default_cache_dir() -> Path:
-    from .data import cache_root
-
     return cache_root()
 
 
@@ -252,8 +248,6 @@ class PredictionCache:
             return torch.from_numpy(np.load(path, allow_pickle=False))
 
         def dump(t: torch.Tensor) -> bytes:
-            import io
-
             buf = io.BytesIO()
             np.save(buf, t.numpy(), allow_pickle=False)
             return buf.getvalue()

@@ -9,6 +9,8 @@ cycle finished.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime as _dt
 import hashlib
 import platform
@@ -20,12 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
+from .certify import certify, confusion_matrix, paired_from_correct
+from .data import ImageBank, ViewBank, check_disjoint, decode_workers, read_manifest
 from .distributed import context as dist_context
 from .environment import versions
 from .errors import RunError, SafespecError, atomic_write_json
-from .plan import Plan
+from .evaluate import PredictionCache, evaluate, feature_key, image_features, prediction_key, visual_digest
+from .model import LoadedModel, build_class_tokens, load_model, save_checkpoint, weights_digest
+from .plan import Plan, load_plan
+from .report import render_report
 from .result import SCHEMA_VERSION, parse_result
+from .train import Split, TrainData, Trainer, TrainOutcome
 
 OUTPUTS = ("result.json", "report.html", "junit.xml")
 MAX_FLIP_THUMBNAILS = 8
@@ -98,9 +108,6 @@ class Loaded:
 
 
 def load_inputs(spec_path: Path, *, log: Callable[[str], None]) -> Loaded:
-    from .data import check_disjoint, read_manifest
-    from .plan import load_plan
-
     spec, plan = load_plan(spec_path)
     manifests = {
         split: read_manifest(Path(getattr(plan.data, split)), plan.classes)
@@ -134,14 +141,10 @@ def load_inputs(spec_path: Path, *, log: Callable[[str], None]) -> Loaded:
 def make_train_data(inp: Loaded, preprocess):
     """The three training-side splits as the trainer sees them. Of the held-out split only its size per
     class goes along: selection predicts the certificate that split will give, never reads its images."""
-    from .train import Split, TrainData
-
     held = inp.manifests["heldout"]
     store = load_split(inp.manifests["protected"], preprocess, inp.digests["protected"])
     views = inp.plan.optimizer.store_views
     if views:  # the constraints also measure fixed augmented copies of the store (safespec.data.ViewBank)
-        from .data import ViewBank
-
         bank = ViewBank(store.bank, views, seed=inp.plan.optimizer.seed)
         store = Split(bank=bank, labels=bank.labels, digest=bank.digest(store.digest))
     return TrainData(
@@ -154,9 +157,6 @@ def make_train_data(inp: Loaded, preprocess):
 
 def load_split(manifest, preprocess, digest: str):
     """One split as training and evaluation read it: its image bank, labels, digest and captions."""
-    from .data import ImageBank, decode_workers
-    from .train import Split
-
     captions = [r.caption for r in manifest.records]
     return Split(
         bank=ImageBank(manifest, preprocess, num_workers=decode_workers()),
@@ -172,10 +172,6 @@ def certify_candidate(
 ) -> dict[str, Any]:
     """Evaluate old and new on the held-out split (old cached by digest) and certify; returns the
     result fragment (certificate + per-class numbers + confusion + flips)."""
-    from .certify import certify, confusion_matrix, paired_from_correct
-    from .evaluate import evaluate, feature_key, image_features, prediction_key, visual_digest
-    from .model import build_class_tokens
-
     plan = inp.plan
     held = load_split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
     tokens = build_class_tokens(old.tokenizer, plan.classes, plan.templates).to(device)
@@ -240,8 +236,6 @@ def certify_candidate(
 def _flip_thumbnails(inp: Loaded, p_old, p_new, run_dir: Path) -> list[dict]:
     """Copy a few negatively flipped held-out images of protected classes into flips/ (small PNGs),
     so the report can show them without reaching outside the run directory."""
-    from PIL import Image
-
     plan = inp.plan
     protected = set(plan.protected_indices)
     records = inp.manifests["heldout"].records
@@ -324,9 +318,9 @@ def _spec_block(inp: Loaded) -> dict:
     }
 
 
-def _finish(rd: RunDir, result: dict, *, log) -> dict:
-    from .report import render_report
-
+def write_run(rd: RunDir, result: dict, *, log: Callable[[str], None]) -> dict:
+    """The run directory's last stage: check the result against its schema, write result.json, render the
+    report from it and mark the run complete (in that order, so nothing claims certification early)."""
     result["schema_version"] = SCHEMA_VERSION
     try:
         parse_result(result)  # never write a result.json that a reader would refuse (fail closed)
@@ -338,6 +332,83 @@ def _finish(rd: RunDir, result: dict, *, log) -> dict:
     render_report(rd.path, finishing=True)
     rd.complete(result["verdict"])
     log(f"wrote {rd.path / 'result.json'}, {rd.path / 'report.html'}, {rd.path / 'junit.xml'}")
+    return result
+
+
+# ----------------------------------------------------------------------------------- training
+@dataclass
+class Candidate:
+    """A trained method's selected model, saved in the run directory, and how it was chosen."""
+
+    method: str
+    outcome: TrainOutcome
+    model: torch.nn.Module
+    path: Path  # models/<method>.safetensors inside the run directory
+    digest: str
+
+
+def train_candidate(
+    inp: Loaded,
+    old: LoadedModel,
+    data: TrainData,
+    method: str,
+    *,
+    rd: RunDir,
+    cache: PredictionCache,
+    resume: bool = False,
+    quiet: bool = False,
+    log: Callable[[str], None] = print,
+) -> Candidate:
+    """Train one method from the old model (which stays untouched) and save the selected weights."""
+    plan = inp.plan
+    log(f"training: method {method}")
+    torch.manual_seed(plan.optimizer.seed)
+    trainee = dataclasses.replace(old, model=copy.deepcopy(old.model))
+    trainer = Trainer(plan, trainee, data, method=method, run_dir=rd.path, cache=cache, quiet=quiet, log=log)
+    outcome = trainer.run(resume=resume)
+    trainee.model.load_state_dict(outcome.state_dict)
+    path = rd.path / "models" / f"{method}.safetensors"
+    if rd.writes:
+        meta = {"method": method, "spec": plan.name, "selected_step": str(outcome.selected_step)}
+        digest = save_checkpoint(trainee.model, path, meta)
+    else:
+        digest = weights_digest(trainee.model)
+    log(f"{method}: {outcome.reason}")
+    return Candidate(method, outcome, trainee.model, path, digest)
+
+
+def _cycle_result(inp: Loaded, old: LoadedModel, main: Candidate, certs: dict[str, dict], rd: RunDir, command: str):
+    """result.json of a cycle: the main method's certificate, how it was selected and trained, the
+    baselines' summaries and the provenance."""
+    outcome = main.outcome
+    result = dict(certs[main.method])
+    result.update(
+        {
+            "spec": _spec_block(inp),
+            "method": main.method,
+            "classes": list(inp.plan.classes),
+            "selection": {
+                "step": outcome.selected_step,
+                "reason": outcome.reason,
+                "fell_back_to_old": outcome.fell_back_to_old,
+                **outcome.validation,
+            },
+            "training": {
+                "steps": outcome.steps,
+                "seconds": round(outcome.seconds, 2),
+                "trajectory": "trajectory.jsonl",
+            },
+            "baselines": [_baseline_summary(m, certs[m]) for m in certs if m != main.method],
+            "provenance": _provenance(
+                inp,
+                old,
+                {"path": str(main.path.relative_to(rd.path)), "digest": main.digest},
+                command,
+                rd.started,
+                inp.plan.optimizer.seed,
+            ),
+        }
+    )
     return result
 
 
@@ -354,17 +425,7 @@ def run_cycle(
     method: str | None = None,
 ) -> dict:
     """``safespec run``: the whole cycle. Returns the result dict (its ``verdict`` decides the exit code)."""
-    import copy
-    import dataclasses
-
-    import torch
-
-    from .evaluate import PredictionCache
-    from .model import load_model, save_checkpoint, weights_digest
-    from .train import Trainer
-
-    spec_path = Path(spec_path)
-    inp = load_inputs(spec_path, log=log)
+    inp = load_inputs(Path(spec_path), log=log)
     plan = inp.plan
     rd = RunDir(out or plan.report_dir)
     command = command or " ".join(["safespec", *sys.argv[1:]])
@@ -376,69 +437,29 @@ def run_cycle(
         device = next(old.model.parameters()).device
         data = make_train_data(inp, old.preprocess)
         main_method = method or plan.optimizer.method
-        results: dict[str, dict] = {}
-        outcomes = {}
+        certs: dict[str, dict] = {}
+        main: Candidate | None = None
         for m in (main_method, *[b for b in plan.optimizer.baselines if b != main_method]):
-            log(f"training: method {m}")
-            torch.manual_seed(plan.optimizer.seed)
-            trainee = dataclasses.replace(old, model=copy.deepcopy(old.model))  # the old model stays untouched
-            trainer = Trainer(plan, trainee, data, method=m, run_dir=rd.path, cache=cache, quiet=quiet, log=log)
-            outcome = trainer.run(resume=resume)
-            trainee.model.load_state_dict(outcome.state_dict)
-            path = rd.path / "models" / f"{m}.safetensors"
-            if rd.writes:
-                digest = save_checkpoint(
-                    trainee.model, path, {"method": m, "spec": plan.name, "selected_step": str(outcome.selected_step)}
-                )
-            else:
-                digest = weights_digest(trainee.model)
-            log(f"{m}: {outcome.reason}")
-            results[m] = certify_candidate(
+            cand = train_candidate(inp, old, data, m, rd=rd, cache=cache, resume=resume, quiet=quiet, log=log)
+            certs[m] = certify_candidate(
                 inp,
                 old,
-                trainee.model,
-                digest,
+                cand.model,
+                cand.digest,
                 cache=cache,
                 run_dir=rd.path,
                 device=device,
                 log=log,
                 thumbnails=m == main_method,
             )
-            outcomes[m] = (outcome, path, digest)
-            del trainer, trainee
-        outcome, path, digest = outcomes[main_method]
-        result = dict(results[main_method])
-        result.update(
-            {
-                "spec": _spec_block(inp),
-                "method": main_method,
-                "classes": list(plan.classes),
-                "selection": {
-                    "step": outcome.selected_step,
-                    "reason": outcome.reason,
-                    "fell_back_to_old": outcome.fell_back_to_old,
-                    **outcome.validation,
-                },
-                "training": {
-                    "steps": outcome.steps,
-                    "seconds": round(outcome.seconds, 2),
-                    "trajectory": "trajectory.jsonl",
-                },
-                "baselines": [_baseline_summary(m, results[m]) for m in results if m != main_method],
-                "provenance": _provenance(
-                    inp,
-                    old,
-                    {"path": str(path.relative_to(rd.path)), "digest": digest},
-                    command,
-                    rd.started,
-                    plan.optimizer.seed,
-                ),
-            }
-        )
+            if m == main_method:
+                main = cand
+            del cand
+        assert main is not None
         traj = rd.path / f"trajectory-{main_method}.jsonl"
         if rd.writes and traj.exists():
             shutil.copyfile(traj, rd.path / "trajectory.jsonl")
-        return _finish(rd, result, log=log)
+        return write_run(rd, _cycle_result(inp, old, main, certs, rd, command), log=log)
     except BaseException as exc:
         rd.fail(failure_reason(exc))
         raise
@@ -454,11 +475,6 @@ def verify_candidate(
     log: Callable[[str], None] = print,
 ) -> dict:
     """``safespec verify``: certify a model trained elsewhere against the spec's old model."""
-    import dataclasses
-
-    from .evaluate import PredictionCache
-    from .model import load_model
-
     spec_path = Path(spec_path)
     inp = load_inputs(spec_path, log=log)
     plan = inp.plan
@@ -489,7 +505,7 @@ def verify_candidate(
                 ),
             }
         )
-        return _finish(rd, result, log=log)
+        return write_run(rd, result, log=log)
     except BaseException as exc:
         rd.fail(failure_reason(exc))
         raise

@@ -130,6 +130,18 @@ def test_the_typed_result_stands_alone():
     )
 
 
+def test_the_cli_and_bench_reach_the_stages_through_the_public_api():
+    """safespec.api is the stage API (load inputs, train, certify a candidate, write the run directory):
+    the CLI and bench call it, not the runner behind it."""
+    assert "runner" not in _imports("cli") and "api" in _imports("cli")
+    offenders = []
+    for path in sorted((PKG.parent / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "") == "safespec.runner":
+                offenders.append(path.name)
+    assert offenders == []
+
+
 def test_nothing_imports_the_cli():
     importers = sorted(m for m in MODULES - {"cli", "__main__"} if "cli" in _imports(m))
     assert importers == []

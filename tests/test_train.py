@@ -14,7 +14,7 @@ import torch
 
 from safespec.evaluate import PredictionCache, evaluate, metric_values
 from safespec.model import load_model
-from safespec.runner import load_inputs, make_train_data
+from safespec.api import load_inputs, make_train_data
 from safespec.model import build_class_tokens
 from safespec.certify.selection import Selector
 from safespec.train import Trainer

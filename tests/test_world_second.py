@@ -20,6 +20,7 @@ from safespec.demo import (
     FASHION_CLASSES,
     FASHION_ENV,
     FASHION_FILES,
+    FASHION_TRAIN_FILES,
     SOURCES,
     WorldConfig,
     build_world,
@@ -47,6 +48,35 @@ def _have_fashion() -> bool:
 needs_fashion = pytest.mark.skipif(not _have_fashion(), reason="Fashion-MNIST files not installed (`make install`)")
 
 
+def _have_fashion_train() -> bool:
+    try:
+        fashion_mnist_files(FASHION_TRAIN_FILES)
+    except DataError:
+        return False
+    return True
+
+
+needs_fashion_train = pytest.mark.skipif(
+    not _have_fashion_train(), reason="Fashion-MNIST's training split not installed (`make install`)"
+)
+
+
+@needs_fashion_train
+def test_the_tuning_source_is_the_training_split_and_shares_no_image_with_the_second_worlds():
+    """The tuning world (bench only) reads Fashion-MNIST's training split: 6,000 images per class, none of
+    them byte-identical to an image of the test split the second world is built from."""
+    import hashlib
+
+    import numpy as np
+
+    train, train_labels, info = get_source("fashion-mnist-train").load()
+    test, _, _ = get_source("fashion-mnist").load()
+    assert train.shape == (60000, 28, 28) and np.bincount(train_labels).tolist() == [6000] * 10
+    assert info["images"].startswith("sha256:")
+    digest = lambda a: {hashlib.sha256(x.tobytes()).digest() for x in a}  # noqa: E731
+    assert not digest(train) & digest(test)
+
+
 # ------------------------------------------------------------------------------------------ config and registry
 def test_default_world_digest_is_unchanged():
     cfg = WorldConfig()
@@ -60,7 +90,8 @@ def test_default_world_digest_is_unchanged():
 
 
 def test_sources_name_their_classes():
-    assert set(SOURCES) == {"animal-mnist", "fashion-mnist"}
+    assert set(SOURCES) == {"animal-mnist", "fashion-mnist", "fashion-mnist-train"}
+    assert get_source("fashion-mnist-train").classes == FASHION_CLASSES
     assert get_source("animal-mnist").classes == ANIMAL_CLASSES
     assert get_source("fashion-mnist").classes == FASHION_CLASSES and len(set(FASHION_CLASSES)) == 10
     cfg = WorldConfig(source="fashion-mnist", target="pullover")
@@ -77,7 +108,10 @@ def test_sources_name_their_classes():
         ),
         ({"source": "fashion-mnist", "target": "Pullover"}, "unknown target class 'Pullover'"),
         ({"target": "pullover"}, "unknown target class 'pullover' for source 'animal-mnist'"),
-        ({"source": "cifar-10"}, "unknown source 'cifar-10' (expected one of animal-mnist, fashion-mnist)"),
+        (
+            {"source": "cifar-10"},
+            "unknown source 'cifar-10' (expected one of animal-mnist, fashion-mnist, fashion-mnist-train)",
+        ),
     ],
 )
 def test_unknown_target_or_source_is_one_line(kw, msg):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -135,8 +136,6 @@ class ImageBank:
         """Threads that decode images: PIL's decoders and the tensor transforms release the GIL, so threads
         use every core, and an error is re-raised in the caller as it was raised (a one-line DataError)."""
         if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="safespec-decode")
         return self._pool
 
@@ -157,8 +156,6 @@ class ImageBank:
                 yield idx, self[idx]
             return
         # large data: the next batch is decoded (by the decoding threads) while the caller uses this one
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(1, thread_name_prefix="safespec-prefetch") as ahead:
             pending = ahead.submit(self.__getitem__, batches[0]) if batches else None
             for k, idx in enumerate(batches):

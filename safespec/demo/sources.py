@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import math
 import os
 import pickle
@@ -92,8 +93,6 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 def load_numpy_pickle(data: bytes, source: str) -> np.ndarray:
     """A plain numpy array from pickle bytes, refusing any pickle that names anything else."""
-    import io
-
     try:
         obj = _NumpyOnlyUnpickler(io.BytesIO(data), source).load()
     except DataError:

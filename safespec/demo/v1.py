@@ -9,8 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..data import ImageBank, Manifest, file_digest
+from ..model import ZeroShotClassifier, create_model, save_checkpoint
+from ..progress import Progress
 from .config import WorldConfig, _label, _show
 
 
@@ -33,8 +37,6 @@ def train_v1(
 ) -> dict[str, Any]:
     """Train v1 from scratch on base-train with the zero-shot objective (CE over cosine/tau logits against
     every class's prompt embedding; both towers learn), save it headless, and measure it on held-out."""
-    import torch
-
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
@@ -47,13 +49,7 @@ def train_v1(
 def _train_v1(
     out: Path, base: Manifest, heldout: Manifest, config: WorldConfig, *, progress: bool, log: Callable[[str], Any]
 ) -> dict[str, Any]:
-    import torch
-    import torch.nn.functional as F
-
     # lazy: open_clip is imported only when a world is actually built, not when a built one is reused
-    from ..model import ZeroShotClassifier, create_model, save_checkpoint
-    from ..progress import Progress
-
     torch.manual_seed(config.seed)
     loaded = create_model(config.arch, config.classes, heads=False, seed=config.seed, device="cpu")
     model = loaded.model
@@ -133,8 +129,6 @@ def evaluate_accuracy(
 ) -> dict[str, float]:
     """Zero-shot accuracy per class of ``loaded`` (a :class:`safespec.model.LoadedModel`) on ``manifest``;
     classes without images are left out."""
-    from ..model import ZeroShotClassifier
-
     bank = bank if bank is not None else ImageBank(manifest, loaded.preprocess)
     clf = ZeroShotClassifier(loaded.model, loaded.tokenizer, templates, tau=tau)
     pred = clf.predict_batches(x for _, x in bank.iter_batches(batch_size)).predictions.numpy()

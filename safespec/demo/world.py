@@ -60,6 +60,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
 
 from ..data import check_disjoint, file_digest, read_manifest, write_manifest
 from ..environment import versions
@@ -95,8 +98,6 @@ def deduplicate(images: np.ndarray, labels: np.ndarray, threshold: float) -> np.
 
     Near means an L2 distance below ``threshold`` times the larger image norm (all 284 duplicates in
     Animal-MNIST are within a class)."""
-    import torch
-
     keep: list[int] = []
     for c in np.unique(labels):
         ix = np.flatnonzero(labels == c)
@@ -287,9 +288,6 @@ def _load_world(root: Path, *, reused: bool) -> World:
 def _build(
     out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str], Any], t0: float, threads: int | None = 1
 ) -> None:
-    from PIL import Image
-    from tqdm import tqdm
-
     src = get_source(config.source)
     classes = src.classes
     images, labels, source = src.load()

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 from .. import __version__
 from .._compat import import_open_clip
@@ -47,8 +49,6 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
     p = Path(path)
     if p.suffix.lower() != ".safetensors":
         return {}
-    from safetensors import safe_open
-
     try:
         with safe_open(str(p), framework="pt") as f:
             raw = f.metadata() or {}
@@ -75,8 +75,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     suffix = p.suffix.lower()
     meta: dict = {}
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         meta = read_checkpoint_metadata(p)
         try:
             sd = load_file(str(p), device="cpu")
@@ -119,8 +117,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 def save_checkpoint(model: HeadedCLIP, path: str | os.PathLike, metadata: dict | None = None) -> str:
     """Write ``model`` (heads included) as safetensors, atomically; returns its weights digest."""
-    from safetensors.torch import save
-
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     digest = tensor_digest(tensors)
     heads = model.heads

@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
+from huggingface_hub import constants, try_to_load_from_cache
 
 from .._compat import import_open_clip
 from ..errors import ModelError
@@ -34,8 +35,6 @@ def _hub_offline() -> bool:
     if os.environ.get("TRANSFORMERS_OFFLINE", "").strip().lower() in truthy:
         return True
     try:
-        from huggingface_hub import constants
-
         return bool(constants.HF_HUB_OFFLINE)
     except Exception:  # pragma: no cover - huggingface_hub is an open_clip dependency
         return False
@@ -59,8 +58,6 @@ def _reachable(host: str, port: int = 443, timeout: float = _NETWORK_PROBE_TIMEO
 
 
 def _hf_cached(repo_id: str, filenames: Sequence[str], cache_dir: str | None) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
     for fn in filenames:
         try:
             p = try_to_load_from_cache(repo_id, fn, cache_dir=cache_dir)
@@ -88,8 +85,6 @@ def _ensure_available(
     files: list[tuple[str, list[str]]], url: str | None, what: str, cache_dir: str | None, fetch: str
 ) -> bool:
     """Fail fast, with one line, when weights are neither cached nor fetchable. Returns True when cached."""
-    from huggingface_hub import constants
-
     missing = [(repo, names) for repo, names in files if _hf_cached(repo, names, cache_dir) is None]
     if url:
         target = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(urlparse(url).path)
@@ -110,6 +105,7 @@ def _load_pretrained(
     arch: str, pretrained: str, device: torch.device, cache_dir: str | None
 ) -> tuple[nn.Module, dict, str | None, str]:
     """(clip, model_cfg, tokenizer name, source) for an open_clip tag or an ``hf-hub:`` name."""
+    # here, not at the top: open_clip is imported through _compat.import_open_clip (the torchvision fix)
     from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
     kwargs: dict[str, Any] = {}
