@@ -199,6 +199,7 @@ def _value_at(points: list[tuple[Any, Any]], step: Any) -> float:
 
 
 def _training_charts(traj: list[dict[str, Any]], selected: Any) -> dict[str, Any]:
+    """The training section's charts: target, loss, one small chart per constraint, the duals."""
     vline = selected if is_number(selected) else None
     charts: dict[str, Any] = {
         "constraints": [],
@@ -210,20 +211,7 @@ def _training_charts(traj: list[dict[str, Any]], selected: Any) -> dict[str, Any
     }
     if not traj:
         return charts
-    target = [(t["step"], t.get("target_metric")) for t in traj]
-    if any(is_number(y) for _, y in target):
-        lines = [{"label": "target metric", "points": target, "dots": len(traj) <= 40}]
-        calibrated = [(t["step"], t.get("target_calibrated")) for t in traj]
-        if any(is_number(y) for _, y in calibrated):  # optimize.calibrate: the selection score beside the raw one
-            lines.append(
-                {
-                    "label": "with the calibrated offset",
-                    "points": calibrated,
-                    "color": "#1a7f37",
-                    "dots": len(traj) <= 40,
-                }
-            )
-        charts["target"] = line_chart(lines, width=480, height=210, vline=vline, y_label="target metric")
+    charts["target"] = _target_chart(traj, vline)
     loss = [(t["step"], t.get("train_loss")) for t in traj]
     if any(is_number(y) for _, y in loss):
         charts["loss"] = line_chart(
@@ -236,44 +224,78 @@ def _training_charts(traj: list[dict[str, Any]], selected: Any) -> dict[str, Any
     cons = _traj_series(traj, "constraints")
     charts["constraints_total"] = len(cons)
     if cons:
-        ranked = sorted(cons, key=lambda k: -_value_at(cons[k], selected))
-        if len(cons) > MAX_SMALL_MULTIPLES:
-            charts["constraints_aggregate"] = line_chart(
-                _aggregate_series(cons),
-                width=1000,
-                height=240,
-                vline=vline,
-                hlines=[(0.0, "limit (0)", "#cf222e")],
-                y_label="L_k(new) - L_k(old) - slack",
-            )
-            ranked = ranked[:MAX_SMALL_MULTIPLES]
-        else:
-            ranked = list(cons)  # spec order when all of them fit
-        for name in ranked:
-            pts = cons[name]
-            at = _value_at(pts, selected)
-            charts["constraints"].append(
-                {
-                    "name": name,
-                    "at_selected": at if math.isfinite(at) else None,
-                    "steps_above": sum(1 for _, y in pts if is_number(y) and y > 0),
-                    "evals": len(pts),
-                    "chart": line_chart(
-                        [{"label": name, "points": pts, "color": "#0969da"}],
-                        width=240,
-                        height=140,
-                        vline=vline,
-                        hlines=[(0.0, "", "#cf222e")],
-                    ),
-                }
-            )
+        charts["constraints"], charts["constraints_aggregate"] = _constraint_charts(cons, selected, vline)
+    charts["duals"] = _dual_charts(traj, vline)
+    return charts
+
+
+def _target_chart(traj: list[dict[str, Any]], vline: Any) -> dict[str, Any] | None:
+    target = [(t["step"], t.get("target_metric")) for t in traj]
+    if not any(is_number(y) for _, y in target):
+        return None
+    lines = [{"label": "target metric", "points": target, "dots": len(traj) <= 40}]
+    calibrated = [(t["step"], t.get("target_calibrated")) for t in traj]
+    if any(is_number(y) for _, y in calibrated):  # optimize.calibrate: the selection score beside the raw one
+        lines.append(
+            {
+                "label": "with the calibrated offset",
+                "points": calibrated,
+                "color": "#1a7f37",
+                "dots": len(traj) <= 40,
+            }
+        )
+    return line_chart(lines, width=480, height=210, vline=vline, y_label="target metric")
+
+
+def _constraint_charts(
+    cons: dict[str, list], selected: Any, vline: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """One small chart per constraint (the worst at the selected step first when they do not all fit,
+    with an aggregate chart of all of them then)."""
+    aggregate = None
+    ranked = sorted(cons, key=lambda k: -_value_at(cons[k], selected))
+    if len(cons) > MAX_SMALL_MULTIPLES:
+        aggregate = line_chart(
+            _aggregate_series(cons),
+            width=1000,
+            height=240,
+            vline=vline,
+            hlines=[(0.0, "limit (0)", "#cf222e")],
+            y_label="L_k(new) - L_k(old) - slack",
+        )
+        ranked = ranked[:MAX_SMALL_MULTIPLES]
+    else:
+        ranked = list(cons)  # spec order when all of them fit
+    out: list[dict[str, Any]] = []
+    for name in ranked:
+        pts = cons[name]
+        at = _value_at(pts, selected)
+        out.append(
+            {
+                "name": name,
+                "at_selected": at if math.isfinite(at) else None,
+                "steps_above": sum(1 for _, y in pts if is_number(y) and y > 0),
+                "evals": len(pts),
+                "chart": line_chart(
+                    [{"label": name, "points": pts, "color": "#0969da"}],
+                    width=240,
+                    height=140,
+                    vline=vline,
+                    hlines=[(0.0, "", "#cf222e")],
+                ),
+            }
+        )
+    return out, aggregate
+
+
+def _dual_charts(traj: list[dict[str, Any]], vline: Any) -> list[dict[str, Any]]:
+    out = []
     for key, label in (("u", "moving-average constraint estimates u_k"), ("multipliers", "Lagrange multipliers")):
         ser = _traj_series(traj, key)
         if not ser:
             continue
         if len(ser) > MAX_LINES_PER_CHART:
-            agg = _aggregate_series(ser)
-            lines, legend_note = agg, f"aggregated over {len(ser)} capabilities"
+            lines, legend_note = _aggregate_series(ser), f"aggregated over {len(ser)} capabilities"
         else:
             lines = [{"label": k, "points": v} for k, v in ser.items()]
             legend_note = ""
@@ -285,39 +307,24 @@ def _training_charts(traj: list[dict[str, Any]], selected: Any) -> dict[str, Any
             y_label=label,
             hlines=[(0.0, "", "#8c959f")] if key == "u" else (),
         )
-        charts["duals"].append({"title": label, "chart": chart, "note": legend_note})
-    return charts
+        out.append({"title": label, "chart": chart, "note": legend_note})
+    return out
 
 
-def build_context(run: RunData) -> dict[str, Any]:
-    """Everything the template shows, as plain numbers and strings (no markup)."""
-    r = run.result
-    require = r.get("require", "certified")
-    caps = [_norm_capability(c, require, i) for i, c in enumerate(r["capabilities"])]
-    for c in caps:
-        c["needed_text"] = _needed_text(c)
-    counts = {s: sum(1 for c in caps if c["status"] == s) for s in STATUSES}
-    met = sum(1 for c in caps if c["meets"])
-    spec = r.get("spec") or {}
+def _target_view(r: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The target's block with every optional field present, and its goal."""
     target = dict(r["target"])
-    target_class = target["class"]
-    for key in (
-        "n",
-        "confidence",
-        "improvement_interval",
-        "new_accuracy_interval",
-        "improvement",
-        "goal_met_with_confidence",
-    ):
+    for key in ("n", "confidence", "improvement_interval", "new_accuracy_interval", "improvement"):
         target.setdefault(key, None)
+    target.setdefault("goal_met_with_confidence", None)
     if not is_number(target["improvement"]):
         target["improvement"] = sub(target.get("new_accuracy"), target.get("old_accuracy"))
     goal = {"min_accuracy": None, "min_improvement": None, **(target.get("goal") or {})}
-    per_class_rows = list(r.get("per_class") or ())
-    per_class = {pc["class"]: pc for pc in per_class_rows}
-    status_of = _class_status(r["capabilities"])
+    return target, goal
 
-    # Per-class accuracy chart rows (Wilson bars from the counts).
+
+def _accuracy_rows(per_class_rows: list[dict[str, Any]], status_of: dict, target_class: str) -> list[dict[str, Any]]:
+    """Per-class accuracy chart rows, with Wilson bars from the counts."""
     rows = []
     for pc in per_class_rows:
         n = pc["n"]
@@ -335,61 +342,63 @@ def build_context(run: RunData) -> dict[str, Any]:
             f"new [{pct(row['new_lo'])}, {pct(row['new_hi'])}]"
         )
         rows.append(row)
-    many_classes = len(rows) > MAX_ROWS_PER_CHART
-    if many_classes:
-        scatter = scatter_chart(
-            [{"old": x["old"], "new": x["new"], "color": x["color"], "tooltip": x["tooltip"]} for x in rows]
-        )
-        worst = sorted(
-            (x for x in rows if is_number(x["old"]) and is_number(x["new"])), key=lambda x: x["new"] - x["old"]
-        )[:MAX_ROWS_PER_CHART]
-        interval = interval_chart(worst) if worst else None
-    else:
-        scatter = None
-        interval = interval_chart(rows) if rows else None
+    return rows
 
-    # With hundreds of capabilities the ones a reviewer must act on would drown in spec order: list them first.
-    table_caps = (
-        caps
-        if len(caps) <= MAX_ROWS_PER_CHART
-        else ([c for c in caps if not c["meets"]] + [c for c in caps if c["meets"]])
+
+def _accuracy_charts(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(scatter, interval chart): with many classes a scatter of all and intervals of the worst only."""
+    if len(rows) <= MAX_ROWS_PER_CHART:
+        return None, interval_chart(rows) if rows else None
+    scatter = scatter_chart(
+        [{"old": x["old"], "new": x["new"], "color": x["color"], "tooltip": x["tooltip"]} for x in rows]
     )
-    forest_caps = caps
-    if len(caps) > MAX_ROWS_PER_CHART:
+    worst = sorted((x for x in rows if is_number(x["old"]) and is_number(x["new"])), key=lambda x: x["new"] - x["old"])[
+        :MAX_ROWS_PER_CHART
+    ]
+    return scatter, interval_chart(worst) if worst else None
 
-        def margin(c: dict[str, Any]) -> float:
-            b = c["drop_upper_bound"]
-            return (b - c["tolerance"]) if is_number(b) else math.inf
 
-        forest_caps = sorted(caps, key=margin, reverse=True)[:MAX_ROWS_PER_CHART]
-    forest = forest_chart(forest_caps) if forest_caps else None
+def _capability_order(caps: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(table order, forest rows). With hundreds of capabilities the ones a reviewer must act on would drown
+    in spec order: the table lists them first, and the forest shows those nearest or past the tolerance."""
+    if len(caps) <= MAX_ROWS_PER_CHART:
+        return caps, caps
 
-    selection = {"step": None, "reason": None, "fell_back_to_old": False, **(r.get("selection") or {})}
-    training = {"steps": None, "seconds": None, **(r.get("training") or {})}
-    charts = _training_charts(run.trajectory, selection.get("step"))
+    def margin(c: dict[str, Any]) -> float:
+        b = c["drop_upper_bound"]
+        return (b - c["tolerance"]) if is_number(b) else math.inf
 
-    baselines = []
+    table = [c for c in caps if not c["meets"]] + [c for c in caps if c["meets"]]
+    return table, sorted(caps, key=margin, reverse=True)[:MAX_ROWS_PER_CHART]
+
+
+def _baseline_views(r: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
     for b in r.get("baselines") or ():
-        by_name = {c["name"]: c for c in b.get("capabilities") or ()}
         bt = b.get("target") or {}
-        baselines.append(
+        out.append(
             {
                 "method": b["method"],
                 "verdict": b.get("verdict"),
                 "error": b.get("error"),
-                "caps": by_name,
+                "caps": {c["name"]: c for c in b.get("capabilities") or ()},
                 "target_old": bt.get("old_accuracy"),
                 "target_new": bt.get("new_accuracy"),
                 "goal_met": bt.get("goal_met"),
             }
         )
+    return out
 
-    # Per-class table (appendix): every class, with its role.
+
+def _class_table(
+    per_class_rows: list[dict[str, Any]], caps: list[dict[str, Any]], status_of: dict, target_class: str
+) -> list[dict[str, Any]]:
+    """The appendix's per-class table: every class, with its role."""
     cap_of = {cls: c["name"] for c in caps for cls in c["classes"]}
-    class_table = []
+    table = []
     for pc in per_class_rows:
         cls = pc["class"]
-        class_table.append(
+        table.append(
             {
                 "cls": cls,
                 "role": "target" if cls == target_class else ("protected" if cls in cap_of else "not protected"),
@@ -405,23 +414,41 @@ def build_context(run: RunData) -> dict[str, Any]:
                 "status": status_of.get(cls),
             }
         )
+    return table
 
-    confusion_data = r.get("confusion") or {}
-    confusion = None
-    if r.get("classes") and isinstance(confusion_data.get("old"), list) and isinstance(confusion_data.get("new"), list):
-        confusion = heatmap(list(r["classes"]), confusion_data["old"], confusion_data["new"])
 
+def _confusion(r: dict[str, Any]) -> dict[str, Any] | None:
+    data = r.get("confusion") or {}
+    if r.get("classes") and isinstance(data.get("old"), list) and isinstance(data.get("new"), list):
+        return heatmap(list(r["classes"]), data["old"], data["new"])
+    return None
+
+
+def build_context(run: RunData) -> dict[str, Any]:
+    """Everything the template shows, as plain numbers and strings (no markup)."""
+    r = run.result
+    require = r.get("require", "certified")
+    caps = [_norm_capability(c, require, i) for i, c in enumerate(r["capabilities"])]
+    for c in caps:
+        c["needed_text"] = _needed_text(c)
+    spec = r.get("spec") or {}
+    target, goal = _target_view(r)
+    target_class = target["class"]
+    per_class_rows = list(r.get("per_class") or ())
+    status_of = _class_status(r["capabilities"])
+    rows = _accuracy_rows(per_class_rows, status_of, target_class)
+    scatter, interval = _accuracy_charts(rows)
+    table_caps, forest_caps = _capability_order(caps)
+    selection = {"step": None, "reason": None, "fell_back_to_old": False, **(r.get("selection") or {})}
+    training = {"steps": None, "seconds": None, **(r.get("training") or {})}
     prov = r.get("provenance") or {}
-    confidences = sorted({c["confidence"] for c in caps})
-    tolerances = sorted({c["tolerance"] for c in caps})
-    trajectory_name = training.get("trajectory") or "trajectory.jsonl"
     return {
         "caps": caps,
         "table_caps": table_caps,
         "table_reordered": table_caps is not caps,
         "n_protected_classes": len({cls for c in caps for cls in c["classes"]}),
-        "counts": counts,
-        "met": met,
+        "counts": {s: sum(1 for c in caps if c["status"] == s) for s in STATUSES},
+        "met": sum(1 for c in caps if c["meets"]),
         "require": require,
         "verdict": r["verdict"],
         "certified": r["verdict"] == "certified",
@@ -434,28 +461,28 @@ def build_context(run: RunData) -> dict[str, Any]:
         "target_class": target_class,
         "interval": interval,
         "scatter": scatter,
-        "many_classes": many_classes,
+        "many_classes": len(rows) > MAX_ROWS_PER_CHART,
         "n_classes": len(rows),
-        "forest": forest,
+        "forest": forest_chart(forest_caps) if forest_caps else None,
         "forest_partial": len(forest_caps) < len(caps),
-        "charts": charts,
+        "charts": _training_charts(run.trajectory, selection.get("step")),
         "trajectory_len": len(run.trajectory),
-        "trajectory_name": trajectory_name,
-        "flip_groups": _flip_groups(run, per_class, target_class),
+        "trajectory_name": training.get("trajectory") or "trajectory.jsonl",
+        "flip_groups": _flip_groups(run, {pc["class"]: pc for pc in per_class_rows}, target_class),
         "n_flips": len(r.get("flips") or ()),
-        "baselines": baselines,
+        "baselines": _baseline_views(r),
         "selection": selection,
         "training": training,
-        "class_table": class_table,
-        "confusion": confusion,
+        "class_table": _class_table(per_class_rows, caps, status_of, target_class),
+        "confusion": _confusion(r),
         "statistics": r.get("statistics") or {},
         "prov": prov,
         "old_model": prov.get("old_model") or {},
         "new_model": prov.get("new_model") or {},
         "data_digests": prov.get("data") or {},
         "versions": prov.get("versions") or {},
-        "confidences": confidences,
-        "tolerances": tolerances,
+        "confidences": sorted({c["confidence"] for c in caps}),
+        "tolerances": sorted({c["tolerance"] for c in caps}),
         "status_colors": STATUS_COLORS,
         "statuses": STATUSES,
         "display_confidence": DISPLAY_CONFIDENCE,
