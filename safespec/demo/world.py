@@ -64,7 +64,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..data import check_disjoint, file_digest, read_manifest, write_manifest
+from ..data import Manifest, check_disjoint, file_digest, read_manifest, write_manifest
 from ..environment import versions
 from ..errors import DataError, atomic_write_json
 from .config import SPLITS, WORLD_FORMAT, WorldConfig, _label, _show
@@ -288,14 +288,52 @@ def _load_world(root: Path, *, reused: bool) -> World:
 def _build(
     out: Path, config: WorldConfig, *, progress: bool, log: Callable[[str], Any], t0: float, threads: int | None = 1
 ) -> None:
+    """Write the images, the manifests, v1 and world.json (last: a world without it is not a world)."""
     src = get_source(config.source)
-    classes = src.classes
     images, labels, source = src.load()
     keep = deduplicate(images, labels, config.near_duplicate)
     plan = plan_splits(labels, keep, config)
-    caption = config.templates[0]
+    rel = _write_images(out, images, plan, config, src.classes, progress)
+    loaded = _write_manifests(out, plan, rel, config, src.classes)
+    log(
+        f"{_label(config)}: {len(keep)} unique images of {len(images)} ({len(images) - len(keep)} duplicates removed); "
+        + ", ".join(f"{s} {len(m)}" for s, m in loaded.items())
+    )
+    model_info = train_v1(out, loaded["base"], loaded["heldout"], config, progress=progress, log=log, threads=threads)
+    meta = {
+        "format": WORLD_FORMAT,
+        "what": src.what,
+        "config": config.to_dict(),
+        "config_digest": config.digest(),
+        "classes": list(src.classes),
+        "target": config.target,
+        "source": {
+            "package": f"{src.package} {source['version']}",
+            "licence": src.licence,
+            "images": source["images"],
+            "labels": source["labels"],
+            "images_total": len(images),
+            "unique": len(keep),
+        },
+        "manifests": {
+            s: {"path": f"{s}.csv", "digest": m.digest(), "n": len(m), "per_class": m.counts()}
+            for s, m in loaded.items()
+        },
+        "mirrored_in_base": {n: len(v) for n, v in plan.mirrors.items() if len(v)},
+        "unused_unique_images": plan.unused,
+        "v1": model_info,
+        "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "versions": versions(),
+    }
+    atomic_write_json(out / "world.json", meta)
 
-    # images: <out>/images/<split>/<class>/<index>.png; mirrors end in 'm'
+
+def _write_images(
+    out: Path, images: np.ndarray, plan: _Plan, config: WorldConfig, classes: Sequence[str], progress: bool
+) -> dict[tuple[str, int, bool], str]:
+    """Every image a split uses, as <out>/images/<split>/<class>/<index>.png (mirrors end in 'm'); returns
+    each one's path relative to ``out`` by (split, source index, mirrored)."""
     jobs: list[tuple[str, str, int, bool]] = []
     for name in classes:
         jobs += [("heldout", name, int(i), False) for i in plan.heldout[name]]
@@ -312,6 +350,14 @@ def _build(
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(images[i][:, ::-1] if mirror else images[i])).save(p)  # uint8 -> "L"
         rel[(split, i, mirror)] = r
+    return rel
+
+
+def _write_manifests(
+    out: Path, plan: _Plan, rel: dict[tuple[str, int, bool], str], config: WorldConfig, classes: Sequence[str]
+) -> dict[str, Manifest]:
+    """The five manifests, read back and checked disjoint where the certificate and selection need it."""
+    caption = config.templates[0]
 
     def rows(
         split: str,
@@ -340,45 +386,10 @@ def _build(
     for split, (mrows, captions) in manifests.items():
         write_manifest(out / f"{split}.csv", mrows, captions=captions)
     loaded = {s: read_manifest(out / f"{s}.csv", classes) for s in SPLITS}
-
     check_disjoint(
         loaded,
         pairs=[
             (a, b) for a in ("base", "protected", "target", "validation") for b in ("validation", "heldout") if a != b
         ],
     )
-    log(
-        f"{_label(config)}: {len(keep)} unique images of {len(images)} ({len(images) - len(keep)} duplicates removed); "
-        + ", ".join(f"{s} {len(m)}" for s, m in loaded.items())
-    )
-
-    # the old model v1
-    model_info = train_v1(out, loaded["base"], loaded["heldout"], config, progress=progress, log=log, threads=threads)
-
-    meta = {
-        "format": WORLD_FORMAT,
-        "what": src.what,
-        "config": config.to_dict(),
-        "config_digest": config.digest(),
-        "classes": list(classes),
-        "target": config.target,
-        "source": {
-            "package": f"{src.package} {source['version']}",
-            "licence": src.licence,
-            "images": source["images"],
-            "labels": source["labels"],
-            "images_total": len(images),
-            "unique": len(keep),
-        },
-        "manifests": {
-            s: {"path": f"{s}.csv", "digest": m.digest(), "n": len(m), "per_class": m.counts()}
-            for s, m in loaded.items()
-        },
-        "mirrored_in_base": {n: len(v) for n, v in plan.mirrors.items() if len(v)},
-        "unused_unique_images": plan.unused,
-        "v1": model_info,
-        "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "build_seconds": round(time.perf_counter() - t0, 1),
-        "versions": versions(),
-    }
-    atomic_write_json(out / "world.json", meta)
+    return loaded

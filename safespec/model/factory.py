@@ -207,77 +207,32 @@ def create_model(
 
 
 def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.device, seed: int) -> LoadedModel:
+    """The old model from a safespec checkpoint: the CLIP weights, then what safespec added to them (heads,
+    class offsets, class image towers), each checked against the spec before it is used."""
     path = Path(mp.checkpoint)  # type: ignore[arg-type]
     sd, meta = load_checkpoint(path)
     clip_sd, heads_sd = _split_state(sd)
     if meta.get("arch") and meta["arch"] != mp.arch:
         raise ModelError(f"model.arch: {path} holds a {meta['arch']!r} model but the spec says {mp.arch!r}")
     model_cfg = meta.get("model_cfg") or _check_arch(mp.arch)
-    tokenizer_name = meta.get("tokenizer") or mp.arch
-
     if heads_sd is not None:
-        if set(heads_sd) != {"heads.A", "heads.B"} or heads_sd["heads.A"].dim() != 3 or heads_sd["heads.B"].dim() != 3:
-            raise ModelError(f"{path}: malformed task-dependent heads ({', '.join(sorted(heads_sd))})")
-        k, _, r = heads_sd["heads.A"].shape
-        ck_classes = meta.get("classes")
-        if ck_classes is not None and list(ck_classes) != list(classes):
-            raise ModelError(
-                f"classes: {path} has task-dependent heads for classes {_short(ck_classes)} but the "
-                f"spec lists {_short(classes)}; heads belong to their classes, in order"
-            )
-        if k != len(classes) + 1:
-            raise ModelError(
-                f"classes: {path} has {k} task-dependent heads ({k - 1} classes + negatives) but the "
-                f"spec lists {len(classes)} classes"
-            )
-        if not mp.heads:
-            raise ModelError(
-                f"model.heads.enabled: {path} has task-dependent heads, which are part of the old "
-                f"model; set heads.enabled: true (rank {r})"
-            )
-        if r != mp.rank:
-            raise ModelError(
-                f"model.heads.rank: {path} has heads of rank {r} but the spec asks for rank {mp.rank}; "
-                f"a trained head keeps its rank"
-            )
-
+        _check_heads(path, heads_sd, meta, mp, classes)
     clip = _instantiate(model_cfg, meta.get("preprocess_cfg"), torch.device("cpu"), seed=0)
-    if "logit_scale" in clip_sd and clip_sd["logit_scale"].shape != clip.logit_scale.shape:
-        clip_sd["logit_scale"] = clip_sd["logit_scale"].reshape(clip.logit_scale.shape)
-    try:
-        result = clip.load_state_dict(clip_sd, strict=False)
-    except RuntimeError as e:
-        msg = " ".join(ln.strip() for ln in str(e).splitlines()[1:3]) or _first_line(e)
-        raise ModelError(f"model.checkpoint: {path} does not fit architecture {mp.arch}: {msg}") from e
-    missing = [k for k in result.missing_keys if k != "attn_mask"]
-    if missing or result.unexpected_keys:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-        if result.unexpected_keys:
-            u = result.unexpected_keys
-            parts.append(f"unexpected {', '.join(u[:4])}{' ...' if len(u) > 4 else ''}")
-        raise ModelError(f"model.checkpoint: {path} does not fit architecture {mp.arch}: {'; '.join(parts)}")
+    _load_clip_state(path, clip, clip_sd, mp.arch)
     clip.to(device)
     desc = f"checkpoint {path}"
     if heads_sd is None and mp.heads:
         desc += " (no heads: fresh task-dependent heads added, B = 0)"
     bias = sd.get("class_bias")
     if bias is not None:
-        if bias.shape != (len(classes),):
-            raise ModelError(
-                f"classes: {path} has class offsets for {bias.shape[0] if bias.dim() else 0} classes but "
-                f"the spec lists {len(classes)}"
-            )
-        if not torch.isfinite(bias).all():
-            raise ModelError(f"model.checkpoint: {path} has non-finite class offsets")
+        _check_class_bias(path, bias, classes)
         desc += " (with calibrated class offsets)"
     loaded = _finish(
         clip,
         classes,
         arch=mp.arch,
         model_cfg=model_cfg,
-        tokenizer_name=tokenizer_name,
+        tokenizer_name=meta.get("tokenizer") or mp.arch,
         heads_state=heads_sd,
         heads=mp.heads,
         rank=mp.rank,
@@ -288,31 +243,96 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
     )
     towers = {k: v for k, v in sd.items() if k.startswith(TOWER_PREFIX)}
     if towers:
-        indices = tower_indices(towers)
-        if indices[-1] >= len(classes):
-            raise ModelError(
-                f"classes: {path} has an image tower for class {indices[-1]} but the spec lists {len(classes)} classes"
-            )
-        hc = loaded.model
-        for c in indices:
-            hc.add_class_tower(c)
-        want = {k for k in hc.state_dict() if k.startswith(TOWER_PREFIX)}
-        if set(towers) != want:
-            odd = sorted(set(towers) ^ want)
-            raise ModelError(f"model.checkpoint: {path}: malformed class image towers ({', '.join(odd[:4])})")
-        try:
-            hc.class_towers.load_state_dict({k[len(TOWER_PREFIX) :]: v for k, v in towers.items()})
-        except RuntimeError as e:
-            raise ModelError(
-                f"model.checkpoint: {path}: its class image towers do not fit {mp.arch} ({_first_line(e)})"
-            ) from e
-        hc.class_towers.to(device)
-        loaded.source += f" (with image towers of {', '.join(repr(classes[c]) for c in indices)})"
+        _load_class_towers(path, loaded, towers, classes, mp.arch, device)
     if bias is not None:
         loaded.model.set_class_bias(bias)
     if bias is not None or towers:
         loaded.refresh_digest()
     return loaded
+
+
+def _check_heads(path: Path, heads_sd: dict, meta: dict, mp: ModelPlan, classes: Sequence[str]) -> None:
+    """A checkpoint's heads belong to its classes, in order, at its rank: the spec must agree."""
+    if set(heads_sd) != {"heads.A", "heads.B"} or heads_sd["heads.A"].dim() != 3 or heads_sd["heads.B"].dim() != 3:
+        raise ModelError(f"{path}: malformed task-dependent heads ({', '.join(sorted(heads_sd))})")
+    k, _, r = heads_sd["heads.A"].shape
+    ck_classes = meta.get("classes")
+    if ck_classes is not None and list(ck_classes) != list(classes):
+        raise ModelError(
+            f"classes: {path} has task-dependent heads for classes {_short(ck_classes)} but the "
+            f"spec lists {_short(classes)}; heads belong to their classes, in order"
+        )
+    if k != len(classes) + 1:
+        raise ModelError(
+            f"classes: {path} has {k} task-dependent heads ({k - 1} classes + negatives) but the "
+            f"spec lists {len(classes)} classes"
+        )
+    if not mp.heads:
+        raise ModelError(
+            f"model.heads.enabled: {path} has task-dependent heads, which are part of the old "
+            f"model; set heads.enabled: true (rank {r})"
+        )
+    if r != mp.rank:
+        raise ModelError(
+            f"model.heads.rank: {path} has heads of rank {r} but the spec asks for rank {mp.rank}; "
+            f"a trained head keeps its rank"
+        )
+
+
+def _load_clip_state(path: Path, clip: nn.Module, clip_sd: dict, arch: str) -> None:
+    """Load the CLIP weights strictly (a missing or unexpected key is a located error, not a silent gap)."""
+    if "logit_scale" in clip_sd and clip_sd["logit_scale"].shape != clip.logit_scale.shape:
+        clip_sd["logit_scale"] = clip_sd["logit_scale"].reshape(clip.logit_scale.shape)
+    try:
+        result = clip.load_state_dict(clip_sd, strict=False)
+    except RuntimeError as e:
+        msg = " ".join(ln.strip() for ln in str(e).splitlines()[1:3]) or _first_line(e)
+        raise ModelError(f"model.checkpoint: {path} does not fit architecture {arch}: {msg}") from e
+    missing = [k for k in result.missing_keys if k != "attn_mask"]
+    if missing or result.unexpected_keys:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if result.unexpected_keys:
+            u = result.unexpected_keys
+            parts.append(f"unexpected {', '.join(u[:4])}{' ...' if len(u) > 4 else ''}")
+        raise ModelError(f"model.checkpoint: {path} does not fit architecture {arch}: {'; '.join(parts)}")
+
+
+def _check_class_bias(path: Path, bias: torch.Tensor, classes: Sequence[str]) -> None:
+    if bias.shape != (len(classes),):
+        raise ModelError(
+            f"classes: {path} has class offsets for {bias.shape[0] if bias.dim() else 0} classes but "
+            f"the spec lists {len(classes)}"
+        )
+    if not torch.isfinite(bias).all():
+        raise ModelError(f"model.checkpoint: {path} has non-finite class offsets")
+
+
+def _load_class_towers(
+    path: Path, loaded: LoadedModel, towers: dict, classes: Sequence[str], arch: str, device: torch.device
+) -> None:
+    """Add and load the class image towers a checkpoint holds (``model.target_tower`` of earlier cycles)."""
+    indices = tower_indices(towers)
+    if indices[-1] >= len(classes):
+        raise ModelError(
+            f"classes: {path} has an image tower for class {indices[-1]} but the spec lists {len(classes)} classes"
+        )
+    hc = loaded.model
+    for c in indices:
+        hc.add_class_tower(c)
+    want = {k for k in hc.state_dict() if k.startswith(TOWER_PREFIX)}
+    if set(towers) != want:
+        odd = sorted(set(towers) ^ want)
+        raise ModelError(f"model.checkpoint: {path}: malformed class image towers ({', '.join(odd[:4])})")
+    try:
+        hc.class_towers.load_state_dict({k[len(TOWER_PREFIX) :]: v for k, v in towers.items()})
+    except RuntimeError as e:
+        raise ModelError(
+            f"model.checkpoint: {path}: its class image towers do not fit {arch} ({_first_line(e)})"
+        ) from e
+    hc.class_towers.to(device)
+    loaded.source += f" (with image towers of {', '.join(repr(classes[c]) for c in indices)})"
 
 
 def load_model(

@@ -101,64 +101,26 @@ def _ensure_available(
     return False
 
 
+def _hf_names() -> tuple[str, str, str]:
+    """open_clip's hub file names (config, safetensors weights, bin weights). Imported here, not at the top:
+    open_clip is imported through _compat.import_open_clip (the torchvision fix) first."""
+    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    return HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+
 def _load_pretrained(
     arch: str, pretrained: str, device: torch.device, cache_dir: str | None
 ) -> tuple[nn.Module, dict, str | None, str]:
-    """(clip, model_cfg, tokenizer name, source) for an open_clip tag or an ``hf-hub:`` name."""
-    # here, not at the top: open_clip is imported through _compat.import_open_clip (the torchvision fix)
-    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-
+    """(clip, model_cfg, tokenizer name, source) for an open_clip tag or an ``hf-hub:`` name. The weights'
+    reachability is checked first, so that an offline machine gets one line saying how to fetch them."""
     kwargs: dict[str, Any] = {}
     if pretrained.startswith("hf-hub:") or arch.startswith("hf-hub:"):
-        name = pretrained if pretrained.startswith("hf-hub:") else arch
-        repo = name[len("hf-hub:") :]
-        if not repo or repo.count("/") != 1:
-            raise ModelError(f"model.pretrained: {name!r} is not an 'hf-hub:org/name' model id")
-        _ensure_available(
-            [(repo, [HF_CONFIG_NAME]), (repo, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME])],
-            None,
-            f"of {name}",
-            cache_dir,
-            _fetch_command(name, None),
+        model_name, tag, tokenizer_name, source = _hub_model(
+            pretrained if pretrained.startswith("hf-hub:") else arch, cache_dir
         )
-        model_name, tag, tokenizer_name, source = name, None, None, name
     else:
-        _check_arch(arch)
-        pcfg = open_clip.get_pretrained_cfg(arch, pretrained)
-        if not pcfg:
-            if os.path.isfile(pretrained):
-                raise ModelError(f"model.pretrained: {pretrained!r} is a file; local weights go in model.checkpoint")
-            tags = open_clip.list_pretrained_tags_by_model(arch)
-            near = _close(pretrained, tags) or ", ".join(tags[:8])
-            raise ModelError(
-                f"model.pretrained: open_clip has no pretrained tag {pretrained!r} for {arch}"
-                + (f"; known tags: {near}" if near else "; it ships no pretrained weights")
-            )
-        if "file" not in pcfg:
-            hub = pcfg.get("hf_hub", "")
-            files: list[tuple[str, list[str]]] = []
-            url = None
-            if hub:
-                repo, fn = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
-                fn = fn or HF_WEIGHTS_NAME
-                alts = (
-                    [HF_SAFE_WEIGHTS_NAME]
-                    if fn == HF_WEIGHTS_NAME
-                    else ([fn[:-4] + ".safetensors"] if fn.endswith((".bin", ".pth")) else [])
-                )
-                files = [(repo, [*alts, fn])]
-            else:
-                url = pcfg.get("url") or None
-            _ensure_available(
-                files,
-                url,
-                f"{arch}/{pretrained} ({hub.rstrip('/') or url})",
-                cache_dir,
-                _fetch_command(arch, pretrained),
-            )
-        if pcfg.get("quick_gelu", False) and not open_clip.get_model_config(arch).get("quick_gelu", False):
-            kwargs["force_quick_gelu"] = True  # the tag was trained with QuickGELU: build what it was trained as
-        model_name, tag, tokenizer_name, source = arch, pretrained, arch, f"{arch} / {pretrained} (open_clip)"
+        model_name, tag, tokenizer_name, source = _tagged_model(arch, pretrained, cache_dir, kwargs)
     try:
         with _quiet_open_clip():
             clip = open_clip.create_model(
@@ -175,7 +137,7 @@ def _load_pretrained(
     except Exception as e:
         raise ModelError(f"model.pretrained: could not load {source}: {type(e).__name__}: {_first_line(e)}") from e
     if model_name.startswith("hf-hub:"):
-        cfg_path = _hf_cached(model_name[len("hf-hub:") :], [HF_CONFIG_NAME], cache_dir)
+        cfg_path = _hf_cached(model_name[len("hf-hub:") :], [_hf_names()[0]], cache_dir)
         with open(cfg_path, encoding="utf-8") as f:  # type: ignore[arg-type]
             hub_cfg = json.load(f)
         model_cfg = hub_cfg.get("model_cfg", hub_cfg)
@@ -184,3 +146,51 @@ def _load_pretrained(
         if kwargs.get("force_quick_gelu"):
             model_cfg["quick_gelu"] = True
     return clip, model_cfg, tokenizer_name, source
+
+
+def _hub_model(name: str, cache_dir: str | None) -> tuple[str, None, None, str]:
+    """An ``hf-hub:org/name`` model: its config and weights must be reachable (or cached)."""
+    config, safe, weights = _hf_names()
+    repo = name[len("hf-hub:") :]
+    if not repo or repo.count("/") != 1:
+        raise ModelError(f"model.pretrained: {name!r} is not an 'hf-hub:org/name' model id")
+    _ensure_available(
+        [(repo, [config]), (repo, [safe, weights])], None, f"of {name}", cache_dir, _fetch_command(name, None)
+    )
+    return name, None, None, name
+
+
+def _tagged_model(
+    arch: str, pretrained: str, cache_dir: str | None, kwargs: dict[str, Any]
+) -> tuple[str, str, str, str]:
+    """An open_clip architecture with a pretrained tag: the tag must exist and its weights be reachable;
+    a tag trained with QuickGELU sets ``kwargs['force_quick_gelu']``."""
+    _, safe, weights = _hf_names()
+    _check_arch(arch)
+    pcfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    if not pcfg:
+        if os.path.isfile(pretrained):
+            raise ModelError(f"model.pretrained: {pretrained!r} is a file; local weights go in model.checkpoint")
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        near = _close(pretrained, tags) or ", ".join(tags[:8])
+        raise ModelError(
+            f"model.pretrained: open_clip has no pretrained tag {pretrained!r} for {arch}"
+            + (f"; known tags: {near}" if near else "; it ships no pretrained weights")
+        )
+    if "file" not in pcfg:
+        hub = pcfg.get("hf_hub", "")
+        files: list[tuple[str, list[str]]] = []
+        url = None
+        if hub:
+            repo, fn = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+            fn = fn or weights
+            alts = [safe] if fn == weights else ([fn[:-4] + ".safetensors"] if fn.endswith((".bin", ".pth")) else [])
+            files = [(repo, [*alts, fn])]
+        else:
+            url = pcfg.get("url") or None
+        _ensure_available(
+            files, url, f"{arch}/{pretrained} ({hub.rstrip('/') or url})", cache_dir, _fetch_command(arch, pretrained)
+        )
+    if pcfg.get("quick_gelu", False) and not open_clip.get_model_config(arch).get("quick_gelu", False):
+        kwargs["force_quick_gelu"] = True  # the tag was trained with QuickGELU: build what it was trained as
+    return arch, pretrained, arch, f"{arch} / {pretrained} (open_clip)"

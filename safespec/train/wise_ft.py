@@ -15,6 +15,18 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 
+def _mix(old: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], a: float) -> dict[str, torch.Tensor]:
+    """(1 - a) old + a ft, weight by weight. A weight the fine-tune left alone stays exactly as it was
+    ((1 - a) x + a x is not x in floats): with a target tower, every other class's logit stays the old
+    model's to the bit."""
+    return {
+        k: (old[k].float() * (1 - a) + ft[k].float() * a).to(old[k].dtype)
+        if old[k].is_floating_point() and not torch.equal(old[k], ft[k])
+        else ft[k]
+        for k in old
+    }
+
+
 def run(t: Trainer, *, resume: bool) -> TrainOutcome:
     """Fine-tune without constraints (an inner unconstrained run), then walk the mixing weight from the
     fine-tune (1) towards the old model (0) and keep the largest that validation admits."""
@@ -46,14 +58,7 @@ def run(t: Trainer, *, resume: bool) -> TrainOutcome:
     t.trajectory = []
     for i in range(t.o.wise_ft.grid - 1, -1, -1):
         a = i / (t.o.wise_ft.grid - 1)
-        # a weight the fine-tune left alone stays exactly as it was ((1 - a) x + a x is not x in floats):
-        # with a target tower, every other class's logit stays the old model's to the bit
-        mixed = {
-            k: (old[k].float() * (1 - a) + ft[k].float() * a).to(old[k].dtype)
-            if old[k].is_floating_point() and not torch.equal(old[k], ft[k])
-            else ft[k]
-            for k in old
-        }
+        mixed = _mix(old, ft, a)
         t.model.load_state_dict(mixed)
         t.step = round(a * 1000)  # the "step" of a mixing weight, for the trajectory only
         v = t.validate() if a > 0 else t.validate_old()
