@@ -58,10 +58,7 @@ def state_dict(t: Trainer) -> dict:
         "prot_sampler": json.dumps(t.prot_sampler.state_dict(), default=_jsonable),
         "target_sampler": json.dumps(t.target_sampler.state_dict(), default=_jsonable),
         "trajectory": json.dumps(t.trajectory),
-        "best_step": t.best_step,
-        "best_score": t.best_score,
-        "best_offset": t.best_offset,
-        "blocked": json.dumps(t.blocked),
+        **t.candidates.state_dict(),
         "seconds": t.seconds,
         "torch_rng": torch.get_rng_state(),
     }
@@ -74,8 +71,8 @@ def save_state(t: Trainer) -> None:
     if t.run_dir is None or not t.dist.is_main:
         return
     st = state_dict(t)
-    if t.best_state is not None:
-        st["best_state"] = t.best_state
+    if t.candidates.best_state is not None:
+        st["best_state"] = t.candidates.best_state
     buf = io.BytesIO()
     torch.save(st, buf)
     atomic_write_bytes(state_path(t), buf.getvalue())
@@ -105,9 +102,7 @@ def load_state(t: Trainer) -> None:
     t.prot_sampler.load_state_dict(json.loads(st["prot_sampler"], object_hook=_unjson))
     t.target_sampler.load_state_dict(json.loads(st["target_sampler"], object_hook=_unjson))
     t.trajectory = json.loads(st["trajectory"])
-    t.best_step, t.best_score, t.best_offset = st["best_step"], st["best_score"], st["best_offset"]
-    t.best_state = st.get("best_state")
-    t.blocked = json.loads(st.get("blocked", "null"))
+    t.candidates.load_state_dict(st, st.get("best_state"))
     t.step, t.seconds = st["step"], st["seconds"]
     torch.set_rng_state(st["torch_rng"])
     if t.caption_tokens is not None:

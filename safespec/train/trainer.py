@@ -45,6 +45,7 @@ from ..model import build_class_tokens, model_autocast
 from ..plan import Plan
 from ..progress import Progress
 from . import state
+from .candidates import Candidates
 from .data import Split, TrainData, TrainOutcome
 from .methods import REGISTRY, Method
 from .methods import build as build_method
@@ -171,7 +172,6 @@ class Trainer:
             plan.objective.target_index,
             self.o.select.min_certify_probability,
         )
-        self.blocked: dict | None = None  # the best candidate that selection refused, and why
         if self.distill:
             self.ref_store_logp = torch.as_tensor(self.ref_store.log_probs, device=self.device)
             # focal distillation weighs each image's divergence by whether the old model got it right
@@ -247,8 +247,7 @@ class Trainer:
         )
         self.step = 0
         self.trajectory: list[dict] = []
-        self.best_step, self.best_score, self.best_offset = 0, -math.inf, 0.0
-        self.best_state: dict[str, torch.Tensor] | None = None
+        self.candidates = Candidates(self.o.select.min_certify_probability)
         self.seconds = 0.0
 
     def _freeze(self, towers) -> None:
@@ -533,39 +532,14 @@ class Trainer:
         self.trajectory.append(entry)
         # constrained methods select among checkpoints that keep every constraint on validation; the
         # baselines select by the target alone, so that they show what the constraints buy
-        eligible = v["feasible"] or not self.formulation.constrained
-        if not eligible and self.step > 0 and (self.blocked is None or v["score"] > self.blocked["target"]):
-            self._note_blocked(v)
-        if eligible and v["score"] > self.best_score:
-            self.best_step, self.best_score, self.best_offset = self.step, v["score"], v["offset"]
-            state = self.old_state if self.step == 0 else _cpu_state(self.model)
-            self.best_state = self._with_offset(state, v["offset"]) if (self.step > 0 or v["offset"]) else None
+        self.candidates.consider(
+            self.step,
+            v,
+            eligible=v["feasible"] or not self.formulation.constrained,
+            weights=lambda: self.old_state if self.step == 0 else _cpu_state(self.model),
+            with_offset=self._with_offset,
+        )
         self._write_trajectory()
-
-    def _note_blocked(self, v: dict) -> None:
-        """Remember the best-scoring candidate that selection refused: the report says what blocked it."""
-        a: Assessment = v["assessment"]
-        e = a.blocking()
-        q = self.o.select.min_certify_probability
-        self.blocked = {
-            "step": self.step,
-            "target": v["score"],
-            "certify_probability": a.probability,
-            "capability": e.name if e else None,
-            "evidence": [x.to_dict() for x in a.evidence],
-            "summary": (
-                f"step {self.step} (validation target {v['score']:.3f}) was refused: the chance that every "
-                f"capability passes the held-out certificate was {a.probability:.2f} < {q:.2f}; "
-                + (
-                    f"{e.name!r} blocked it most (P = {e.probability:.2f}: smooth validation drop "
-                    f"{e.drop:+.2%}, {e.flips[0]} negative / {e.flips[1]} positive flips of {e.n}, predicted "
-                    f"drop bound {e.predicted_bound:.2%} against a tolerance of {e.tolerance:.2%}); it would "
-                    f"have needed {e.needed(q ** (1 / max(len(a.evidence), 1)))}"
-                    if e
-                    else ""
-                )
-            ),
-        }
 
     def _with_offset(self, state: dict[str, torch.Tensor], offset: float) -> dict[str, torch.Tensor]:
         """``state`` with ``offset`` (cosine units) added to the target's class bias."""
@@ -582,7 +556,8 @@ class Trainer:
             )
 
     def _outcome(self) -> TrainOutcome:
-        fell_back = self.best_state is None
+        c = self.candidates
+        fell_back = c.best_state is None
         q = self.o.select.min_certify_probability
         target = self.plan.objective.target_class
         if fell_back:
@@ -590,8 +565,8 @@ class Trainer:
                 f"no checkpoint with a better target on validation was predicted to pass every held-out "
                 f"certificate with probability {q:.2f}; the old model is kept as the answer"
             )
-            if self.blocked:
-                reason += f". {self.blocked['summary']}"
+            if c.blocked:
+                reason += f". {c.blocked['summary']}"
         else:
             among = (
                 f"among candidates predicted to pass every capability's held-out certificate with "
@@ -599,22 +574,22 @@ class Trainer:
                 if self.formulation.constrained
                 else "(a baseline: selected by the target alone)"
             )
-            reason = f"step {self.best_step}: best validation accuracy on {target!r} ({self.best_score:.3f}) {among}"
+            reason = f"step {c.best_step}: best validation accuracy on {target!r} ({c.best_score:.3f}) {among}"
             if self.calibrate:
                 reason = (
-                    f"step {self.best_step}{' (the old model)' if self.best_step == 0 else ''}, with the "
-                    f"{target!r} logit offset by {self.best_offset:+.4f} (cosine units): best calibrated "
-                    f"validation accuracy on the target ({self.best_score:.3f}) {among}"
+                    f"step {c.best_step}{' (the old model)' if c.best_step == 0 else ''}, with the "
+                    f"{target!r} logit offset by {c.best_offset:+.4f} (cosine units): best calibrated "
+                    f"validation accuracy on the target ({c.best_score:.3f}) {among}"
                 )
-        validation: dict[str, Any] = {"target_offset": self.best_offset} if self.calibrate else {}
+        validation: dict[str, Any] = {"target_offset": c.best_offset} if self.calibrate else {}
         validation["min_certify_probability"] = q
-        if self.blocked and self.formulation.constrained:
-            validation["blocked"] = self.blocked
-        state = self.old_state if fell_back or self.best_state is None else self.best_state
+        if c.blocked and self.formulation.constrained:
+            validation["blocked"] = c.blocked
+        state = self.old_state if fell_back or c.best_state is None else c.best_state
         return TrainOutcome(
             method=self.method,
             state_dict=state,
-            selected_step=self.best_step,
+            selected_step=c.best_step,
             fell_back_to_old=fell_back,
             reason=reason,
             trajectory=list(self.trajectory),
