@@ -62,8 +62,7 @@ def state_dict(t: Trainer) -> dict:
         "seconds": t.seconds,
         "torch_rng": torch.get_rng_state(),
     }
-    if t.caption_tokens is not None:
-        st.update(sog_u1=t.sog_u1, sog_u2=t.sog_u2, sog_seen=t.sog_seen)
+    st.update(t.objective.state_dict())  # the contrastive objective's moving averages
     return st
 
 
@@ -105,8 +104,8 @@ def load_state(t: Trainer) -> None:
     t.candidates.load_state_dict(st, st.get("best_state"))
     t.step, t.seconds = st["step"], st["seconds"]
     torch.set_rng_state(st["torch_rng"])
-    if t.caption_tokens is not None:
-        t.sog_u1, t.sog_u2, t.sog_seen = st["sog_u1"], st["sog_u2"], st["sog_seen"]
+    if t.objective.state_dict():
+        t.objective.load_state_dict(st)
     t.log(f"resumed {t.tag} at step {t.step}/{t.o.steps}")
 
 

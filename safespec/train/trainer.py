@@ -31,7 +31,6 @@ from ..errors import RunError, atomic_write_text
 from ..evaluate import (
     PredictionCache,
     Predictions,
-    class_logits,
     evaluate,
     feature_key,
     image_features,
@@ -49,8 +48,10 @@ from .candidates import Candidates
 from .data import Split, TrainData, TrainOutcome
 from .methods import REGISTRY, Method
 from .methods import build as build_method
+from .objective import Contrastive, CrossEntropy, Objective
 from .schedule import lr_factor
 from .towers import _cpu_state, _index, _Towers
+from .validation import constraint_values, validation_drops
 from .weights import focal_weights
 
 
@@ -205,10 +206,12 @@ class Trainer:
             default = plan.templates[0]
             texts = [c if c else default.format(plan.classes[y]) for c, y in zip(caps, data.target.labels)]
             self.caption_tokens = loaded.tokenizer(texts).to(self.device)
-            n = len(texts)
-            self.sog_u1 = torch.zeros(n, device=self.device)
-            self.sog_u2 = torch.zeros(n, device=self.device)
-            self.sog_seen = torch.zeros(n, dtype=torch.bool, device=self.device)
+        t = plan.objective.target_index
+        self.objective: Objective = (
+            Contrastive(self.o.temperature, t, len(data.target.labels), self.o.gamma, self.device)
+            if self.caption_tokens is not None
+            else CrossEntropy(self.o.temperature, t)
+        )
 
     def _init_optimizer(self) -> None:
         """Constraint weights, the target's tower, frozen parts, cached text inputs, the optimizer."""
@@ -297,29 +300,6 @@ class Trainer:
             log_probs=log_probs,
         )
 
-    def constraint_values(self, new: Predictions, old: Predictions) -> np.ndarray:
-        """Per capability: mean metric(new) - mean metric(old) - slack over the capability's images."""
-        if self.distill:
-            m_new = kl_from_old(old.log_probs, new.log_probs) * focal_weights(old.correct, self.metric)
-            m_old = np.zeros(len(old.labels))
-        else:
-            m_new = metric_values(new.losses, new.margins, self.metric)
-            m_old = metric_values(old.losses, old.margins, self.metric)
-        out = np.zeros(len(self.constraints))
-        for k, c in enumerate(self.constraints):
-            mask = np.isin(new.labels, c.class_indices)
-            out[k] = float((m_new[mask] - m_old[mask]).mean()) - c.slack if mask.any() else 0.0
-        return out
-
-    def validation_drops(self, new: Predictions, old: Predictions) -> np.ndarray:
-        """Per capability: the plain paired accuracy drop on its validation images (for the record)."""
-        drops = np.zeros(len(self.constraints))
-        for k, c in enumerate(self.constraints):
-            mask = np.isin(new.labels, c.class_indices)
-            if mask.any():
-                drops[k] = float(old.correct[mask].mean() - new.correct[mask].mean())
-        return drops
-
     def validate(self) -> dict:
         """Evaluate on the validation split and assess the candidate (safespec.certify.selection): it is
         *feasible* when its validation evidence predicts that every capability passes the held-out
@@ -328,8 +308,8 @@ class Trainer:
         the best validation target accuracy; its score is the target accuracy at that offset."""
         val = self.data.validation
         new = self._evaluate(val, log_probs=True) if self.step > 0 else self.ref_val
-        cons = self.constraint_values(new, self.ref_val)
-        drops = self.validation_drops(new, self.ref_val)
+        cons = constraint_values(self.constraints, self.metric, new, self.ref_val)
+        drops = validation_drops(self.constraints, new, self.ref_val)
         acc = new.per_class_accuracy(len(self.plan.classes))
         t = self.plan.objective.target_index
         assert new.log_probs is not None  # evaluated with log_probs=True
@@ -348,27 +328,6 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ one step
-    def _target_objective(self, feats_t, towers, text, cap, yt, pos_n, pos_idx):
-        if self.plan.objective.kind == "ce":
-            logits = class_logits(feats_t, text, self.o.temperature, self.model.class_bias, towers)
-            return F.cross_entropy(logits.float(), yt)
-        # one-way contrastive loss anchored on target pairs (method.md section 4), SogCLR moving averages;
-        # the target's pairs are seen through the target's own image tower where it has one
-        feats_t = towers.get(self.plan.objective.target_index, feats_t)
-        t = self.o.temperature
-        xi, xn = feats_t[:pos_n], feats_t[pos_n:]
-        ti, tn = cap[:pos_n], cap[pos_n:]
-        sii = (xi * ti).sum(1, keepdim=True)
-        g1 = torch.exp((xi @ tn.T - sii) / t).mean(1)  # image i vs negative captions
-        g2 = torch.exp((xn @ ti.T).T / t - sii / t).mean(1)  # negative images vs caption i
-        with torch.no_grad():
-            gam = self.o.gamma
-            seen = self.sog_seen[pos_idx]
-            self.sog_u1[pos_idx] = torch.where(seen, (1 - gam) * self.sog_u1[pos_idx] + gam * g1.detach(), g1.detach())
-            self.sog_u2[pos_idx] = torch.where(seen, (1 - gam) * self.sog_u2[pos_idx] + gam * g2.detach(), g2.detach())
-            self.sog_seen[pos_idx] = True
-        return (t * (g1 / self.sog_u1[pos_idx] + g2 / self.sog_u2[pos_idx])).mean()
-
     def _shard(self, n: int) -> tuple[int, int, bool]:
         """This rank's rows of an n-row part of the step, and whether the part is split across ranks (a
         part with fewer rows than ranks is computed whole on every rank instead)."""
@@ -436,8 +395,8 @@ class Trainer:
         feats, towers, text, cap = self._encode(t_rows, p_rows, caption_rows, len(pos))
         nt = len(t_rows)
         yt = self.target_labels[_index(t_rows, dev)]
-        loss = self._target_objective(
-            feats[:nt], {c: f[:nt] for c, f in towers.items()}, text, cap, yt, len(pos), pos_idx
+        loss = self.objective(
+            feats[:nt], {c: f[:nt] for c, f in towers.items()}, text, cap, yt, len(pos), pos_idx, self.model.class_bias
         )
         if constrained:
             assert p_rows is not None
