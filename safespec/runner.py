@@ -1,6 +1,6 @@
-"""The release cycle: compile, train, select, certify, write the run directory, render the report.
+"""The release cycle's stages: compile, train, select, certify, write the run directory, render the report.
 
-The run directory is written fail-closed. ``state.json`` says ``running`` first; stale results of an
+The run directory (:mod:`safespec.rundir`) is written fail-closed. ``state.json`` says ``running`` first; stale results of an
 earlier run are removed before any work starts; ``result.json`` and the report appear only after the
 certificate exists; any failure or interrupt leaves ``state.json`` = ``failed`` with the reason and no
 result or report at all. So nothing in a run directory can claim certification unless the whole
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as _dt
 import hashlib
 import platform
 import shutil
@@ -29,68 +28,16 @@ from .certify import certify, confusion_matrix, paired_from_correct
 from .data import ImageBank, ViewBank, check_disjoint, decode_workers, read_manifest
 from .distributed import context as dist_context
 from .environment import versions
-from .errors import RunError, SafespecError, atomic_write_json
+from .errors import RunError, atomic_write_json
 from .evaluate import PredictionCache, evaluate, feature_key, image_features, prediction_key, visual_digest
 from .model import LoadedModel, build_class_tokens, load_model, save_checkpoint, weights_digest
 from .plan import Plan, load_plan
 from .report import render_report
 from .result import SCHEMA_VERSION, parse_result
+from .rundir import RunDir, failure_reason, utc_now
 from .train import Split, TrainData, Trainer, TrainOutcome
 
-OUTPUTS = ("result.json", "report.html", "junit.xml")
 MAX_FLIP_THUMBNAILS = 8
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# ----------------------------------------------------------------------------------- run directory
-class RunDir:
-    """The run directory and its fail-closed state machine. Under torchrun only rank 0 writes it (the
-    other ranks compute the same result and return it, for their exit code)."""
-
-    def __init__(self, path: Path | str):
-        self.path = Path(path)
-        self.writes = dist_context().is_main
-
-    def start(self, command: str) -> None:
-        self.started = _now()
-        if not self.writes:
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.clear_outputs()
-        atomic_write_json(self.path / "state.json", {"state": "running", "started": self.started, "command": command})
-
-    def clear_outputs(self) -> None:
-        for name in OUTPUTS:  # result.json, report.html, junit.xml
-            (self.path / name).unlink(missing_ok=True)
-        shutil.rmtree(self.path / "flips", ignore_errors=True)
-
-    def fail(self, reason: str) -> None:
-        if not self.writes:
-            return
-        self.clear_outputs()
-        atomic_write_json(
-            self.path / "state.json",
-            {"state": "failed", "reason": reason, "started": getattr(self, "started", None), "failed": _now()},
-        )
-
-    def complete(self, verdict: str) -> None:
-        if not self.writes:
-            return
-        atomic_write_json(
-            self.path / "state.json",
-            {"state": "complete", "verdict": verdict, "started": self.started, "finished": _now()},
-        )
-
-
-def failure_reason(exc: BaseException) -> str:
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    if isinstance(exc, SafespecError):
-        return str(exc).splitlines()[0]
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -301,7 +248,7 @@ def _provenance(inp: Loaded, old, new_info: dict, command: str, started: str, se
         "versions": versions(),
         "command": command,
         "started": started,
-        "finished": _now(),
+        "finished": utc_now(),
         "host": platform.node(),
         "processes": dist_context().world,
     }
