@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
@@ -213,8 +214,6 @@ class ViewBank:
         images = self.base[ix % self.n]
         aug = ix >= self.n
         if aug.any():
-            import torch.nn.functional as F
-
             sel = torch.as_tensor(np.flatnonzero(aug))
             x = images.index_select(0, sel)
             theta = self._theta.index_select(0, torch.as_tensor(ix[aug] - self.n))
