@@ -228,3 +228,50 @@ def test_the_sweep_analysis_picks_the_best_offset_that_validation_allows(tmp_pat
     assert "step 50 b-1.0: +0.180 / -2.00 pt" in line and line.endswith("<- bar")  # +0.18 within 3 points
     (line,) = analyse(f, max_drop=0.0)
     assert "step 100 b-1.0: +0.090 / -1.00 pt" in line and not line.endswith("<- bar")
+
+
+# ------------------------------------------------------------------------------------------ bench.tune_world
+def test_the_tuning_judge_splits_each_class_and_keeps_every_row(tmp_path):
+    from bench.tune_world import split_heldout
+
+    m = tmp_path / "heldout.csv"
+    rows = [(f"img/{c}{i}.png", c) for c in ("a", "b") for i in range(7)]
+    m.write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    first, after = split_heldout(m, first=3)
+    read = lambda p: [tuple(r.split(",")) for r in p.read_text().splitlines()[1:]]  # noqa: E731
+    assert read(first) == [r for c in "ab" for r in [x for x in rows if x[1] == c][:3]]
+    assert sorted(read(first) + read(after)) == sorted(rows) and not set(read(first)) & set(read(after))
+
+
+def test_the_tuning_row_pools_the_run_and_the_judge():
+    """Gain is the size-weighted mean over both splits; the worst capability has the most net negative
+    flips over both; the exit code is the release decision of the run."""
+    from bench.tune_world import set_value, summarise
+
+    def result(flips, target, verdict="certified", goal=True):
+        return {
+            "verdict": verdict,
+            "capabilities": [
+                {"name": k, "negative_flips": b, "positive_flips": c, "status": "certified"}
+                for k, (b, c) in flips.items()
+            ],
+            "target": {"n": target[0], "old_accuracy": target[1], "new_accuracy": target[2], "goal_met": goal},
+            "selection": {"step": 150},
+        }
+
+    run = result({"cat": (2, 0), "cow": (1, 1)}, (400, 0.5, 0.62))
+    judge = result({"cat": (3, 1), "cow": (5, 0)}, (600, 0.5, 0.6), goal=False)
+    row = summarise(run, judge)
+    assert row["gain"] == pytest.approx((0.12 * 400 + 0.10 * 600) / 1000)
+    assert (row["worst"], row["worst_net_flips"], row["negative_flips"], row["positive_flips"]) == ("cow", 5, 11, 2)
+    assert row["exit"] == 0 and row["step"] == 150
+    assert (
+        summarise(result({"cat": (0, 0)}, (400, 0.5, 0.55), goal=False), result({"cat": (0, 0)}, (600, 0.5, 0.5)))[
+            "exit"
+        ]
+        == 1
+    )
+    spec = {"protect": [{"constraint": {"slack": 0.003}}], "optimize": {}}
+    set_value(spec, "protect.0.constraint.slack", 0.001)
+    set_value(spec, "optimize.batch.target", 32)
+    assert spec == {"protect": [{"constraint": {"slack": 0.001}}], "optimize": {"batch": {"target": 32}}}
