@@ -201,9 +201,9 @@ def step_overhead(
     log: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """Constrained step / bare step on the spec's data, model, batch sizes and optimizer settings."""
+    from safespec.api import load_inputs, make_train_data
     from safespec.evaluate import PredictionCache
     from safespec.model import load_model
-    from safespec.api import load_inputs, make_train_data
 
     env = _environment()
     inp = load_inputs(spec_path, log=log)
@@ -289,9 +289,9 @@ def verify_throughput(
     images/s. A last verify of an already verified candidate finds both cached. These run in this process,
     where the image-file digests are memoised after the first call; ``cli`` also times one
     ``safespec verify`` process (old model cached), which pays for its imports and every file digest."""
+    from safespec.api import load_inputs, verify_candidate
     from safespec.data import ImageBank, decode_workers
     from safespec.model import build_class_tokens, load_model, model_autocast
-    from safespec.api import load_inputs, verify_candidate
 
     env = _environment()
     inp = load_inputs(spec_path, log=log)
@@ -636,9 +636,9 @@ def frozen_towers(
     """The demo's penalty step with every tower trained, with ``freeze: [image]`` run the slow way (the
     frozen tower still encodes each batch, without gradients) and the fast way (its features cached once),
     and with ``freeze: [image, text]`` (cached image features and prompt features: a step runs the heads)."""
+    from safespec.api import load_inputs, make_train_data
     from safespec.evaluate import PredictionCache
     from safespec.model import load_model
-    from safespec.api import load_inputs, make_train_data
     from safespec.train import Trainer
 
     env = _environment()

@@ -162,11 +162,11 @@ def _run(spec_path: Path, seeds, methods, *, oracle: bool = True, log=print, hel
     (a tuning view judges on a small half of validation but stands for a world's full held-out split)."""
     import torch
 
+    from safespec.api import load_inputs, load_split, make_train_data
     from safespec.certify import certify
     from safespec.data import ViewBank
     from safespec.evaluate import PredictionCache, evaluate, image_features
     from safespec.model import build_class_tokens, load_model
-    from safespec.api import load_inputs, load_split, make_train_data
     from safespec.train import Split, Trainer
 
     inp = load_inputs(spec_path, log=log)

@@ -39,9 +39,9 @@ def init(spec):
     import torch
 
     torch.set_num_threads(2)
+    from safespec.api import load_inputs, load_split, make_train_data
     from safespec.evaluate import PredictionCache, evaluate
     from safespec.model import build_class_tokens, load_model
-    from safespec.api import load_inputs, load_split, make_train_data
 
     inp = load_inputs(Path(spec), log=lambda s: None)
     plan = inp.plan
