@@ -173,3 +173,30 @@ def test_at_200_held_out_images_the_exact_prediction_is_stricter_than_the_score_
     e4, s4 = _evidence("exact", 400, 0.009), _evidence("score", 400, 0.009)
     assert abs(e4.margin_of_error - s4.margin_of_error) <= 1 / 400
     assert e4.probability > 0.5 and s4.probability > 0.5
+
+
+def test_equal_target_accuracy_is_broken_by_the_smoothed_target_accuracy():
+    """Two candidates that get the same target images right: the one whose target images sit further on
+    the right side of the boundary scores higher (what checkpoint selection breaks ties by)."""
+    from safespec.train.candidates import Candidates
+
+    old, y = _old()
+    sel = Selector(old, y, _caps(), T, 0.8)
+    t = y == T
+    near, far = old.copy(), old.copy()
+    right = t & (old.argmax(1) == y)
+    near[right, T] -= 0.5 * (margins(old, y)[right])  # still right, half the margin
+    far[right, T] += 1.0
+    a_near, a_far = sel.assess(near, calibrate=False), sel.assess(far, calibrate=False)
+    assert a_near.target_accuracy == a_far.target_accuracy
+    assert a_far.target_smooth > sel.target_smooth(old) > a_near.target_smooth
+
+    c = Candidates(0.8)
+    keep = lambda: {}  # noqa: E731
+    for step, a in ((50, a_near), (100, a_far), (150, a_near)):
+        v = {"score": a.target_accuracy, "smooth": a.target_smooth, "offset": 0.0, "assessment": a}
+        c.consider(step, v, eligible=True, weights=keep, with_offset=lambda s, o: s)
+    assert c.best_step == 100  # neither the earliest of the tied nor the latest: the best-separated one
+    restored = Candidates(0.8)
+    restored.load_state_dict(c.state_dict(), c.best_state)
+    assert (restored.best_step, restored.best_smooth) == (100, c.best_smooth)

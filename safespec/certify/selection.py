@@ -29,7 +29,9 @@ This rule weighs evidence in proportion to how much there is:
    crosses one half: clear evidence gives the same decision at any validation size.
 3. **The rule.** A candidate (checkpoint, target offset) is admissible when the probability that every
    capability passes, the product of the ``P``s, is at least ``min_certify_probability``. Among admissible
-   candidates the best validation target accuracy wins. The old model itself has no flips and is admissible
+   candidates the best validation target accuracy wins; of equal accuracies (a count over 50 or 60 images
+   ties often), the best kernel-smoothed target accuracy (the target's margins through the same kind of
+   kernel) does, not the earliest checkpoint. The old model itself has no flips and is admissible
    whenever the held-out split could certify an unchanged model at all.
 
 Numpy and scipy only: selection is a pure function of the two models' validation logits.
@@ -217,6 +219,9 @@ class Selector:
         self.old_terms = [norm.cdf(-om / s) for om, s in zip(self.old_margins, self.bandwidths)]
         self.old_correct = old_m > 0
         self.target_mask = self.labels == target
+        # the target's margins seen through the same kind of kernel: the tie-break between candidates of
+        # equal target accuracy (a count over few images ties often)
+        self.target_bandwidth = bandwidth(old_m[self.target_mask]) if self.target_mask.any() else 1.0
 
     def evidence(self, logits: np.ndarray, offset: float = 0.0) -> list[Evidence]:
         m = margins(logits, self.labels, self.target, offset)
@@ -235,6 +240,17 @@ class Selector:
             return float("nan")
         return float((margins(logits[self.target_mask], self.labels[self.target_mask], self.target, offset) > 0).mean())
 
+    def target_smooth(self, logits: np.ndarray, offset: float = 0.0) -> float:
+        """The kernel-smoothed target accuracy: the mean of ``Phi(m / s)`` over the target's validation
+        images (``m`` its margin at ``offset``, ``s`` Silverman's bandwidth of the old model's target
+        margins). Of two candidates that get the same number of target images right, the one whose target
+        images sit further on the right side of the boundary scores higher."""
+        t = self.target_mask
+        if not t.any():
+            return float("nan")
+        m = margins(logits[t], self.labels[t], self.target, offset)
+        return float(norm.cdf(m / self.target_bandwidth).mean())
+
     def assess(self, logits: np.ndarray, *, calibrate: bool) -> Assessment:
         """The best admissible offset for one candidate's validation ``logits`` (offset 0 without
         ``calibrate``), with the evidence at that offset."""
@@ -244,7 +260,14 @@ class Selector:
         offset = self._offset(logits) if calibrate else 0.0
         ev = self.evidence(logits, offset)
         prob = float(np.prod([e.probability for e in ev]))
-        return Assessment(offset, self.target_accuracy(logits, offset), prob, prob >= self.q, tuple(ev))
+        return Assessment(
+            offset,
+            self.target_accuracy(logits, offset),
+            prob,
+            prob >= self.q,
+            tuple(ev),
+            self.target_smooth(logits, offset),
+        )
 
     def _offset(self, logits: np.ndarray) -> float:
         """The admissible offset with the best target accuracy. The target's accuracy only changes where the
@@ -279,6 +302,7 @@ class Assessment:
     probability: float  # that every capability is certified
     admissible: bool
     evidence: tuple[Evidence, ...]
+    target_smooth: float = float("nan")  # the tie-break among equal target accuracies (Selector.target_smooth)
 
     def blocking(self) -> Evidence | None:
         """The capability least likely to pass."""

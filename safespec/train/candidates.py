@@ -24,6 +24,7 @@ class Candidates:
     best_step: int = 0
     best_score: float = -math.inf
     best_offset: float = 0.0
+    best_smooth: float = -math.inf  # the tie-break: the kernel-smoothed target accuracy of the best
     best_state: dict[str, torch.Tensor] | None = None
     blocked: dict[str, Any] | None = field(default=None)  # the best candidate that selection refused, and why
 
@@ -37,12 +38,17 @@ class Candidates:
         with_offset: Callable[[dict[str, torch.Tensor], float], dict[str, torch.Tensor]],
     ) -> None:
         """Take the evaluation ``v`` of the model at ``step``: keep it when it is eligible and scores best
-        (``weights()`` copies the model's weights only then), remember it when it is refused and scores
+        (of equal scores, the higher smoothed target accuracy; ``weights()`` copies the model's weights
+        only then), remember it when it is refused and scores
         better than every refused one so far."""
         if not eligible and step > 0 and (self.blocked is None or v["score"] > self.blocked["target"]):
             self.blocked = blocked_summary(step, v, self.min_certify_probability)
-        if eligible and v["score"] > self.best_score:
+        smooth = v.get("smooth", -math.inf)
+        if math.isnan(smooth):
+            smooth = -math.inf
+        if eligible and (v["score"], smooth) > (self.best_score, self.best_smooth):
             self.best_step, self.best_score, self.best_offset = step, v["score"], v["offset"]
+            self.best_smooth = smooth
             self.best_state = with_offset(weights(), v["offset"]) if (step > 0 or v["offset"]) else None
 
     def state_dict(self) -> dict[str, Any]:
@@ -51,11 +57,13 @@ class Candidates:
             "best_step": self.best_step,
             "best_score": self.best_score,
             "best_offset": self.best_offset,
+            "best_smooth": self.best_smooth,
             "blocked": json.dumps(self.blocked),
         }
 
     def load_state_dict(self, st: dict[str, Any], best_state: dict[str, torch.Tensor] | None) -> None:
         self.best_step, self.best_score, self.best_offset = st["best_step"], st["best_score"], st["best_offset"]
+        self.best_smooth = st["best_smooth"]
         self.best_state = best_state
         self.blocked = json.loads(st.get("blocked", "null"))
 

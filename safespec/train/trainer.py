@@ -320,6 +320,7 @@ class Trainer:
             "accuracy": acc,
             "target": float(acc[t]),
             "score": a.target_accuracy if self.calibrate else float(acc[t]),
+            "smooth": a.target_smooth,  # the tie-break of equal scores (at the same offset as the score)
             # logits were at temperature tau: the offset in cosine units is offset * tau
             "offset": a.offset * self.tau,
             "feasible": a.admissible,
@@ -486,6 +487,7 @@ class Trainer:
         }
         if self.calibrate:
             entry.update(target_offset=v["offset"], target_calibrated=v["score"])
+        entry["target_smooth"] = v["smooth"]
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
         self.trajectory.append(entry)
