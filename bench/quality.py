@@ -21,7 +21,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import os
 import platform
 import sys
 import time
@@ -117,8 +116,9 @@ QUALITY_OVERRIDES = {"optimize.steps": 600, "optimize.eval_every": 100, "optimiz
 
 @contextlib.contextmanager
 def spec_with(spec_path: Path, overrides: dict | None):
-    """``spec_path`` with dotted-path ``overrides`` applied (a number in the path indexes a list), as a temporary spec beside it (its relative data
-    paths keep working), removed afterwards."""
+    """``spec_path`` with dotted-path ``overrides`` applied (a number in the path indexes a list), as a
+    temporary spec in a temporary folder (its data and checkpoint paths made absolute), removed afterwards.
+    Not beside the spec: a stray spec file in specs/ would be read by anything that globs that folder."""
     if not overrides:
         yield Path(spec_path)
         return
@@ -133,13 +133,19 @@ def spec_with(spec_path: Path, overrides: dict | None):
         for part in parents:  # a number indexes a list ('protect.0.constraint')
             node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
         node[int(leaf) if isinstance(node, list) else leaf] = value
-    fd, tmp = tempfile.mkstemp(prefix=".quality-", suffix=".yaml", dir=Path(spec_path).parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            yaml.safe_dump(data, fh, sort_keys=False)
-        yield Path(tmp)
-    finally:
-        os.unlink(tmp)
+    base = Path(spec_path).resolve().parent
+    for section, keys in (
+        ("data", ("protected", "target", "validation", "heldout", "base")),
+        ("model", ("checkpoint",)),
+    ):
+        for k in keys:
+            v = (data.get(section) or {}).get(k)
+            if isinstance(v, str) and not Path(v).is_absolute():
+                data[section][k] = str(base / v)
+    with tempfile.TemporaryDirectory(prefix="safespec-quality-") as folder:
+        tmp = Path(folder) / Path(spec_path).name
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        yield tmp
 
 
 def run(

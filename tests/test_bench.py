@@ -275,3 +275,19 @@ def test_the_tuning_row_pools_the_run_and_the_judge():
     set_value(spec, "protect.0.constraint.slack", 0.001)
     set_value(spec, "optimize.batch.target", 32)
     assert spec == {"protect": [{"constraint": {"slack": 0.001}}], "optimize": {"batch": {"target": 32}}}
+
+
+def test_spec_with_writes_outside_the_spec_folder_and_keeps_the_paths_working():
+    """A variant spec goes to a temporary folder (a stray file in specs/ would be read by every test that
+    globs it), with its data paths made absolute; it is gone afterwards."""
+    from bench.quality import spec_with
+    from safespec.plan import load_plan
+
+    good = Path(__file__).parent / "specs" / "good.yaml"
+    before = sorted(p.name for p in good.parent.iterdir())
+    with spec_with(good, {"optimize.eval_every": 5}) as path:
+        assert path.parent != good.parent and path.is_file()
+        _, plan = load_plan(path, check_files=False)
+        assert plan.optimizer.eval_every == 5 and Path(plan.data.protected).is_absolute()
+        assert sorted(p.name for p in good.parent.iterdir()) == before
+    assert not path.exists()
