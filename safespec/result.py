@@ -42,6 +42,11 @@ Count = Annotated[StrictInt, Field(ge=0)]
 Interval = Annotated[list[StrictFloat], Field(min_length=2, max_length=2)]
 
 
+def _absent_or(**kw: Any) -> Any:
+    """A field that may be left out but, when present, must not be null (its type says what it must be)."""
+    return Field(default=None, **kw)
+
+
 class _Part(BaseModel):
     """A part of result.json: strict JSON types, unknown fields kept and ignored."""
 
@@ -78,7 +83,7 @@ class CapabilityCertificate(_Part):
     name: StrictStr
     classes: Annotated[list[StrictStr], Field(min_length=1)]
     status: Status
-    meets_requirement: StrictBool | None = Field(None, description="Must agree with status and require.")
+    meets_requirement: StrictBool = _absent_or(description="Must agree with status and require.")
     tolerance: Proportion = Field(description="The largest accepted drop of held-out accuracy.")
     confidence: Proportion
     n: Count = Field(description="Held-out images of the capability (all its classes).")
@@ -92,12 +97,12 @@ class CapabilityCertificate(_Part):
     flip_rate_upper: Proportion | None = None
     negative_flips: Count
     positive_flips: Count
-    both_right: Count | None = None
-    both_wrong: Count | None = None
+    both_right: Count = _absent_or()
+    both_wrong: Count = _absent_or()
     needed_n: Count | None = Field(
         description="Held-out images at which the same test would certify it with 80% probability."
     )
-    per_class: list[ClassCertificate] | None = None
+    per_class: list[ClassCertificate] = _absent_or()
 
 
 class Goal(_Part):
@@ -109,7 +114,7 @@ class TargetResult(_Part):
     """The class that had to improve."""
 
     class_: StrictStr = Field(alias="class")
-    n: Count | None = None
+    n: Count = _absent_or()
     old_accuracy: Proportion | None
     new_accuracy: Proportion | None
     improvement: Change | None = None
@@ -137,8 +142,8 @@ class ClassResult(_Part):
 class Confusion(_Part):
     """Held-out confusion matrices, ``M[true][predicted]``, in ``classes`` order."""
 
-    old: list[list[Count]] | None = None
-    new: list[list[Count]] | None = None
+    old: list[list[Count]] = _absent_or()
+    new: list[list[Count]] = _absent_or()
 
 
 class Flip(_Part):
@@ -156,9 +161,9 @@ class Selection(_Part):
 
     step: Count | None = None
     reason: StrictStr | None = None
-    fell_back_to_old: StrictBool | None = None
-    target_offset: StrictFloat | None = None
-    min_certify_probability: Annotated[StrictFloat, Field(gt=0, lt=1)] | None = None
+    fell_back_to_old: StrictBool = _absent_or()
+    target_offset: StrictFloat = _absent_or()
+    min_certify_probability: Annotated[StrictFloat, Field(gt=0, lt=1)] = _absent_or()
     blocked: dict[str, Any] | None = None
 
 
@@ -187,7 +192,7 @@ class Baseline(_Part):
     method: StrictStr
     verdict: Verdict | None = None
     error: StrictStr | None = Field(None, description="Set when the baseline could not be run.")
-    capabilities: list[BaselineCapability] | None = None
+    capabilities: list[BaselineCapability] = _absent_or()
     target: BaselineTarget | None = None
 
 
@@ -215,17 +220,17 @@ class Result(_Part):
         description="certified exactly when every protected capability meets require (intersection-union)."
     )
     require: Require = "certified"
-    spec: SpecInfo | None = None
+    spec: SpecInfo = _absent_or()
     method: StrictStr
-    classes: list[StrictStr] | None = None
+    classes: list[StrictStr] = _absent_or()
     capabilities: Annotated[list[CapabilityCertificate], Field(min_length=1)]
     target: TargetResult
-    per_class: list[ClassResult] | None = None
+    per_class: list[ClassResult] = _absent_or()
     confusion: Confusion | None = None
-    flips: list[Flip] | None = None
+    flips: list[Flip] = _absent_or()
     selection: Selection | None = None
     training: Training | None = None
-    baselines: list[Baseline] | None = None
+    baselines: list[Baseline] = _absent_or()
     statistics: dict[str, StrictStr] | None = None
     provenance: Provenance
 

@@ -617,3 +617,23 @@ def test_the_documented_fields_are_the_typed_ones():
     assert table("## Top level") == fields(Result)
     assert table("### `capabilities[]`") == fields(CapabilityCertificate)
     assert table("### `target`") == fields(TargetResult)
+
+
+def test_optional_fields_that_were_never_nullable_still_refuse_null():
+    """The generated schema accepts what the hand-kept one did: a field that may be left out is not
+    thereby allowed to be null."""
+    from safespec.result import validate_result
+
+    ok = make_result()
+    for where, key in (
+        (lambda r: r["capabilities"][0], "both_right"),
+        (lambda r: r["capabilities"][0], "meets_requirement"),
+        (lambda r: r, "baselines"),
+        (lambda r: r["target"], "n"),
+    ):
+        bad = copy.deepcopy(ok)
+        where(bad)[key] = None
+        assert any(f"{key}: expected" in p for p in validate_result(bad)), key
+        gone = copy.deepcopy(ok)
+        where(gone).pop(key, None)
+        assert not [p for p in validate_result(gone) if key in p], key
