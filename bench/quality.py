@@ -114,6 +114,16 @@ ROWS = ["lagrangian", "lagrangian, whole model (the previous demo)", "penalty", 
 QUALITY_OVERRIDES = {"optimize.steps": 600, "optimize.eval_every": 100, "optimize.checkpoint_every": 100}
 
 
+def set_dotted(spec: dict, key: str, value) -> None:
+    """``spec[a][b][c] = value`` for ``key`` ``a.b.c``; a number in the path indexes a list
+    (``protect.0.constraint``), a missing section is created."""
+    node = spec
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    node[int(leaf) if isinstance(node, list) else leaf] = value
+
+
 @contextlib.contextmanager
 def spec_with(spec_path: Path, overrides: dict | None):
     """``spec_path`` with dotted-path ``overrides`` applied (a number in the path indexes a list), as a
@@ -128,11 +138,7 @@ def spec_with(spec_path: Path, overrides: dict | None):
 
     data = yaml.safe_load(Path(spec_path).read_text())
     for key, value in overrides.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:  # a number indexes a list ('protect.0.constraint')
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        node[int(leaf) if isinstance(node, list) else leaf] = value
+        set_dotted(data, key, value)
     base = Path(spec_path).resolve().parent
     for section, keys in (
         ("data", ("protected", "target", "validation", "heldout", "base")),

@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from bench.worlds import REPO, build, spec_for
+from bench.quality import set_dotted
+from bench.worlds import DEMO_SPEC, REPO, build, spec_for
 
 LOG = REPO / "bench" / "results" / "tuning-world.jsonl"
 OUT = REPO / "out" / "tune"
@@ -50,18 +51,6 @@ def split_heldout(manifest: Path, first: int = CERTIFY_N) -> tuple[Path, Path]:
             for label in by_class:
                 w.writerows(by_class[label][part])
     return paths
-
-
-def set_value(spec: dict[str, Any], key: str, value: Any) -> None:
-    """``spec[a][b][c] = value`` for ``key`` ``a.b.c``; a numeric part indexes a list (``protect.0.tolerance``)."""
-    *path, last = key.split(".")
-    d: Any = spec
-    for p in path:
-        d = d[int(p)] if isinstance(d, list) else d.setdefault(p, {})
-    if isinstance(d, list):
-        d[int(last)] = value
-    else:
-        d[last] = value
 
 
 def summarise(run: dict[str, Any], judge: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +100,7 @@ def run_variant(
         spec = copy.deepcopy(base)
         spec["optimize"]["seed"] = seed
         for k, v in settings.items():
-            set_value(spec, k, v)
+            set_dotted(spec, k, v)
         spec["report"]["dir"] = str(out / f"s{seed}")
         path = out / f"spec-s{seed}.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -184,7 +173,20 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             ap.error(f"--set {item!r}: expected KEY=VALUE")
         settings[key] = yaml.safe_load(value)
-    run_variant(a.name, settings, a.seeds, heldout=a.heldout)
+    from safespec.errors import SafespecError
+
+    try:
+        base = yaml.safe_load(DEMO_SPEC.read_text())
+        for key, value in settings.items():  # a bad path fails here, in one line, before anything runs
+            set_dotted(base, key, value)
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        print(f"error: --set: {key}: no such place in the demo spec ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    try:
+        run_variant(a.name, settings, a.seeds, heldout=a.heldout)
+    except SafespecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

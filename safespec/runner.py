@@ -324,7 +324,9 @@ def train_candidate(
     return Candidate(method, outcome, trainee.model, path, digest)
 
 
-def _cycle_result(inp: Loaded, old: LoadedModel, main: Candidate, certs: dict[str, dict], rd: RunDir, command: str):
+def _cycle_result(
+    inp: Loaded, old: LoadedModel, main: Candidate, certs: dict[str, dict], rd: RunDir, command: str
+) -> dict:
     """result.json of a cycle: the main method's certificate, how it was selected and trained, the
     baselines' summaries and the provenance."""
     outcome = main.outcome

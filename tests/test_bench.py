@@ -246,7 +246,8 @@ def test_the_tuning_judge_splits_each_class_and_keeps_every_row(tmp_path):
 def test_the_tuning_row_pools_the_run_and_the_judge():
     """Gain is the size-weighted mean over both splits; the worst capability has the most net negative
     flips over both; the exit code is the release decision of the run."""
-    from bench.tune_world import set_value, summarise
+    from bench.quality import set_dotted
+    from bench.tune_world import summarise
 
     def result(flips, target, verdict="certified", goal=True):
         return {
@@ -272,8 +273,8 @@ def test_the_tuning_row_pools_the_run_and_the_judge():
         == 1
     )
     spec = {"protect": [{"constraint": {"slack": 0.003}}], "optimize": {}}
-    set_value(spec, "protect.0.constraint.slack", 0.001)
-    set_value(spec, "optimize.batch.target", 32)
+    set_dotted(spec, "protect.0.constraint.slack", 0.001)
+    set_dotted(spec, "optimize.batch.target", 32)
     assert spec == {"protect": [{"constraint": {"slack": 0.001}}], "optimize": {"batch": {"target": 32}}}
 
 
