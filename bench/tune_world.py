@@ -124,11 +124,17 @@ def run_variant(
 
 
 def table(path: Path = LOG) -> str:
-    """The log as a markdown table, one row per variant (its latest run), seeds side by side."""
+    """The log as a markdown table, one row per variant, seeds side by side. A variant's seeds may come
+    from separate runs (two seeds in parallel): its lines with the same settings are merged, the latest
+    row of each seed kept; a line with other settings starts the variant over."""
     latest: dict[str, dict] = {}
     for line in path.read_text().splitlines():
         if line.strip():
             e = json.loads(line)
+            prev = latest.get(e["name"])
+            if prev is not None and (prev["settings"], prev.get("heldout")) == (e["settings"], e.get("heldout")):
+                by_seed = {r["seed"]: r for r in prev["rows"] + e["rows"]}
+                e = {**e, "rows": [by_seed[s] for s in sorted(by_seed)]}
             latest[e["name"]] = e
     out = [
         "| variant | settings | held-out of the run | gain (1,000 per class) | worst capability: net negative "

@@ -37,7 +37,7 @@ class Constraint:
     name: str
     classes: tuple[str, ...]
     class_indices: tuple[int, ...]
-    metric: str  # "loss" | "smooth-accuracy" | "distill"
+    metric: str  # "loss" | "smooth-accuracy" | "distill" | "focal-distill" | "margin"
     slack: float  # training right-hand side eps_k, in the metric's units
     tolerance: float  # certificate non-inferiority margin, in held-out accuracy
     confidence: float

@@ -278,6 +278,43 @@ def test_the_tuning_row_pools_the_run_and_the_judge():
     assert spec == {"protect": [{"constraint": {"slack": 0.001}}], "optimize": {"batch": {"target": 32}}}
 
 
+def test_the_tuning_table_merges_a_variants_seeds_run_apart(tmp_path):
+    """Seeds run in parallel log one line each: the table shows them side by side, a rerun seed replaces
+    its row, and a line with other settings starts the variant over."""
+    from bench.tune_world import table
+
+    def line(name, settings, seeds, gain):
+        rows = [
+            {
+                "seed": s,
+                "gain": gain,
+                "worst": "coat",
+                "worst_net_flips": 1,
+                "negative_flips": 2,
+                "certified_run": 9,
+                "exit": 0,
+            }
+            for s in seeds
+        ]
+        return json.dumps({"name": name, "settings": settings, "heldout": 400, "rows": rows})
+
+    log = tmp_path / "log.jsonl"
+    log.write_text(
+        "\n".join(
+            [
+                line("a", {"x": 1}, [0], 0.1),
+                line("a", {"x": 1}, [2], 0.2),
+                line("a", {"x": 1}, [1, 2], 0.3),
+                line("b", {"x": 1}, [0], 0.1),
+                line("b", {"x": 2}, [1], 0.4),
+            ]
+        )
+    )
+    rows = {r.split("|")[1].strip(): r for r in table(log).splitlines()[2:]}
+    assert "+0.100 / +0.300 / +0.300 (mean +0.233)" in rows["a"]
+    assert "+0.400 (mean +0.400)" in rows["b"] and "`x: 2`" in rows["b"]
+
+
 def test_spec_with_writes_outside_the_spec_folder_and_keeps_the_paths_working():
     """A variant spec goes to a temporary folder (a stray file in specs/ would be read by every test that
     globs it), with its data paths made absolute; it is gone afterwards."""

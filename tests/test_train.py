@@ -452,6 +452,51 @@ def test_kl_from_old_agrees_between_numpy_and_torch_and_is_zero_on_itself():
     np.testing.assert_allclose(kl_from_old(a, a).numpy(), 0.0, atol=1e-6)
 
 
+def test_soft_margins_are_the_true_class_log_odds_and_margin_drops_are_one_sided():
+    """The soft margin is log p - log(1 - p) of the true class, computed from its loss; 'margin' counts only
+    its fall below the old model's, in numpy as in torch."""
+    from safespec.evaluate import margin_drops, soft_margins
+
+    logits = torch.tensor([[4.0, 1.0, 0.0], [0.0, 2.0, 1.0], [30.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 0, 0])
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    p = torch.softmax(logits.double(), 1)[:, 0]
+    want = torch.log(p) - torch.log1p(-p)
+    np.testing.assert_allclose(soft_margins(ce)[:2].numpy(), want[:2].numpy(), rtol=1e-5)
+    assert np.isfinite(soft_margins(ce.numpy())).all()  # an image fitted to float precision stays finite
+    np.testing.assert_allclose(soft_margins(ce.numpy()), soft_margins(ce).numpy(), rtol=1e-5)
+    old = torch.tensor([0.1, 0.1, 2.0])
+    new = torch.tensor([0.5, 0.01, 0.5])  # worse, better, better
+    d = margin_drops(old, new)
+    assert d[0] > 0 and d[1] == 0 and d[2] == 0
+    np.testing.assert_allclose(margin_drops(old.numpy(), new.numpy()), d.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(margin_drops(old, old).numpy(), 0.0)
+
+
+def test_the_margin_constraint_weighs_its_drops_like_focal_distill(world_inputs, tmp_path):
+    """metric 'margin': the store's reference is the old model's losses, every image weighs like focal
+    distillation's, step 0's constraint values are exactly -slack and the trajectory's values are the
+    weighted margin drops of validation."""
+    from safespec.evaluate import margin_drops
+    from safespec.train import FOCAL_BETA, focal_weights
+
+    assert focal_weights(np.array([True, False]), "margin").tolist() == [1 + FOCAL_BETA, 1.0]
+    plan = world_inputs.plan
+    cons = tuple(dataclasses.replace(c, metric="margin", slack=0.05) for c in plan.constraints)
+    inp = dataclasses.replace(world_inputs, plan=dataclasses.replace(plan, constraints=cons))
+    trainer, _ = _train(inp, tmp_path, "lagrangian", steps=6, eval_every=6)
+    np.testing.assert_allclose(list(trainer.trajectory[0]["constraints"].values()), -0.05, atol=1e-6)
+    old = trainer.ref_store
+    assert torch.equal(trainer.ref_store_losses.cpu(), torch.as_tensor(old.losses))
+    assert torch.equal(trainer.store_focal.cpu(), torch.as_tensor(1 + FOCAL_BETA * old.correct, dtype=torch.float32))
+    val = trainer.data.validation
+    new = evaluate(trainer.model, trainer.class_tokens, val.bank, val.labels, trainer.tau)
+    drops = margin_drops(trainer.ref_val.losses, new.losses) * (1 + FOCAL_BETA * trainer.ref_val.correct)
+    want = [float(drops[np.isin(val.labels, c.class_indices)].mean()) - 0.05 for c in trainer.constraints]
+    np.testing.assert_allclose(list(trainer.trajectory[-1]["constraints"].values()), want, rtol=1e-4, atol=1e-6)
+    assert max(want) > -0.05  # some validation margins did fall, so the values measure something
+
+
 def test_calibrated_selection_picks_the_best_admissible_candidate(world_inputs, tmp_path):
     """optimize.calibrate: at every evaluation the target's offset is chosen on validation; the selected
     candidate is admissible (its predicted chance of passing every certificate is at least the spec's) and

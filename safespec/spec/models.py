@@ -195,9 +195,9 @@ class DataSpec(_Strict):
 class ConstraintSpec(_Strict):
     """The training constraint that enforces a capability: L_k(new) - L_k(old) <= slack."""
 
-    metric: Literal["loss", "smooth-accuracy", "distill", "focal-distill"] = Field(
+    metric: Literal["loss", "smooth-accuracy", "distill", "focal-distill", "margin"] = Field(
         "loss",
-        description="'loss': mean cross-entropy on the store (the paper); 'smooth-accuracy': a sigmoid-margin accuracy proxy; 'distill': the KL divergence from the old model's class probabilities (at optimize.constraint_tau) to the new one's, which moves when a memorised image's whole prediction moves, not only its true class; 'focal-distill': the same divergence weighted 6x on the images the old model gets right (positive-congruent training).",
+        description="'loss': mean cross-entropy on the store (the paper); 'smooth-accuracy': a sigmoid-margin accuracy proxy; 'distill': the KL divergence from the old model's class probabilities (at optimize.constraint_tau) to the new one's, which moves when a memorised image's whole prediction moves, not only its true class; 'focal-distill': the same divergence weighted 6x on the images the old model gets right (positive-congruent training); 'margin': how far each image's soft margin (its true class's log-odds at optimize.constraint_tau) falls below the old model's, one-sided and weighted like 'focal-distill', so that only movement toward a flip costs.",
     )
     slack: float = Field(
         0.0,

@@ -29,6 +29,7 @@ from ..data import ProtectedSampler, TargetSampler
 from ..distributed import context as dist_context
 from ..errors import RunError, atomic_write_text
 from ..evaluate import (
+    PAIRED_METRICS,
     PredictionCache,
     Predictions,
     evaluate,
@@ -36,6 +37,7 @@ from ..evaluate import (
     image_features,
     kl_from_old,
     logits_losses,
+    margin_drops,
     metric_values,
     prediction_key,
     visual_digest,
@@ -173,11 +175,14 @@ class Trainer:
             plan.objective.target_index,
             self.o.select.min_certify_probability,
         )
-        if self.distill:
-            self.ref_store_logp = torch.as_tensor(self.ref_store.log_probs, device=self.device)
-            # focal distillation weighs each image's divergence by whether the old model got it right
+        if self.metric in PAIRED_METRICS:
+            if self.distill:
+                self.ref_store_logp = torch.as_tensor(self.ref_store.log_probs, device=self.device)
+            else:  # 'margin': the old model's losses give its soft margins
+                self.ref_store_losses = torch.as_tensor(self.ref_store.losses, device=self.device)
+            # focal distillation weighs each image's value by whether the old model got it right
             self.store_focal = torch.as_tensor(focal_weights(self.ref_store.correct, self.metric), device=self.device)
-            self.ref_store_metric = torch.zeros(len(data.store.labels), device=self.device)  # KL(old || old)
+            self.ref_store_metric = torch.zeros(len(data.store.labels), device=self.device)  # old against old
         else:
             self.ref_store_metric = torch.as_tensor(
                 metric_values(self.ref_store.losses, self.ref_store.margins, self.metric), device=self.device
@@ -412,6 +417,8 @@ class Trainer:
                 m_new = (
                     kl_from_old(self.ref_store_logp[p_idx], F.log_softmax(logits.float(), 1)) * self.store_focal[p_idx]
                 )
+            elif self.metric == "margin":
+                m_new = margin_drops(self.ref_store_losses[p_idx], ce) * self.store_focal[p_idx]
             else:
                 m_new = metric_values(ce, margin, self.metric)
             k_of = self.cap_of_class[yp]

@@ -8,16 +8,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..evaluate import Predictions, kl_from_old, metric_values
+from ..evaluate import Predictions, kl_from_old, margin_drops, metric_values
 from ..plan import Constraint
 from .weights import focal_weights
 
 
 def constraint_values(constraints: Sequence[Constraint], metric: str, new: Predictions, old: Predictions) -> np.ndarray:
     """Per capability: mean metric(new) - mean metric(old) - slack over the capability's images (for the
-    distill metrics: the mean weighted KL from the old model's prediction, minus the slack)."""
+    distill metrics: the mean weighted KL from the old model's prediction, minus the slack; for 'margin' the
+    mean weighted fall of the soft margin below the old model's)."""
     if metric in ("distill", "focal-distill"):
         m_new = kl_from_old(old.log_probs, new.log_probs) * focal_weights(old.correct, metric)
+        m_old = np.zeros(len(old.labels))
+    elif metric == "margin":
+        m_new = margin_drops(old.losses, new.losses) * focal_weights(old.correct, metric)
         m_old = np.zeros(len(old.labels))
     else:
         m_new = metric_values(new.losses, new.margins, metric)
