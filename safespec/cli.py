@@ -29,6 +29,8 @@ import click
 
 from . import __version__
 from .errors import SafespecError, SpecError, atomic_write_text
+from .lineage import Registry
+from .lineage.describe import list_text, show_text
 from .plan import load_plan
 from .report import load_run, render_report, summary_text
 from .result import parse_result
@@ -327,6 +329,76 @@ def demo(spec_path: str | None, world: str | None, world_only: bool, quiet: bool
         # the demo is a showcase, not a release gate: it ran to the end and says what it found
         click.echo("demo: the release gate would refuse this model (`safespec run` exits 1 here); the report says why")
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------------- the lineage
+@main.group()
+def lineage() -> None:
+    """The lineage registry of releases: list them, show one, verify every stored file.
+
+    REGISTRY is the registry's folder, or a spec whose lineage.dir names it."""
+
+
+def _registry(where: str) -> Registry:
+    path = Path(where)
+    if path.is_file():
+        spec = load_spec(path, check_files=False)
+        if spec.lineage is None:
+            raise SafespecError(f"{path}: the spec has no lineage section (lineage: {{dir: ...}})")
+        path = Path(spec.lineage.dir)
+    elif not path.exists():
+        raise SafespecError(f"{path}: no such lineage registry (a folder, or a spec whose lineage.dir names one)")
+    return Registry.open(path)
+
+
+_REGISTRY = click.argument("registry", metavar="REGISTRY")
+
+
+@lineage.command("list")
+@_REGISTRY
+def lineage_list(registry: str) -> None:
+    """The releases in order, oldest first."""
+    click.echo(list_text(_registry(registry)))
+
+
+@lineage.command("show")
+@_REGISTRY
+@click.argument("release", default="latest")
+def lineage_show(registry: str, release: str) -> None:
+    """One release in full (RELEASE: a number, 'latest', 'origin' or a digest prefix; default latest)."""
+    reg = _registry(registry)
+    click.echo(show_text(reg, reg.release(release)))
+
+
+@lineage.command("verify")
+@_REGISTRY
+def lineage_verify(registry: str) -> int:
+    """Re-hash every stored file and model, check the parent chain and every stored certificate.
+
+    Exits 0 when the registry is intact, 1 on any mismatch (one line each)."""
+    from safetensors.torch import load_file
+
+    from .model import tensor_digest  # torch: the models' weights are re-hashed from their tensors
+
+    reg = _registry(registry)
+    problems = reg.verify(read_result=_release_problem, weights_digest=lambda p: tensor_digest(load_file(p)))
+    for p in problems:
+        click.echo(f"{reg.path}: {p}", err=True)
+    if problems:
+        click.echo(f"{reg.path}: {len(problems)} problem(s) in {len(reg.releases)} release(s)")
+        return EXIT_NOT_CERTIFIED
+    click.echo(f"{reg.path}: ok ({len(reg.releases)} release(s), every file and certificate intact)")
+    return EXIT_OK
+
+
+def _release_problem(result: dict) -> str | None:
+    """Why a stored result.json is not a valid release: it does not parse (or contradicts its verdict), or
+    it is not certified with its goal met."""
+    try:
+        parsed = parse_result(result)
+    except ValueError as e:
+        return str(e).splitlines()[0]
+    return None if parsed.release_ok else f"not a release (verdict {parsed.verdict}, goal met {parsed.target.goal_met})"
 
 
 def _write(path: Path, text: str) -> None:

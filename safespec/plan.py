@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SpecError
+from .lineage.registry import LineageError, Registry, Release
 from .spec import Spec, read_spec
 
 
@@ -41,6 +42,8 @@ class Constraint:
     slack: float  # training right-hand side eps_k, in the metric's units
     tolerance: float  # certificate non-inferiority margin, in held-out accuracy
     confidence: float
+    budget: float | None = None  # drift budget against every earlier release of the lineage
+    carried_from: str | None = None  # the release this capability was carried from ('release 2'), if any
 
     def __post_init__(self):
         if len(self.classes) != len(self.class_indices) or not self.classes:
@@ -185,6 +188,29 @@ class CertifyPlan:
 
 
 @dataclass(frozen=True)
+class Ancestor:
+    """An earlier model of the lineage that budgets are certified against."""
+
+    id: int
+    label: str  # 'origin', 'release 2'
+    digest: str
+    model_path: str
+
+
+@dataclass(frozen=True)
+class LineagePlan:
+    """The lineage this cycle continues: its registry and every earlier release, origin first."""
+
+    dir: str
+    register: bool
+    ancestors: tuple[Ancestor, ...]
+
+    @property
+    def latest(self) -> Ancestor | None:
+        return self.ancestors[-1] if self.ancestors else None
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything later stages need, and nothing they could misread."""
 
@@ -201,6 +227,12 @@ class Plan:
     report_dir: str
     title: str
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    lineage: LineagePlan | None = None
+
+    @property
+    def budgeted(self) -> tuple[Constraint, ...]:
+        """The capabilities with a drift budget (certified against every ancestor too)."""
+        return tuple(c for c in self.constraints if c.budget is not None)
 
     @property
     def protected_indices(self) -> tuple[int, ...]:
@@ -214,13 +246,15 @@ class Plan:
         return json.dumps(self.to_dict(), **{"indent": 2, **kw})
 
 
-def compile_spec(spec: Spec) -> Plan:
+def compile_spec(spec: Spec, releases: tuple[Release, ...] = ()) -> Plan:
     """Expand and check a validated spec. Paths are used as they are: resolve them first
-    (:meth:`Spec.resolve`) when the spec came from a file."""
+    (:meth:`Spec.resolve`) when the spec came from a file. ``releases`` are the lineage's (``lineage.dir``'s
+    index, read by :func:`load_plan`): the capabilities they carry and the ancestors budgets count against."""
     names = tuple(spec.classes.names)
     index = {n: i for i, n in enumerate(names)}
     target = spec.target.class_
     constraints = _constraints(spec, names, index, target)
+    constraints += _carried(spec, constraints, releases, index)
     _check_rules(spec, constraints)
     o = spec.optimize
     return Plan(
@@ -228,7 +262,7 @@ def compile_spec(spec: Spec) -> Plan:
         description=spec.description,
         classes=names,
         templates=tuple(spec.classes.templates),
-        model=_model_plan(spec),
+        model=_model_plan(spec, releases),
         data=DataPlan(
             protected=str(spec.data.protected),
             target=str(spec.data.target),
@@ -248,7 +282,63 @@ def compile_spec(spec: Spec) -> Plan:
         certify=CertifyPlan(confidence=spec.certify.confidence, require=spec.certify.require, test=spec.certify.test),
         report_dir=str(spec.report.dir),
         title=spec.report.title or spec.name,
+        lineage=_lineage_plan(spec, releases),
     )
+
+
+def _lineage_plan(spec: Spec, releases: tuple[Release, ...]) -> LineagePlan | None:
+    if spec.lineage is None:
+        return None
+    reg = Path(spec.lineage.dir)
+    return LineagePlan(
+        dir=str(reg),
+        register=spec.lineage.register_,
+        ancestors=tuple(Ancestor(r.id, r.label, r.digest, str(reg / r.model_file)) for r in releases),
+    )
+
+
+def _carried(
+    spec: Spec, constraints: list[Constraint], releases: tuple[Release, ...], index: dict[str, int]
+) -> list[Constraint]:
+    """The capabilities earlier releases carry into this cycle: every class a release improved or was
+    certified for stays protected, one capability per class, unless this spec protects it already or it is
+    this cycle's target. A class the current classes do not list cannot be carried: that is an error."""
+    if spec.lineage is None or not releases:
+        return []
+    covered = {c for k in constraints for c in k.classes}
+    names = {k.name for k in constraints}
+    target = spec.target.class_
+    first = spec.protect[0]
+    tol = spec.lineage.carry_tolerance
+    tol = min(p.tolerance for p in spec.protect) if tol is None else tol
+    out: list[Constraint] = []
+    for r in releases[1:]:
+        for cls in [*(c for cap in r.certified for c in cap.classes), *([r.target] if r.target else [])]:
+            if cls in covered or cls == target:
+                continue
+            if cls not in index:
+                raise PlanError(
+                    "classes.names",
+                    f"{r.label} of the lineage protects class {cls!r}, which this spec does not list; "
+                    f"a lineage keeps its classes (add {cls!r})",
+                )
+            covered.add(cls)
+            name = cls if cls not in names else f"carried/{cls}"
+            names.add(name)
+            out.append(
+                Constraint(
+                    name=name,
+                    classes=(cls,),
+                    class_indices=(index[cls],),
+                    metric=first.constraint.metric,
+                    slack=first.constraint.slack,
+                    tolerance=tol,
+                    confidence=spec.certify.confidence,
+                    budget=spec.lineage.carry_budget,
+                    carried_from=r.label,
+                )
+            )
+    return out
 
 
 def _str(p: Path | None) -> str | None:
@@ -278,6 +368,7 @@ def _constraints(spec: Spec, names: tuple[str, ...], index: dict[str, int], targ
                     slack=p.constraint.slack,
                     tolerance=p.tolerance,
                     confidence=conf,
+                    budget=p.budget,
                 )
             )
             source.append(i)
@@ -330,12 +421,22 @@ def _check_rules(spec: Spec, constraints: list[Constraint]) -> None:
         raise PlanError("model.freeze", "both towers are frozen and the heads are disabled: nothing would be trained")
 
 
-def _model_plan(spec: Spec) -> ModelPlan:
+def _model_plan(spec: Spec, releases: tuple[Release, ...]) -> ModelPlan:
     m = spec.model
+    checkpoint = _str(m.checkpoint)
+    if m.from_ == "lineage":
+        assert spec.lineage is not None  # the spec's rule
+        if not releases:
+            raise PlanError(
+                "model.from",
+                f"the lineage at {spec.lineage.dir} has no release yet; its first cycle starts from a "
+                f"'checkpoint' or 'pretrained' model",
+            )
+        checkpoint = str(Path(spec.lineage.dir) / releases[-1].model_file)
     return ModelPlan(
         arch=m.arch,
         pretrained=m.pretrained,
-        checkpoint=_str(m.checkpoint),
+        checkpoint=checkpoint,
         heads=m.heads.enabled,
         rank=m.heads.rank,
         device=m.device,
@@ -381,8 +482,14 @@ def load_plan(path: str | os.PathLike, *, check_files: bool = True) -> tuple[Spe
     """:func:`~safespec.spec.load_spec` then :func:`compile_spec`; a plan error is located in the file too
     (at the field it is about)."""
     spec, locate = read_spec(path, check_files=check_files)
+    releases: tuple[Release, ...] = ()
+    if spec.lineage is not None:
+        try:
+            releases = tuple(Registry.open(spec.lineage.dir).releases)
+        except LineageError as e:
+            raise SpecError([locate("lineage.dir", str(e))]) from None
     try:
-        plan = compile_spec(spec)
+        plan = compile_spec(spec, releases)
     except PlanError as e:
         raise SpecError([locate(e.field, e.message)]) from None
     return spec, plan

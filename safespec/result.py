@@ -103,6 +103,9 @@ class CapabilityCertificate(_Part):
         description="Held-out images at which the same test would certify it with 80% probability."
     )
     per_class: list[ClassCertificate] = _absent_or()
+    against: StrictStr = _absent_or(
+        description="Set on a drift budget's certificate: the earlier release it is judged against (its tolerance is the budget)."
+    )
 
 
 class Goal(_Part):
@@ -212,6 +215,55 @@ class Provenance(_Part):
     processes: Annotated[StrictInt, Field(ge=1)] | None = None
 
 
+class LineageAncestor(_Part):
+    """An earlier release of the lineage (0 is its origin)."""
+
+    id: Count
+    label: StrictStr
+    digest: StrictStr
+
+
+class LineageCarried(_Part):
+    """A capability carried from an earlier release rather than written in the spec."""
+
+    name: StrictStr
+    classes: list[StrictStr]
+    from_release: StrictStr = Field(description="The release that improved or certified it.")
+
+
+class LineageBudget(_Part):
+    """A capability's drift budget over the lineage: what it has lost against its best ancestor."""
+
+    capability: StrictStr
+    budget: Proportion
+    status: Status = Field(description="The budget certificate's status (the capability '<name> (budget)').")
+    against: StrictStr | None = Field(description="The ancestor that binds: the one the certificate is judged against.")
+    accuracy: dict[str, Proportion | None] = Field(
+        description="Held-out accuracy on this cycle's split, per ancestor label and 'new'."
+    )
+    used: Change | None = Field(description="The largest observed drop against any ancestor (0 when none).")
+    left: Change | None = Field(description="budget - used.")
+
+
+class LineageRelease(_Part):
+    id: Count
+    digest: StrictStr
+
+
+class LineageResult(_Part):
+    """The lineage this cycle continued (docs/lineage.md)."""
+
+    dir: StrictStr
+    ancestors: list[LineageAncestor]
+    carried: list[LineageCarried]
+    budgets: list[LineageBudget]
+    accuracy: dict[str, dict[str, Proportion | None]] = _absent_or(
+        description="Per model of the lineage (each ancestor's label, then 'new'), held-out accuracy per class on this cycle's split."
+    )
+    release: LineageRelease | None = Field(description="This run's release, when it was registered.")
+    registration: StrictStr = Field(description="Why this run was, or was not, registered.")
+
+
 class Result(_Part):
     """The certified outcome of one safespec development cycle."""
 
@@ -233,6 +285,7 @@ class Result(_Part):
     baselines: list[Baseline] = _absent_or()
     statistics: dict[str, StrictStr] | None = None
     provenance: Provenance
+    lineage: LineageResult | None = None
 
     def contradiction(self) -> str | None:
         """Why the verdict does not follow from the capabilities (intersection-union), or None."""

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .certify import certify, confusion_matrix, paired_from_correct
+from .certify import certify, certify_budgets, confusion_matrix, paired_from_correct
 from .data import ImageBank, ViewBank, check_disjoint, decode_workers, read_manifest
 from .distributed import context as dist_context
 from .environment import versions
@@ -32,6 +32,7 @@ from .errors import RunError, atomic_write_json
 from .evaluate import PredictionCache, evaluate, feature_key, image_features, prediction_key, visual_digest
 from .model import LoadedModel, build_class_tokens, load_model, save_checkpoint, weights_digest
 from .plan import Plan, load_plan
+from .release import budget_block, check_parent, lineage_block, per_class_accuracy, registering
 from .report import render_report
 from .result import SCHEMA_VERSION, parse_result
 from .rundir import RunDir, failure_reason, utc_now
@@ -152,7 +153,14 @@ def certify_candidate(
     log("evaluating the new model on the held-out split")
     p_new = preds(new_model, new_digest)
     cert = certify(plan, held.labels, p_old.preds, p_new.preds)
+    ancestors = _ancestor_predictions(plan, old, p_old, preds, log) if plan.lineage is not None else []
+    budget_caps = certify_budgets(plan, held.labels, [(k, p.preds) for k, p in ancestors], p_new.preds)
+    cert = dataclasses.replace(cert, capabilities=cert.capabilities + budget_caps)
     out = cert.to_dict()
+    accuracy = {k: p.correct for k, p in ancestors} | {"new": p_new.correct}
+    if plan.lineage is not None:
+        budgets = budget_block(plan, held.labels, accuracy, [c.to_dict() for c in budget_caps])
+        out["lineage"] = lineage_block(plan, budgets, per_class_accuracy(plan, held.labels, accuracy))
     C = len(plan.classes)
     per_class = []
     for c, name in enumerate(plan.classes):
@@ -177,6 +185,29 @@ def certify_candidate(
         "new": confusion_matrix(held.labels, p_new.preds, C).tolist(),
     }
     out["flips"] = _flip_thumbnails(inp, p_old, p_new, run_dir) if thumbnails and dist_context().is_main else []
+    return out
+
+
+def _ancestor_predictions(plan: Plan, old, p_old, preds, log) -> list[tuple[str, Any]]:
+    """Every ancestor's held-out predictions, origin first (cached by digest, so each ancestor is evaluated
+    on a split once). The first cycle of a lineage has no ancestor yet: its old model, the origin-to-be."""
+    lin = plan.lineage
+    assert lin is not None
+    if not lin.ancestors:
+        return [("origin", p_old)]
+    out = []
+    for a in lin.ancestors:
+        if a.digest == old.digest:
+            out.append((a.label, p_old))
+            continue
+        log(f"evaluating the lineage's {a.label} on the held-out split")
+        anc = load_model(dataclasses.replace(plan.model, pretrained=None, checkpoint=a.model_path), plan.classes)
+        if anc.digest != a.digest:
+            raise RunError(
+                f"lineage.dir: {a.model_path}: its weights digest is {anc.digest}, not {a.label}'s {a.digest}"
+            )
+        out.append((a.label, preds(anc.model, a.digest)))
+        del anc
     return out
 
 
@@ -265,9 +296,10 @@ def _spec_block(inp: Loaded) -> dict:
     }
 
 
-def write_run(rd: RunDir, result: dict, *, log: Callable[[str], None]) -> dict:
+def write_run(rd: RunDir, result: dict, *, log: Callable[[str], None], complete: bool = True) -> dict:
     """The run directory's last stage: check the result against its schema, write result.json, render the
-    report from it and mark the run complete (in that order, so nothing claims certification early)."""
+    report from it and mark the run complete (in that order, so nothing claims certification early).
+    ``complete=False`` leaves the marking to the caller (a lineage registers the release first)."""
     result["schema_version"] = SCHEMA_VERSION
     try:
         parse_result(result)  # never write a result.json that a reader would refuse (fail closed)
@@ -277,7 +309,8 @@ def write_run(rd: RunDir, result: dict, *, log: Callable[[str], None]) -> dict:
         return result
     atomic_write_json(rd.path / "result.json", result)
     render_report(rd.path, finishing=True)
-    rd.complete(result["verdict"])
+    if complete:
+        rd.complete(result["verdict"])
     log(f"wrote {rd.path / 'result.json'}, {rd.path / 'report.html'}, {rd.path / 'junit.xml'}")
     return result
 
@@ -383,6 +416,7 @@ def run_cycle(
         cache = PredictionCache(cache_dir)
         torch.manual_seed(plan.optimizer.seed)
         old = load_model(plan.model, plan.classes)
+        check_parent(plan, old)
         device = next(old.model.parameters()).device
         data = make_train_data(inp, old.preprocess)
         main_method = method or plan.optimizer.method
@@ -408,7 +442,11 @@ def run_cycle(
         traj = rd.path / f"trajectory-{main_method}.jsonl"
         if rd.writes and traj.exists():
             shutil.copyfile(traj, rd.path / "trajectory.jsonl")
-        return write_run(rd, _cycle_result(inp, old, main, certs, rd, command), log=log)
+        result = _cycle_result(inp, old, main, certs, rd, command)
+        with registering(plan, old, result, rd, spec_text=inp.spec_text, new_model=main.path, log=log):
+            write_run(rd, result, log=log, complete=False)
+        rd.complete(result["verdict"])
+        return result
     except BaseException as exc:
         rd.fail(failure_reason(exc))
         raise

@@ -11,6 +11,7 @@ bound comes from the exact unconditional test by default, or from Tango's asympt
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,11 +285,14 @@ class CapabilityResult:
     flip_rate_upper: float | None
     needed_n: int | None
     per_class: tuple[ClassResult, ...]
+    against: str | None = None  # a drift budget's certificate: the ancestor it is judged against ('origin')
 
     def to_dict(self) -> dict[str, Any]:
         t = self.table
+        extra = {} if self.against is None else {"against": self.against}
         return {
             "name": self.name,
+            **extra,
             "classes": list(self.classes),
             "status": self.status,
             "meets_requirement": bool(self.meets_requirement),
@@ -454,3 +458,30 @@ def certify(plan: Plan, labels: np.ndarray, old_pred: np.ndarray, new_pred: np.n
     caps = tuple(_certify_capability(c, labels, old_pred, new_pred, require, test) for c in plan.constraints)
     target = _certify_target(plan.objective, labels, old_pred, new_pred, float(plan.certify.confidence))
     return Certificate(capabilities=caps, target=target, require=require, statistics=statistics(test))
+
+
+def certify_budgets(
+    plan: Plan, labels: np.ndarray, ancestors: Sequence[tuple[str, np.ndarray]], new_pred: np.ndarray
+) -> tuple[CapabilityResult, ...]:
+    """The drift budgets: each budgeted capability certified against every ancestor in ``ancestors``
+    (``(label, predictions)`` on the same held-out images), with its budget as the tolerance. The budget
+    holds only if it holds against every ancestor (an intersection-union test again, so no correction);
+    the returned certificate per capability is the one against the ancestor that binds (a failing one
+    first, then the largest drop bound), named ``<capability> (budget)``."""
+    out = []
+    for c in plan.budgeted:
+        assert c.budget is not None
+        as_budget = dataclasses.replace(c, name=f"{c.name} (budget)", tolerance=float(c.budget))
+        results = []
+        for label, anc_pred in ancestors:
+            lab, old, new = _check_inputs(labels, anc_pred, new_pred)
+            r = _certify_capability(as_budget, lab, old, new, plan.certify.require, plan.certify.test)
+            results.append(dataclasses.replace(r, against=label))
+        if results:
+            out.append(
+                max(
+                    results,
+                    key=lambda r: (not r.meets_requirement, -1.0 if r.drop_upper_bound is None else r.drop_upper_bound),
+                )
+            )
+    return tuple(out)

@@ -372,6 +372,67 @@ def _capability_order(caps: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
     return table, sorted(caps, key=margin, reverse=True)[:MAX_ROWS_PER_CHART]
 
 
+#: Classes drawn in the lineage chart: the ones that lost most against their best release, the target first.
+MAX_LINEAGE_CLASSES = 10
+
+
+def _lineage_view(r: dict[str, Any]) -> dict[str, Any] | None:
+    """The lineage section: the chain of releases ending in this run, each class's accuracy across them (on
+    this cycle's held-out split) and the budgets used and left."""
+    lin = r.get("lineage")
+    if not lin:
+        return None
+    ancestors = list(lin.get("ancestors") or ())
+    release = lin.get("release")
+    models = [a["label"] for a in ancestors] or ["origin"]
+    chain = [{"label": a["label"], "digest": a["digest"], "this": False} for a in ancestors]
+    new_digest = ((r.get("provenance") or {}).get("new_model") or {}).get("digest")
+    chain.append(
+        {
+            "label": f"release {release['id']}" if release else "this run (not registered)",
+            "digest": new_digest,
+            "this": True,
+        }
+    )
+    acc = lin.get("accuracy") or {}
+    order = [*models, "new"]
+    target = (r.get("target") or {}).get("class")
+    per_class: dict[str, list[Any]] = {}
+    for cls in r.get("classes") or ():
+        per_class[cls] = [(acc.get(m) or {}).get(cls) for m in order]
+
+    def loss(cls: str) -> float:
+        ys = [y for y in per_class[cls][:-1] if is_number(y)]
+        new = per_class[cls][-1]
+        return max(ys) - new if ys and is_number(new) else -1.0
+
+    shown = sorted((c for c in per_class if c != target), key=loss, reverse=True)[: MAX_LINEAGE_CLASSES - 1]
+    if target in per_class:
+        shown = [target, *shown]
+    series = [
+        {"label": cls, "points": list(enumerate(per_class[cls])), "dots": True, "width": 2.4 if cls == target else 1.4}
+        for cls in shown
+    ]
+    chart = (
+        line_chart(
+            series, width=640, height=240, y_unit="%", x_label="release (last: this run)", y_label="accuracy (%)"
+        )
+        if series and any(is_number(y) for s in series for _, y in s["points"])
+        else None
+    )
+    return {
+        "dir": lin.get("dir"),
+        "chain": chain,
+        "models": order,
+        "chart": chart,
+        "shown": len(shown),
+        "n_classes": len(per_class),
+        "carried": list(lin.get("carried") or ()),
+        "budgets": list(lin.get("budgets") or ()),
+        "registration": lin.get("registration"),
+    }
+
+
 def _baseline_views(r: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for b in r.get("baselines") or ():
@@ -471,6 +532,7 @@ def build_context(run: RunData) -> dict[str, Any]:
         "flip_groups": _flip_groups(run, {pc["class"]: pc for pc in per_class_rows}, target_class),
         "n_flips": len(r.get("flips") or ()),
         "baselines": _baseline_views(r),
+        "lineage": _lineage_view(r),
         "selection": selection,
         "training": training,
         "class_table": _class_table(per_class_rows, caps, status_of, target_class),

@@ -97,6 +97,11 @@ class ModelSpec(_Strict):
         None,
         description="Local checkpoint of the old model (.safetensors, or a torch file loadable with weights_only=True). Relative to the spec file.",
     )
+    from_: Literal["lineage"] | None = Field(
+        None,
+        alias="from",
+        description="'lineage': the old model is the latest release of the lineage named in lineage.dir (the cycle continues it).",
+    )
     heads: HeadsSpec = Field(default_factory=HeadsSpec, description="Task-dependent heads.")
     device: str = Field(
         "auto",
@@ -124,11 +129,16 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
+        if self.from_ is not None and (self.pretrained is not None or self.checkpoint is not None):
+            other = "checkpoint" if self.checkpoint is not None else "pretrained"
+            raise _rule(("from",), f"give one source of the old model: 'from: lineage' or {other!r}, not both")
         if self.pretrained is not None and self.checkpoint is not None:
             raise _rule(("checkpoint",), "give either 'pretrained' or 'checkpoint', not both")
-        if self.pretrained is None and self.checkpoint is None:
+        if self.pretrained is None and self.checkpoint is None and self.from_ is None:
             raise _rule(
-                (), "needs the old model's weights: 'pretrained' (an open_clip tag) or 'checkpoint' (a local file)"
+                (),
+                "needs the old model's weights: 'pretrained' (an open_clip tag), 'checkpoint' (a local file) "
+                "or 'from: lineage' (the lineage's latest release)",
             )
         return self
 
@@ -241,6 +251,12 @@ class ProtectSpec(_Strict):
     )
     constraint: ConstraintSpec = Field(
         default_factory=ConstraintSpec, description="The training constraint that enforces it."
+    )
+    budget: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Drift budget over the lineage (needs lineage.dir): the most held-out accuracy this capability may have lost against any earlier release (or the lineage's origin), certified against each one on this cycle's held-out split, e.g. 0.05.",
     )
 
     @field_validator("classes", mode="before")
@@ -453,6 +469,33 @@ class ReportSpec(_Strict):
     title: str | None = Field(None, description="Report title; defaults to the spec name.")
 
 
+# -------------------------------------------------------------------------------------------- lineage
+class LineageSpec(_Strict):
+    """The lineage of releases this cycle belongs to (docs/lineage.md)."""
+
+    dir: SpecPath = Field(
+        ...,
+        description="The lineage registry's folder (created by the first release). Relative to the spec file.",
+    )
+    carry_tolerance: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Tolerance of the capabilities carried from earlier releases that this spec does not protect itself (a class an earlier cycle improved, one it certified); defaults to the smallest tolerance in protect.",
+    )
+    carry_budget: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Drift budget of the carried capabilities (see protect[].budget); none by default.",
+    )
+    register_: bool = Field(
+        True,
+        alias="register",
+        description="Register the new model as the lineage's next release when it is certified and the target reaches its goal (false: certify against the lineage without releasing).",
+    )
+
+
 # ----------------------------------------------------------------------------------------------- spec
 class Spec(_Strict):
     """A safespec release spec, version 1."""
@@ -475,6 +518,9 @@ class Spec(_Strict):
         default_factory=CertifySpec, description="Certificate confidence and the release gate."
     )
     report: ReportSpec = Field(default_factory=ReportSpec, description="Run directory and report title.")
+    lineage: LineageSpec | None = Field(
+        None, description="The lineage this cycle continues: its registry, and what carries over from earlier releases."
+    )
 
     @field_validator("safespec", mode="before")
     @classmethod
@@ -514,6 +560,15 @@ class Spec(_Strict):
                 if c in seen:
                     raise _rule(("protect", i, "classes", j), f"class {c!r} is already protected by protect[{seen[c]}]")
                 seen[c] = i
+        if self.lineage is None:
+            if self.model.from_ is not None:
+                raise _rule(("model", "from"), "'from: lineage' needs the lineage's registry: add lineage: {dir: ...}")
+            for i, p in enumerate(self.protect):
+                if p.budget is not None:
+                    raise _rule(
+                        ("protect", i, "budget"),
+                        "a drift budget is counted over a lineage's releases: add lineage: {dir: ...}",
+                    )
         if any(p.classes == "others" for p in self.protect) and len(self.protect) > 1:
             i = next(i for i, p in enumerate(self.protect) if p.classes == "others")
             raise _rule(
@@ -531,7 +586,10 @@ class Spec(_Strict):
 
         data = self.data.model_copy(update={k: fix(getattr(self.data, k)) for k in DataSpec.model_fields})
         model = self.model.model_copy(update={"checkpoint": fix(self.model.checkpoint)})
-        return self.model_copy(update={"data": data, "model": model})
+        update: dict[str, Any] = {"data": data, "model": model}
+        if self.lineage is not None:
+            update["lineage"] = self.lineage.model_copy(update={"dir": fix(self.lineage.dir)})
+        return self.model_copy(update=update)
 
 
 def json_schema() -> dict[str, Any]:
