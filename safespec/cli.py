@@ -306,8 +306,15 @@ def report(run_dir: str) -> int:
 @click.option(
     "--world-only", is_flag=True, help="Build (or check) the demo world and print v1's accuracies; no training."
 )
+@click.option(
+    "--cycles",
+    type=click.IntRange(1, 2),
+    default=1,
+    show_default=True,
+    help="2: a lineage of two cycles, v1 -> v2 (dog) -> v3 (bird, dog kept), registered in out/demo-lineage/.",
+)
 @_QUIET
-def demo(spec_path: str | None, world: str | None, world_only: bool, quiet: bool) -> int:
+def demo(spec_path: str | None, world: str | None, world_only: bool, cycles: int, quiet: bool) -> int:
     """Build the embedded demo world once (Animal-MNIST + the old model v1) and run the demo cycle on it."""
     from .api import run_cycle  # torch and open_clip: only the commands that need them pay their import
     from .demo import build_world  # torch, as above
@@ -322,12 +329,51 @@ def demo(spec_path: str | None, world: str | None, world_only: bool, quiet: bool
         click.echo(f"  {name:<10} {acc:.3f}")
     if world_only:
         return EXIT_OK
+    if cycles == 2:
+        return _demo_lineage(spec_file, root, quiet)
     result = run_cycle(spec_file, quiet=quiet, log=_log(quiet))
     code = _summarise(result)
     click.echo(f"report: {load_spec(spec_file, check_files=False).report.dir / 'report.html'}")
     if code != EXIT_OK:
         # the demo is a showcase, not a release gate: it ran to the end and says what it found
         click.echo("demo: the release gate would refuse this model (`safespec run` exits 1 here); the report says why")
+    return EXIT_OK
+
+
+def _demo_lineage(spec_file: Path, world: Path, quiet: bool) -> int:
+    """``demo --cycles 2``: a fresh lineage in out/demo-lineage/, cycle 1 (dog) then cycle 2 (bird)."""
+    import shutil
+
+    from .api import run_cycle
+    from .demo.cycles import accuracy_table, lineage_specs, write_cycle2_manifests
+
+    second = spec_file.parent / "demo-cycle2.yaml"
+    if not second.is_file():
+        raise SafespecError(f"{second}: the second cycle's spec not found (it ships beside the demo spec)")
+    lin = load_spec(second, check_files=False).lineage
+    assert lin is not None  # the shipped spec names its lineage
+    out = Path(lin.dir).parent
+    shutil.rmtree(out / "registry", ignore_errors=True)  # each demo starts its own lineage from v1
+    write_cycle2_manifests(world)
+    first, then = lineage_specs(spec_file, second, out)
+    results = []
+    for n, spec in enumerate((first, then), start=1):
+        click.echo(f"demo: cycle {n} of 2 ({spec})")
+        result = run_cycle(spec, quiet=quiet, log=_log(quiet))
+        _summarise(result)
+        results.append(result)
+        if not (result.get("lineage") or {}).get("release"):
+            click.echo(f"demo: cycle {n} was not registered ({result['lineage']['registration']}); the lineage stops")
+            return EXIT_OK
+    click.echo("held-out accuracy per class across the lineage (v1 = origin, v2 = release 1, v3 = release 2):")
+    click.echo(f"  {'class':<10} {'v1':>6} {'v2':>6} {'v3':>6}")
+    for cls, accs in accuracy_table(results[-1]):
+        click.echo(f"  {cls:<10} " + " ".join(f"{a:6.3f}" if a is not None else "   n/a" for a in accs))
+    for b in results[-1]["lineage"]["budgets"]:
+        if b["capability"] == "dog":
+            click.echo(f"dog's budget: {b['budget']:.0%}, used {b['used']:.1%}, left {b['left']:.1%} ({b['status']})")
+    click.echo(f"registry: {out / 'registry'} (safespec lineage list {out / 'registry'})")
+    click.echo(f"reports: {out / 'v2' / 'report.html'}, {out / 'v3' / 'report.html'}")
     return EXIT_OK
 
 

@@ -246,10 +246,12 @@ class Plan:
         return json.dumps(self.to_dict(), **{"indent": 2, **kw})
 
 
-def compile_spec(spec: Spec, releases: tuple[Release, ...] = ()) -> Plan:
+def compile_spec(spec: Spec, releases: tuple[Release, ...] = (), *, lineage_read: bool = True) -> Plan:
     """Expand and check a validated spec. Paths are used as they are: resolve them first
     (:meth:`Spec.resolve`) when the spec came from a file. ``releases`` are the lineage's (``lineage.dir``'s
-    index, read by :func:`load_plan`): the capabilities they carry and the ancestors budgets count against."""
+    index, read by :func:`load_plan`): the capabilities they carry and the ancestors budgets count against.
+    ``lineage_read=False``: the registry was not read (a lint without the data), so an empty one is not an
+    error and the plan's old model is left unresolved."""
     names = tuple(spec.classes.names)
     index = {n: i for i, n in enumerate(names)}
     target = spec.target.class_
@@ -262,7 +264,7 @@ def compile_spec(spec: Spec, releases: tuple[Release, ...] = ()) -> Plan:
         description=spec.description,
         classes=names,
         templates=tuple(spec.classes.templates),
-        model=_model_plan(spec, releases),
+        model=_model_plan(spec, releases, lineage_read),
         data=DataPlan(
             protected=str(spec.data.protected),
             target=str(spec.data.target),
@@ -421,10 +423,10 @@ def _check_rules(spec: Spec, constraints: list[Constraint]) -> None:
         raise PlanError("model.freeze", "both towers are frozen and the heads are disabled: nothing would be trained")
 
 
-def _model_plan(spec: Spec, releases: tuple[Release, ...]) -> ModelPlan:
+def _model_plan(spec: Spec, releases: tuple[Release, ...], lineage_read: bool = True) -> ModelPlan:
     m = spec.model
     checkpoint = _str(m.checkpoint)
-    if m.from_ == "lineage":
+    if m.from_ == "lineage" and (releases or lineage_read):
         assert spec.lineage is not None  # the spec's rule
         if not releases:
             raise PlanError(
@@ -483,13 +485,13 @@ def load_plan(path: str | os.PathLike, *, check_files: bool = True) -> tuple[Spe
     (at the field it is about)."""
     spec, locate = read_spec(path, check_files=check_files)
     releases: tuple[Release, ...] = ()
-    if spec.lineage is not None:
+    if spec.lineage is not None and check_files:  # the registry is data: a lint without data does not read it
         try:
             releases = tuple(Registry.open(spec.lineage.dir).releases)
         except LineageError as e:
             raise SpecError([locate("lineage.dir", str(e))]) from None
     try:
-        plan = compile_spec(spec, releases)
+        plan = compile_spec(spec, releases, lineage_read=check_files)
     except PlanError as e:
         raise SpecError([locate(e.field, e.message)]) from None
     return spec, plan

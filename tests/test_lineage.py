@@ -286,17 +286,21 @@ def test_a_lineage_without_releases_and_a_damaged_one_are_located_at_lineage_dir
     spec["lineage"] = {"dir": "reg"}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    res = _cli("validate", "--no-data-check", path)
+    for f in ("p.csv", "t.csv", "v.csv", "h.csv"):
+        (tmp_path / f).write_text("path,label\n")
+    # a lint without the data does not read the registry (it is data too)
+    assert _cli("validate", "--no-data-check", path).exit_code == 0
+    res = _cli("validate", path)
     assert res.exit_code == 2 and "model.from: the lineage at" in res.output and "has no release yet" in res.output
     (tmp_path / "reg").mkdir()
     (tmp_path / "reg" / "index.json").write_text("[]")
-    res = _cli("validate", "--no-data-check", path)
+    res = _cli("validate", path)
     lines = res.output.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and "lineage.dir:" in lines[0], lines
     (tmp_path / "reg" / "index.json").unlink()
     (tmp_path / "reg").rmdir()
     (tmp_path / "reg").write_text("a file")
-    res = _cli("validate", "--no-data-check", path)
+    res = _cli("validate", path)
     assert res.exit_code == 2 and "is a file, expected the lineage registry's folder" in res.output
 
 
@@ -408,6 +412,12 @@ def test_certified_cycles_are_registered_in_a_chain(lineage_runs):
     assert stored.read_bytes() == (root / "c2" / "run" / "result.json").read_bytes()
     res = _cli("lineage", "verify", registry)
     assert res.exit_code == 0, res.output
+    # the report's lineage section: the chain ending in this run, the chart, the budgets
+    html = (root / "c2" / "run" / "report.html").read_text()
+    section = html.split('<section id="lineage">', 1)[1].split("</section>", 1)[0]
+    assert all(d in section for d in (reg.releases[0].digest, reg.releases[1].digest, reg.releases[2].digest))
+    assert 'release 2 <span class="muted small">(this run)</span>' in section and "<svg" in section
+    assert "Drift budgets" in section and section.count("<tr>") >= 3 + len(r2["lineage"]["budgets"])
 
 
 def test_a_class_gained_earlier_stays_protected_and_a_run_that_loses_it_is_not_released(lineage_runs, small_world):

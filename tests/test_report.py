@@ -637,3 +637,37 @@ def test_optional_fields_that_were_never_nullable_still_refuse_null():
         gone = copy.deepcopy(ok)
         where(gone).pop(key, None)
         assert not [p for p in validate_result(gone) if key in p], key
+
+
+def test_the_lineage_section_appears_only_for_a_cycle_in_a_lineage(run_dir: Path):
+    """A run without a lineage has no lineage section; one with a lineage block shows its chain, a chart
+    of each class across the releases and the budgets (with the one over budget marked)."""
+    assert 'id="lineage"' not in render(run_dir)
+    result = json.loads((run_dir / "result.json").read_text())
+    classes = result["classes"]
+    result["lineage"] = {
+        "dir": "/registry",
+        "ancestors": [{"id": 0, "label": "origin", "digest": "sha256:aaa"}],
+        "carried": [{"name": classes[1], "classes": [classes[1]], "from_release": "release 1"}],
+        "budgets": [
+            {
+                "capability": classes[1],
+                "budget": 0.05,
+                "status": "violated",
+                "against": "origin",
+                "accuracy": {"origin": 0.9, "new": 0.8},
+                "used": 0.1,
+                "left": -0.05,
+            }
+        ],
+        "accuracy": {m: {c: 0.5 + 0.01 * i for i, c in enumerate(classes)} for m in ("origin", "new")},
+        "release": None,
+        "registration": "not registered: the verdict is not certified",
+    }
+    (run_dir / "result.json").write_text(json.dumps(result))
+    html = render(run_dir)
+    section = html.split('<section id="lineage">', 1)[1].split("</section>", 1)[0]
+    assert "sha256:aaa" in section and "this run (not registered)" in section and "<svg" in section
+    assert "Not registered: the verdict is not certified" in section
+    assert "-5.0 pp" in section and 'class="num neg"' in section and "(release 1)" in section
+    assert parse(html).errors == []

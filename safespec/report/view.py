@@ -409,15 +409,16 @@ def _lineage_view(r: dict[str, Any]) -> dict[str, Any] | None:
     shown = sorted((c for c in per_class if c != target), key=loss, reverse=True)[: MAX_LINEAGE_CLASSES - 1]
     if target in per_class:
         shown = [target, *shown]
-    series = [
+    series: list[dict[str, Any]] = [
         {"label": cls, "points": list(enumerate(per_class[cls])), "dots": True, "width": 2.4 if cls == target else 1.4}
         for cls in shown
     ]
+    drawable = any(is_number(y) for cls in shown for y in per_class[cls])
     chart = (
         line_chart(
             series, width=640, height=240, y_unit="%", x_label="release (last: this run)", y_label="accuracy (%)"
         )
-        if series and any(is_number(y) for s in series for _, y in s["points"])
+        if drawable
         else None
     )
     return {
