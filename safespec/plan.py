@@ -313,33 +313,39 @@ def _carried(
     first = spec.protect[0]
     tol = spec.lineage.carry_tolerance
     tol = min(p.tolerance for p in spec.protect) if tol is None else tol
-    out: list[Constraint] = []
+    # where each class comes from: the latest release that improved it, else the first certified for it
+    source: dict[str, str] = {}
     for r in releases[1:]:
-        for cls in [*(c for cap in r.certified for c in cap.classes), *([r.target] if r.target else [])]:
-            if cls in covered or cls == target:
-                continue
-            if cls not in index:
-                raise PlanError(
-                    "classes.names",
-                    f"{r.label} of the lineage protects class {cls!r}, which this spec does not list; "
-                    f"a lineage keeps its classes (add {cls!r})",
-                )
-            covered.add(cls)
-            name = cls if cls not in names else f"carried/{cls}"
-            names.add(name)
-            out.append(
-                Constraint(
-                    name=name,
-                    classes=(cls,),
-                    class_indices=(index[cls],),
-                    metric=first.constraint.metric,
-                    slack=first.constraint.slack,
-                    tolerance=tol,
-                    confidence=spec.certify.confidence,
-                    budget=spec.lineage.carry_budget,
-                    carried_from=r.label,
-                )
+        for cls in (c for cap in r.certified for c in cap.classes):
+            source.setdefault(cls, r.label)
+        if r.target:
+            source[r.target] = r.label
+    out: list[Constraint] = []
+    for cls, label in sorted(source.items(), key=lambda kv: index.get(kv[0], len(index))):
+        if cls in covered or cls == target:
+            continue
+        if cls not in index:
+            raise PlanError(
+                "classes.names",
+                f"{label} of the lineage protects class {cls!r}, which this spec does not list; "
+                f"a lineage keeps its classes (add {cls!r})",
             )
+        covered.add(cls)
+        name = cls if cls not in names else f"carried/{cls}"
+        names.add(name)
+        out.append(
+            Constraint(
+                name=name,
+                classes=(cls,),
+                class_indices=(index[cls],),
+                metric=first.constraint.metric,
+                slack=first.constraint.slack,
+                tolerance=tol,
+                confidence=spec.certify.confidence,
+                budget=spec.lineage.carry_budget,
+                carried_from=label,
+            )
+        )
     return out
 
 

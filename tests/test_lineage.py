@@ -308,11 +308,11 @@ def test_releases_carry_what_they_improved_and_certified_into_the_plan(chain, tm
     """Every class a release improved or was certified for is protected again, at lineage.carry_tolerance,
     unless the spec protects it itself or it is this cycle's target; a spec must keep the lineage's classes."""
     text = _SPEC + f"lineage: {{dir: {chain.path}, carry_tolerance: 0.05, carry_budget: 0.08}}\n"
-    releases = tuple(Registry.open(chain.path).releases)  # each improved dog and certified cat
+    releases = tuple(Registry.open(chain.path).releases)  # each improved dog (the latest counts) and certified cat
     spec = parse_spec(text.replace("target: {class: dog}", "target: {class: cow}").replace("[cow]", "[cat]"))
     plan = compile_spec(spec, releases)
     carried = [c for c in plan.constraints if c.carried_from]
-    assert [(c.name, c.tolerance, c.budget, c.carried_from) for c in carried] == [("dog", 0.05, 0.08, "release 1")]
+    assert [(c.name, c.tolerance, c.budget, c.carried_from) for c in carried] == [("dog", 0.05, 0.08, "release 2")]
     assert [a.label for a in plan.lineage.ancestors] == ["origin", "release 1", "release 2"]
     # the target itself is not carried, and a class the spec protects is not protected twice
     plan = compile_spec(parse_spec(text), releases)
@@ -400,6 +400,8 @@ def test_certified_cycles_are_registered_in_a_chain(lineage_runs):
     reg = Registry.open(registry)
     assert [(r.id, r.name, r.target) for r in reg.releases] == [(0, "origin", None), (1, "c1", "dog"), (2, "c2", "cat")]
     r1, r2 = runs["c1"]["result"], runs["c2"]["result"]
+    n_budgets = sum(1 for c in r2["capabilities"] if "against" in c)
+    assert n_budgets == 9 and f"9 of 9 protected capabilities and 9 of {n_budgets} budgets" in runs["c2"]["output"]
     assert r1["lineage"]["release"] == {"id": 1, "digest": reg.releases[1].digest}
     assert r1["provenance"]["old_model"]["digest"] == reg.releases[0].digest
     # cycle 2 started from release 1 (model.from: lineage) and was certified against the origin too
@@ -439,7 +441,7 @@ def test_a_class_gained_earlier_stays_protected_and_a_run_that_loses_it_is_not_r
     assert c3["exit"] == 1, c3["output"]
     result = c3["result"]
     carried = {c["name"]: c["from_release"] for c in result["lineage"]["carried"]}
-    assert carried == {"dog": "release 1", "cat": "release 1"}  # release 1 certified cat already
+    assert carried == {"dog": "release 1", "cat": "release 2"}  # where each was last improved
     caps = {c["name"]: c for c in result["capabilities"]}
     assert caps["cat"]["tolerance"] == 0.2 and caps["cat"]["status"] == "violated"
     assert result["lineage"]["release"] is None and "not certified" in result["lineage"]["registration"]
@@ -464,3 +466,43 @@ def test_a_registration_that_fails_fails_the_run_and_leaves_a_valid_registry(lin
     assert (registry / "index.json").read_bytes() == index
     monkeypatch.undo()
     assert _cli("lineage", "verify", registry).exit_code == 0
+
+
+# ------------------------------------------------------------------------------ the two-cycle demo's parts
+def test_the_second_demo_cycle_gets_a_store_with_dog_and_a_bird_target_set(small_world, tmp_path):
+    """`demo --cycles 2` derives its second cycle's manifests from the world's base-train split, beside the
+    world's own (which stay as they are), deterministically."""
+    from safespec.data import read_manifest
+    from safespec.demo.cycles import NEGATIVES_PER_CLASS, SECOND_TARGET, write_cycle2_manifests
+
+    world = tmp_path / "world"
+    shutil.copytree(small_world.root, world)
+    before = {p.name: p.read_bytes() for p in world.glob("*.csv")}
+    paths = write_cycle2_manifests(world)
+    again = {k: p.read_bytes() for k, p in paths.items()}
+    assert {k: p.read_bytes() for k, p in write_cycle2_manifests(world).items()} == again
+    assert {p.name: p.read_bytes() for p in world.glob("*.csv") if p.name in before} == before
+    classes = list(small_world.classes)
+    store = read_manifest(paths["protected"], classes)
+    target = read_manifest(paths["target"], classes)
+    counts = store.counts()
+    assert counts["dog"] > 0 and all(counts[c] > 0 for c in classes)
+    base = read_manifest(world / "base.csv", classes).counts()
+    tc = target.counts()
+    assert tc[SECOND_TARGET] == base[SECOND_TARGET]
+    assert all(0 < tc[c] <= NEGATIVES_PER_CLASS for c in classes if c != SECOND_TARGET)
+
+
+def test_the_demo_lineage_specs_are_the_demo_spec_plus_a_lineage(tmp_path):
+    from safespec.demo.cycles import lineage_specs
+
+    specs = Path(__file__).resolve().parents[1] / "specs"
+    first, second = lineage_specs(specs / "demo.yaml", specs / "demo-cycle2.yaml", tmp_path)
+    demo = yaml.safe_load((specs / "demo.yaml").read_text())
+    v2, v3 = yaml.safe_load(first.read_text()), yaml.safe_load(second.read_text())
+    assert v2["optimize"] == demo["optimize"] and v2["target"] == demo["target"]
+    assert v2["lineage"]["dir"] == v3["lineage"]["dir"] == str(tmp_path / "registry")
+    assert v3["model"]["from"] == "lineage" and v3["target"]["class"] == "bird"
+    for path in (first, second):
+        res = _cli("validate", "--no-data-check", path)
+        assert res.exit_code == 0, res.output

@@ -46,8 +46,14 @@ def summary_text(result: dict[str, Any], color: bool = False) -> str:
     if verdict == "certified" and not (result.get("target") or {}).get("goal_met"):
         head, style = "CERTIFIED, TARGET GOAL NOT MET (not releasable)", "preserved"
     first = f"{paint('safespec:', 'bold')} {paint(head, style)}"
+    budgets = [c for c in caps if "against" in c]  # a lineage's drift budgets, certified like capabilities
+    own = len(caps) - len(budgets)
+    met_own = sum(1 for c in met if "against" not in c)
+    counted = f"{met_own} of {own} protected capabilities"
+    if budgets:
+        counted += f" and {len(met) - met_own} of {len(budgets)} budgets"
     first += (
-        f"  {clean(spec.get('name') or 'run', 40)}: {len(met)} of {len(caps)} protected capabilities "
+        f"  {clean(spec.get('name') or 'run', 40)}: {counted} "
         f"{require}{' or better' if require == 'preserved' else ''} (method {result.get('method')})"
     )
     lines = [first]
