@@ -322,6 +322,8 @@ def demo(spec_path: str | None, world: str | None, world_only: bool, cycles: int
     spec_file = Path(spec_path) if spec_path else Path(__file__).resolve().parent.parent / "specs" / "demo.yaml"
     if not spec_file.is_file():
         raise SafespecError(f"{spec_file}: demo spec not found; pass --spec PATH")
+    if cycles == 2:
+        return _demo_lineage(spec_file, Path(world) if world else None, world_only, quiet)
     root = Path(world) if world else load_spec(spec_file, check_files=False).data.protected.parent
     w = build_world(root, progress=not quiet, log=_log(quiet))
     click.echo("old model v1, held-out accuracy per class:")
@@ -329,8 +331,6 @@ def demo(spec_path: str | None, world: str | None, world_only: bool, cycles: int
         click.echo(f"  {name:<10} {acc:.3f}")
     if world_only:
         return EXIT_OK
-    if cycles == 2:
-        return _demo_lineage(spec_file, root, quiet)
     result = run_cycle(spec_file, quiet=quiet, log=_log(quiet))
     code = _summarise(result)
     click.echo(f"report: {load_spec(spec_file, check_files=False).report.dir / 'report.html'}")
@@ -340,21 +340,29 @@ def demo(spec_path: str | None, world: str | None, world_only: bool, cycles: int
     return EXIT_OK
 
 
-def _demo_lineage(spec_file: Path, world: Path, quiet: bool) -> int:
-    """``demo --cycles 2``: a fresh lineage in out/demo-lineage/, cycle 1 (dog) then cycle 2 (bird)."""
+def _demo_lineage(spec_file: Path, world: Path | None, world_only: bool, quiet: bool) -> int:
+    """``demo --cycles 2``: the lineage world (built once), then a fresh lineage in out/demo-lineage/:
+    cycle 1 (dog) and cycle 2 (bird)."""
     import shutil
 
     from .api import run_cycle
-    from .demo.cycles import accuracy_table, lineage_specs, write_cycle2_manifests
+    from .demo import build_world
+    from .demo.cycles import LINEAGE_WORLD, accuracy_table, lineage_specs
 
     second = spec_file.parent / "demo-cycle2.yaml"
     if not second.is_file():
         raise SafespecError(f"{second}: the second cycle's spec not found (it ships beside the demo spec)")
-    lin = load_spec(second, check_files=False).lineage
-    assert lin is not None  # the shipped spec names its lineage
-    out = Path(lin.dir).parent
+    spec2 = load_spec(second, check_files=False)
+    assert spec2.lineage is not None  # the shipped spec names its lineage
+    root = world or spec2.data.heldout.parent
+    w = build_world(root, LINEAGE_WORLD, progress=not quiet, log=_log(quiet))
+    click.echo("old model v1 of the lineage world (dog and bird starved), held-out accuracy per class:")
+    for name, acc in w.v1_accuracy.items():
+        click.echo(f"  {name:<10} {acc:.3f}")
+    if world_only:
+        return EXIT_OK
+    out = Path(spec2.lineage.dir).parent
     shutil.rmtree(out / "registry", ignore_errors=True)  # each demo starts its own lineage from v1
-    write_cycle2_manifests(world)
     first, then = lineage_specs(spec_file, second, out)
     results = []
     for n, spec in enumerate((first, then), start=1):

@@ -7,6 +7,7 @@ against every ancestor) on a chain of real runs on the small world."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import multiprocessing
 import shutil
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 
 from safespec.certify import certify_budgets
 from safespec.cli import main
+from safespec.data import read_manifest
 from safespec.lineage import CertifiedCapability, LineageError, Registry
 from safespec.model import tensor_digest
 from safespec.plan import compile_spec
@@ -469,28 +471,27 @@ def test_a_registration_that_fails_fails_the_run_and_leaves_a_valid_registry(lin
 
 
 # ------------------------------------------------------------------------------ the two-cycle demo's parts
-def test_the_second_demo_cycle_gets_a_store_with_dog_and_a_bird_target_set(small_world, tmp_path):
-    """`demo --cycles 2` derives its second cycle's manifests from the world's base-train split, beside the
-    world's own (which stay as they are), deterministically."""
-    from safespec.data import read_manifest
-    from safespec.demo.cycles import NEGATIVES_PER_CLASS, SECOND_TARGET, write_cycle2_manifests
+def test_a_world_with_a_second_target_holds_back_its_images_for_the_second_cycle(tmp_path):
+    """WorldConfig.second_target: only second_in_base of its images reach v1's training data; the rest are
+    target2.csv's positives, with a store (protected2.csv) that holds the first target too. Without it a
+    world's recipe, and so its digest, is what it was."""
+    from conftest import SMALL_WORLD
 
-    world = tmp_path / "world"
-    shutil.copytree(small_world.root, world)
-    before = {p.name: p.read_bytes() for p in world.glob("*.csv")}
-    paths = write_cycle2_manifests(world)
-    again = {k: p.read_bytes() for k, p in paths.items()}
-    assert {k: p.read_bytes() for k, p in write_cycle2_manifests(world).items()} == again
-    assert {p.name: p.read_bytes() for p in world.glob("*.csv") if p.name in before} == before
-    classes = list(small_world.classes)
-    store = read_manifest(paths["protected"], classes)
-    target = read_manifest(paths["target"], classes)
-    counts = store.counts()
-    assert counts["dog"] > 0 and all(counts[c] > 0 for c in classes)
-    base = read_manifest(world / "base.csv", classes).counts()
-    tc = target.counts()
-    assert tc[SECOND_TARGET] == base[SECOND_TARGET]
-    assert all(0 < tc[c] <= NEGATIVES_PER_CLASS for c in classes if c != SECOND_TARGET)
+    from safespec.demo import WorldConfig, build_world
+    from safespec.demo.cycles import LINEAGE_WORLD
+
+    assert "second_target" not in WorldConfig().to_dict() and LINEAGE_WORLD.to_dict()["second_target"] == "bird"
+    config = dataclasses.replace(SMALL_WORLD, second_target="bird", second_in_base=10)
+    w = build_world(tmp_path / "world", config, progress=False, log=None, threads=1)
+    classes = list(w.classes)
+    m = {s: read_manifest(p, classes) for s, p in w.manifests.items()}
+    base, target2, store2 = m["base"].counts(), m["target2"].counts(), m["protected2"].counts()
+    assert base["bird"] <= 2 * 10 and target2["bird"] > 10 and store2["dog"] > base["dog"]
+    assert "bird" not in store2 or store2["bird"] == 0
+    assert all(0 < target2[c] <= SMALL_WORLD.target_negatives_per_class for c in classes if c != "bird")
+    held = {r.path for r in m["heldout"].records} | {r.path for r in m["validation"].records}
+    assert not held & ({r.path for r in m["target2"].records} | {r.path for r in m["protected2"].records})
+    assert build_world(tmp_path / "world", config, progress=False, log=None).reused  # digests cover both
 
 
 def test_the_demo_lineage_specs_are_the_demo_spec_plus_a_lineage(tmp_path):
@@ -501,6 +502,10 @@ def test_the_demo_lineage_specs_are_the_demo_spec_plus_a_lineage(tmp_path):
     demo = yaml.safe_load((specs / "demo.yaml").read_text())
     v2, v3 = yaml.safe_load(first.read_text()), yaml.safe_load(second.read_text())
     assert v2["optimize"] == demo["optimize"] and v2["target"] == demo["target"]
+    world = Path(v3["data"]["heldout"]).parent  # cycle 1 runs on the second cycle's world (bird starved too)
+    assert world.name == "world-lineage" and Path(v2["data"]["heldout"]).parent == world
+    assert v2["model"]["checkpoint"] == str(world / "models" / "v1.safetensors")
+    assert v2["protect"][0]["budget"] == v3["protect"][0]["budget"] == 0.05
     assert v2["lineage"]["dir"] == v3["lineage"]["dir"] == str(tmp_path / "registry")
     assert v3["model"]["from"] == "lineage" and v3["target"]["class"] == "bird"
     for path in (first, second):

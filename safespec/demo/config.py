@@ -43,6 +43,10 @@ class WorldConfig:
     warmup_steps: int = 240
     tau: float = 0.05
     source: str = DEFAULT_SOURCE  # the data set, a key of SOURCES
+    # a second class starved in v1's training data, for a lineage's second cycle (`demo --cycles 2`): only
+    # second_in_base of its images go to base-train, the rest to target2.csv (its own target set)
+    second_target: str | None = None
+    second_in_base: int = 100
 
     def __post_init__(self):
         classes = get_source(self.source).classes  # an unknown source is a DataError here
@@ -61,6 +65,10 @@ class WorldConfig:
         ):
             if getattr(self, f) < 1:
                 raise DataError(f"world: {f} must be at least 1 (got {getattr(self, f)})")
+        if self.second_target is not None and (self.second_target not in classes or self.second_target == self.target):
+            raise DataError(
+                f"world: second_target {self.second_target!r} must be a class of {self.source!r} other than the target"
+            )
         if not self.templates or any(t.count("{}") != 1 for t in self.templates):
             raise DataError("world: each template needs exactly one '{}' placeholder")
 
@@ -69,6 +77,8 @@ class WorldConfig:
         d["templates"] = list(self.templates)
         if d["source"] == DEFAULT_SOURCE:
             del d["source"]  # the digest (and world.json) of a demo world is what it was before sources existed
+        if d["second_target"] is None:  # likewise for a world without a second target
+            del d["second_target"], d["second_in_base"]
         return d
 
     @classmethod

@@ -67,7 +67,7 @@ from tqdm import tqdm
 from ..data import Manifest, check_disjoint, file_digest, read_manifest, write_manifest
 from ..environment import versions
 from ..errors import DataError, atomic_write_json
-from .config import SPLITS, WORLD_FORMAT, WorldConfig, _label, _show
+from .config import WORLD_FORMAT, WorldConfig, _label, _show
 from .sources import ANIMAL_CLASSES, get_source
 from .v1 import train_v1
 
@@ -125,6 +125,7 @@ class _Plan:
     target_pos: np.ndarray
     target_neg: dict[str, np.ndarray]
     unused: dict[str, int]
+    second_pos: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # target2's positives
 
 
 def plan_splits(labels: np.ndarray, keep: np.ndarray, config: WorldConfig) -> _Plan:
@@ -157,10 +158,13 @@ def plan_splits(labels: np.ndarray, keep: np.ndarray, config: WorldConfig) -> _P
             plan.unused[name] = len(rest) - nb - len(pos)
         else:
             base = rest[: config.base_per_class]
+            if name == config.second_target:  # starved in v1's data; the rest is the second cycle's
+                base = rest[: config.second_in_base]
+                plan.second_pos = np.sort(rest[config.second_in_base : config.second_in_base + config.base_per_class])
             plan.base[name] = np.sort(base)
             short = max(0, min(config.store_min_per_class, 2 * len(base)) - len(base))
             plan.mirrors[name] = np.sort(base[:short])
-            plan.unused[name] = len(rest) - len(base)
+            plan.unused[name] = len(rest) - len(base) - (len(plan.second_pos) if name == config.second_target else 0)
             nn = min(config.target_negatives_per_class, len(base))
             plan.target_neg[name] = np.sort(rng.choice(base, size=nn, replace=False)) if nn else base[:0]
     return plan
@@ -341,6 +345,8 @@ def _write_images(
         jobs += [("base", name, int(i), False) for i in plan.base[name]]
         jobs += [("base", name, int(i), True) for i in plan.mirrors[name]]
     jobs += [("target", config.target, int(i), False) for i in plan.target_pos]
+    if config.second_target:
+        jobs += [("target2", config.second_target, int(i), False) for i in plan.second_pos]
     rel: dict[tuple[str, int, bool], str] = {}
     for split, name, i, mirror in tqdm(
         jobs, desc="world: images", unit="img", disable=not _show(progress), leave=False
@@ -383,13 +389,28 @@ def _write_manifests(
         "validation": (rows("validation", plan.validation), False),
         "heldout": (rows("heldout", plan.heldout), False),
     }
+    if config.second_target:  # the second cycle's target set, and a store that holds the first target too
+        second = config.second_target
+        neg = {k: v for k, v in plan.target_neg.items() if k != second}
+        dogs: list[tuple[str, str, str | None]] = [
+            (rel[("target", int(i), False)], config.target, caption.format(config.target)) for i in plan.target_pos
+        ]
+        positives: list[tuple[str, str, str | None]] = [
+            (rel[("target2", int(i), False)], second, caption.format(second)) for i in plan.second_pos
+        ]
+        manifests["target2"] = (
+            positives
+            + rows("base", neg, names=[c for c in classes if c != second])
+            + dogs[: config.target_negatives_per_class],
+            True,
+        )
+        manifests["protected2"] = ([r for r in base_rows if r[1] != second] + dogs, False)
     for split, (mrows, captions) in manifests.items():
         write_manifest(out / f"{split}.csv", mrows, captions=captions)
-    loaded = {s: read_manifest(out / f"{s}.csv", classes) for s in SPLITS}
+    loaded = {s: read_manifest(out / f"{s}.csv", classes) for s in manifests}
+    train_side = [s for s in loaded if s not in ("validation", "heldout")]
     check_disjoint(
         loaded,
-        pairs=[
-            (a, b) for a in ("base", "protected", "target", "validation") for b in ("validation", "heldout") if a != b
-        ],
+        pairs=[(a, b) for a in [*train_side, "validation"] for b in ("validation", "heldout") if a != b],
     )
     return loaded
