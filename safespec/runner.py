@@ -492,6 +492,8 @@ def verify_candidate(
                 ),
             }
         )
+        if result.get("lineage"):
+            result["lineage"]["registration"] = "not registered: safespec verify certifies without releasing"
         return write_run(rd, result, log=log)
     except BaseException as exc:
         rd.fail(failure_reason(exc))

@@ -511,3 +511,21 @@ def test_the_demo_lineage_specs_are_the_demo_spec_plus_a_lineage(tmp_path):
     for path in (first, second):
         res = _cli("validate", "--no-data-check", path)
         assert res.exit_code == 0, res.output
+
+
+def test_verify_certifies_against_the_lineage_without_releasing(lineage_runs):
+    """`safespec verify` of a spec in a lineage certifies the budgets against every ancestor too, and never
+    registers anything."""
+    root, registry, runs = lineage_runs
+    before = {p: p.read_bytes() for p in sorted(registry.rglob("*")) if p.is_file()}
+    reg = Registry.open(registry)
+    latest = reg.releases[-1]
+    out = root / "verify-latest"
+    res = _cli("verify", runs["c2"]["spec"], "--candidate", reg.model_path(latest), "--out", out, "--quiet")
+    assert res.exit_code in (0, 1), res.output
+    result = json.loads((out / "result.json").read_text())
+    assert "without releasing" in result["lineage"]["registration"] and result["lineage"]["release"] is None
+    assert [a["label"] for a in result["lineage"]["ancestors"]] == ["origin", "release 1", "release 2"]
+    assert set(result["lineage"]["accuracy"]) == {"origin", "release 1", "release 2", "new"}
+    assert result["lineage"]["accuracy"]["release 2"] == result["lineage"]["accuracy"]["new"]
+    assert {p: p.read_bytes() for p in sorted(registry.rglob("*")) if p.is_file()} == before

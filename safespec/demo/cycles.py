@@ -34,7 +34,7 @@ def lineage_specs(demo_spec: Path, cycle2_spec: Path, out: Path) -> tuple[Path, 
     for split in ("protected", "target", "validation", "heldout"):
         first["data"][split] = str(world / f"{split}.csv")
     first["model"]["checkpoint"] = str(world / "models" / "v1.safetensors")
-    first["name"] = "demo-v2"
+    first["name"] = "demo-cycle1"
     first["lineage"] = {"dir": str(registry), "carry_tolerance": second["lineage"].get("carry_tolerance", 0.03)}
     first["protect"][0]["budget"] = second["protect"][0].get("budget")
     first["report"] = {**first.get("report", {}), "dir": str(out / "v2")}
