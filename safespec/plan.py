@@ -158,6 +158,7 @@ class OptimizerPlan:
     calibrate: CalibratePlan = CalibratePlan()
     select: SelectPlan = SelectPlan()
     store_views: int = 0
+    target_views: int = 0
 
     def updated(self, changes: dict[str, Any]) -> OptimizerPlan:
         """A copy with ``changes`` applied; a key names a field (``lr``) or a method's setting by its
@@ -483,6 +484,7 @@ def _optimizer_plan(spec: Spec) -> OptimizerPlan:
         calibrate=CalibratePlan(target_offset=o.calibrate.target_offset),
         select=SelectPlan(min_certify_probability=o.select.min_certify_probability),
         store_views=o.store_views,
+        target_views=o.target_views,
     )
 
 

@@ -95,9 +95,15 @@ def make_train_data(inp: Loaded, preprocess):
     if views:  # the constraints also measure fixed augmented copies of the store (safespec.data.ViewBank)
         bank = ViewBank(store.bank, views, seed=inp.plan.optimizer.seed)
         store = Split(bank=bank, labels=bank.labels, digest=bank.digest(store.digest))
+    target = load_split(inp.manifests["target"], preprocess, inp.digests["target"])
+    tviews = inp.plan.optimizer.target_views
+    if tviews:  # fixed augmented copies of the target set too, drawn apart from the store's
+        tbank = ViewBank(target.bank, tviews, seed=inp.plan.optimizer.seed + 7919)
+        captions = None if target.captions is None else list(target.captions) * (1 + tviews)
+        target = Split(bank=tbank, labels=tbank.labels, digest=tbank.digest(target.digest), captions=captions)
     return TrainData(
         store=store,
-        target=load_split(inp.manifests["target"], preprocess, inp.digests["target"]),
+        target=target,
         validation=load_split(inp.manifests["validation"], preprocess, inp.digests["validation"]),
         heldout_counts=np.bincount(held.labels, minlength=len(inp.plan.classes)),
     )

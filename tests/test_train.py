@@ -440,6 +440,28 @@ def test_store_views_are_constrained_with_the_store(world_inputs, tmp_path, free
     assert all(np.isfinite(list(e["constraints"].values())).all() for e in out.trajectory)
 
 
+def test_target_views_add_fixed_augmented_copies_of_the_target_set(world_inputs, tmp_path):
+    """optimize.target_views: the trainer's target set is the originals followed by fixed augmented copies,
+    labels and captions repeated, under a digest of its own; the views are the same in every run."""
+    plan = world_inputs.plan
+    inp = dataclasses.replace(
+        world_inputs, plan=dataclasses.replace(plan, optimizer=dataclasses.replace(plan.optimizer, target_views=2))
+    )
+    old = load_model(plan.model, plan.classes)
+    plain, data = make_train_data(world_inputs, old.preprocess), make_train_data(inp, old.preprocess)
+    n = len(plain.target.labels)
+    assert len(data.target.labels) == 3 * n and (data.target.labels[n:] == np.tile(plain.target.labels, 2)).all()
+    assert data.target.digest != plain.target.digest and data.store.digest == plain.store.digest
+    if plain.target.captions is not None:
+        assert data.target.captions == list(plain.target.captions) * 3
+    rows = np.array([0, n, 2 * n])
+    views = data.target.bank[rows]
+    assert torch.equal(views[0], plain.target.bank[np.array([0])][0]) and not torch.equal(views[0], views[1])
+    assert torch.equal(views, make_train_data(inp, old.preprocess).target.bank[rows])
+    trainer, out = _train(inp, tmp_path, "lagrangian", steps=4, eval_every=4)
+    assert len(trainer.data.target.labels) == 3 * n and out.steps == 4
+
+
 def test_kl_from_old_agrees_between_numpy_and_torch_and_is_zero_on_itself():
     from safespec.evaluate import kl_from_old
 

@@ -428,6 +428,12 @@ class OptimizeSpec(_Strict):
         le=16,
         description="Fixed augmented copies (shift, rotation, scale, mirror) of every stored image that the constraints also measure: images the old model did not fit, closer to what the certificate sees than its own training data.",
     )
+    target_views: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Fixed augmented copies (as store_views draws them) of every target-set image, trained on with the originals: more distinct positives for a target whose own images are few.",
+    )
     eval_every: int = Field(
         100, ge=1, description="Evaluate on the validation split every N steps (checkpoint selection)."
     )
