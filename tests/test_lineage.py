@@ -529,3 +529,12 @@ def test_verify_certifies_against_the_lineage_without_releasing(lineage_runs):
     assert set(result["lineage"]["accuracy"]) == {"origin", "release 1", "release 2", "new"}
     assert result["lineage"]["accuracy"]["release 2"] == result["lineage"]["accuracy"]["new"]
     assert {p: p.read_bytes() for p in sorted(registry.rglob("*")) if p.is_file()} == before
+
+
+def test_an_unwritable_registry_is_one_line(tmp_path):
+    """A registry whose folder cannot be created fails with one line naming it, not a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    reg = Registry(blocker / "registry")  # a folder inside a file cannot exist
+    with pytest.raises(LineageError, match="cannot write the lineage registry"), reg.locked():
+        pass

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SafespecError, atomic_write_bytes, atomic_write_json
+from ..errors import SafespecError, atomic_write_json
 
 INDEX = "index.json"
 INDEX_FORMAT = 1
@@ -229,8 +229,11 @@ class Registry:
     def locked(self, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
         """Hold the registry's exclusive lock (waiting up to ``timeout`` seconds for another writer's),
         and re-read the index under it: what a writer decides, it decides on the registry as it is."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise LineageError(f"{self.path}: cannot write the lineage registry: {e.strerror or e}") from None
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -384,5 +387,16 @@ def _get(data: Any, key: str) -> Any:
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
-    atomic_write_bytes(dest, src.read_bytes())
-    os.chmod(dest, 0o644)
+    """Copy in chunks to a temporary file beside ``dest``, then rename (a model can be gigabytes)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
