@@ -538,3 +538,17 @@ def test_an_unwritable_registry_is_one_line(tmp_path):
     reg = Registry(blocker / "registry")  # a folder inside a file cannot exist
     with pytest.raises(LineageError, match="cannot write the lineage registry"), reg.locked():
         pass
+
+
+def test_a_cycle_that_does_not_start_from_the_latest_release_is_refused_before_training(lineage_runs, small_world):
+    """A lineage is a chain: a cycle from v1 (not the latest release) would fork it, so it stops with one
+    line before training, and the registry stays as it was."""
+    root, registry, _ = lineage_runs
+    before = {p: p.read_bytes() for p in sorted(registry.rglob("*")) if p.is_file()}
+    run = _cycle(root, small_world, "from-v1", "cat", registry, first=True)
+    assert run["exit"] == 2, run["output"]
+    lines = run["output"].strip().splitlines()
+    assert len(lines) == 1 and "is not the lineage's latest release, release 2" in lines[0], lines
+    assert "model.from: lineage" in lines[0] and run["result"] is None
+    assert not (root / "from-v1" / "run" / "trajectory.jsonl").exists()
+    assert {p: p.read_bytes() for p in sorted(registry.rglob("*")) if p.is_file()} == before
