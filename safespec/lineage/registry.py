@@ -18,6 +18,7 @@ the tensors, is checked by a function the caller passes in.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -286,15 +287,15 @@ class Registry:
         if not target_model.exists():
             _copy_atomic(model_file, target_model)
         files[mname] = file_sha256(target_model)
+        release = Release(
+            rid, digest, parent, name, target, tuple(classes), tuple(certified), dict(accuracy), created, {}
+        )
         tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{rid:04d}."))
         try:
             if spec_text is not None:
                 (tmp / "spec.yaml").write_text(spec_text, encoding="utf-8")
             for fname, src in (run_files or {}).items():
                 shutil.copyfile(src, tmp / fname)
-            release = Release(
-                rid, digest, parent, name, target, tuple(classes), tuple(certified), dict(accuracy), created, {}
-            )
             (tmp / "release.json").write_text(json.dumps(release.to_dict(), indent=2) + "\n", encoding="utf-8")
             for f in sorted(tmp.iterdir()):
                 os.chmod(f, 0o644)
@@ -308,9 +309,7 @@ class Registry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        release = Release(
-            rid, digest, parent, name, target, tuple(classes), tuple(certified), dict(accuracy), created, files
-        )
+        release = dataclasses.replace(release, files=files)  # the index lists what the folder holds
         self._write_index([*self.releases, release])
         self.releases.append(release)
         return release
