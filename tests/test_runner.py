@@ -72,6 +72,26 @@ def test_verify_of_the_old_model_itself_changes_nothing(small_world, tmp_path):
     assert not result["target"]["goal_met"] and res.exit_code == 1
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_are_readable_as_the_umask_says(small_world, tmp_path, umask):
+    """The atomic write's temporary file is private; the renamed outputs must not stay so (a teammate or a
+    CI artifact step running as another user reads the audit report)."""
+    import os
+    import stat
+
+    spec = write_world_spec(tmp_path, small_world)
+    before = os.umask(umask)
+    try:
+        res = _cli("verify", str(spec), "--candidate", str(small_world.v1_checkpoint), "--out", str(tmp_path / "v"), "-q")
+    finally:
+        os.umask(before)
+    assert res.exit_code == 1, res.output  # v1 itself: certified, goal not met
+    for name in ("result.json", "report.html", "junit.xml", "state.json"):
+        mode = stat.S_IMODE((tmp_path / "v" / name).stat().st_mode)
+        assert mode == 0o666 & ~umask, (name, oct(mode))
+    assert not list((tmp_path / "v").glob(".*.tmp"))
+
+
 def test_an_interrupted_run_leaves_no_result_and_removes_a_stale_certified_one(small_world, tmp_path, monkeypatch):
     spec = write_world_spec(tmp_path, small_world, steps=30)
     run = tmp_path / "run"
