@@ -82,7 +82,9 @@ def test_outputs_are_readable_as_the_umask_says(small_world, tmp_path, umask):
     spec = write_world_spec(tmp_path, small_world)
     before = os.umask(umask)
     try:
-        res = _cli("verify", str(spec), "--candidate", str(small_world.v1_checkpoint), "--out", str(tmp_path / "v"), "-q")
+        res = _cli(
+            "verify", str(spec), "--candidate", str(small_world.v1_checkpoint), "--out", str(tmp_path / "v"), "-q"
+        )
     finally:
         os.umask(before)
     assert res.exit_code == 1, res.output  # v1 itself: certified, goal not met
