@@ -294,14 +294,23 @@ def _build(
 ) -> None:
     """Write the images, the manifests, v1 and world.json (last: a world without it is not a world)."""
     src = get_source(config.source)
+    label = _label(config)
+    log(
+        f"{label}: built once, reused by every later run. 1/3 the images: {src.package}'s data, duplicates "
+        "removed, split into base-train, the protected store, the target set, validation and held-out"
+    )
     images, labels, source = src.load()
     keep = deduplicate(images, labels, config.near_duplicate)
     plan = plan_splits(labels, keep, config)
     rel = _write_images(out, images, plan, config, src.classes, progress)
     loaded = _write_manifests(out, plan, rel, config, src.classes)
     log(
-        f"{_label(config)}: {len(keep)} unique images of {len(images)} ({len(images) - len(keep)} duplicates removed); "
+        f"{label}: {len(keep)} unique images of {len(images)} ({len(images) - len(keep)} duplicates removed); "
         + ", ".join(f"{s} {len(m)}" for s, m in loaded.items())
+    )
+    log(
+        f"{label}: 2/3 the old model v1, trained from scratch on base-train ({len(loaded['base'])} images, "
+        f"{config.target} starved), {config.steps} steps; then 3/3 its held-out accuracy"
     )
     model_info = train_v1(out, loaded["base"], loaded["heldout"], config, progress=progress, log=log, threads=threads)
     meta = {
