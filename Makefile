@@ -29,7 +29,7 @@ $(RUN_STAMP): pyproject.toml Makefile | $(PY)
 	touch $(RUN_STAMP)
 
 $(STAMP): $(RUN_STAMP)
-	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev,mlflow]"
 	$(MAKE) --no-print-directory fashion-mnist
 	touch $(STAMP)
 

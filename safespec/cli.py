@@ -34,7 +34,7 @@ from .lineage.describe import list_text, show_text
 from .plan import load_plan
 from .report import load_run, render_report, summary_text
 from .result import parse_result
-from .spec import METHODS, STARTER_DATA, json_schema, load_spec, starter_spec
+from .spec import METHODS, STARTER_DATA, json_schema, load_spec, parse_spec, starter_spec
 
 EXIT_OK, EXIT_NOT_CERTIFIED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -252,11 +252,40 @@ def run(spec: str, resume: bool, method: str | None, out: str | None, quiet: boo
     1 when not, 2 on bad input."""
     from .api import run_cycle  # torch and open_clip: only the commands that need them pay their import
 
+    exports = load_spec(spec, check_files=False).export
+    if exports is not None and _is_main():
+        from .export import require_mlflow
+
+        require_mlflow()  # before hours of training, not after
     talk = _distributed(quiet)
     result = run_cycle(
         spec, resume=resume, quiet=not talk, out=Path(out) if out else None, method=method, log=_log(not talk)
     )
-    return _summarise(result, show=_is_main())  # the summary is the result: printed even when quiet
+    code = _summarise(result, show=_is_main())  # the summary is the result: printed even when quiet
+    if exports is not None and _is_main():
+        code = _export_after_run(result, Path(out) if out else None, code, _log(not talk))
+    return code
+
+
+def _export_after_run(result: dict, out: Path | None, code: int, log) -> int:
+    """The spec's ``export.mlflow``, once the run directory is complete. A failed export leaves the run
+    directory as it is (complete, with its own verdict) and exits 2 with one line; the export writes nothing
+    that the run did not certify (docs/mlflow.md)."""
+    from .export import export_mlflow
+
+    spec = parse_spec(result["spec"]["text"], filename="result.json spec.text")  # the spec that ran
+    run_dir = out or Path(spec.report.dir)
+    try:
+        done = export_mlflow(run_dir, log=log)
+    except SafespecError as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SafespecError(
+            f"{run_dir}: the run is complete (verdict {result['verdict']}; its outputs stay) but was not exported "
+            f"to MLflow: {first}; retry with: safespec export mlflow {run_dir}"
+        ) from None
+    for line in done.lines():
+        log(line)
+    return code
 
 
 @main.command()
@@ -383,6 +412,48 @@ def _demo_lineage(spec_file: Path, world: Path | None, world_only: bool, quiet: 
     click.echo(f"registry: {out / 'registry'} (safespec lineage list {out / 'registry'})")
     click.echo(f"reports: {out / 'v2' / 'report.html'}, {out / 'v3' / 'report.html'}")
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------------- exports
+@main.group("export")
+def export_group() -> None:
+    """Export a finished run directory to another system (docs/mlflow.md)."""
+
+
+@export_group.command("mlflow")
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow tracking URI (default: the spec's export.mlflow.tracking_uri, else MLFLOW_TRACKING_URI, else MLflow's default).",
+)
+@click.option(
+    "--experiment", default=None, help="MLflow experiment (default: the spec's, else the registered model's name)."
+)
+@click.option(
+    "--model-name",
+    default=None,
+    help="Registered model a release becomes a version of (default: the spec's export.mlflow.model_name, else its name).",
+)
+def export_mlflow_cmd(run_dir: str, tracking_uri: str | None, experiment: str | None, model_name: str | None) -> int:
+    """Log a finished run to MLflow (spec as parameters, certificate as metrics, report as artifacts) and
+    register its model as a version only when it is a release: certified with its goal met (and, in a
+    lineage, released by it).
+
+    Exits 0 when the model is registered, 1 when the run was logged but is no release, 2 on error."""
+    from .export import export_mlflow  # MLflow: imported only when an export runs
+
+    if model_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", model_name):
+        raise click.BadParameter(
+            "use letters, digits, '.', '_' and '-', starting with a letter or digit", param_hint="'--model-name'"
+        )
+    for value, hint in ((tracking_uri, "--tracking-uri"), (experiment, "--experiment")):
+        if value is not None and not value.strip():
+            raise click.BadParameter("must not be empty", param_hint=f"'{hint}'")
+    done = export_mlflow(Path(run_dir), tracking_uri=tracking_uri, experiment=experiment, model_name=model_name)
+    for line in done.lines():
+        click.echo(line)
+    return EXIT_OK if done.registered else EXIT_NOT_CERTIFIED
 
 
 # --------------------------------------------------------------------------------- the lineage

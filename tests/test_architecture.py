@@ -102,7 +102,7 @@ def _stage_modules(*stages: str) -> list[str]:
 @pytest.mark.parametrize("module", [*_stage_modules("spec"), "plan"])
 def test_the_spec_stage_imports_no_torch(module):
     siblings, outside = _reach(module)
-    assert not {"torch", "open_clip"} & outside, (module, sorted(outside))
+    assert not {"torch", "open_clip", "mlflow"} & outside, (module, sorted(outside))
     assert not {"model", "train", "evaluate", "data"} & siblings, (module, sorted(siblings))
 
 
@@ -119,6 +119,21 @@ def test_the_report_needs_no_model_torch_or_training(module):
         module,
         sorted(siblings),
     )
+
+
+@pytest.mark.parametrize("module", _stage_modules("export"))
+def test_exports_read_the_run_directory_only(module):
+    """An export reads result.json and the files beside it, as the report does: no model, torch or training."""
+    siblings, outside = _reach(module)
+    assert not {"model", "train", "evaluate", "runner", "data", "certify", "api"} & siblings, (module, sorted(siblings))
+    assert not {"torch", "open_clip", "numpy", "scipy"} & outside, (module, sorted(outside))
+
+
+def test_only_the_export_imports_mlflow():
+    """MLflow is an optional dependency: the export imports it when it runs, and no other module at all."""
+    importers = sorted(m for m in MODULES if _stage(m) != "export" and "mlflow" in _imports(m))
+    assert importers == []
+    assert "mlflow" in _reach("export.mlflow")[1]  # the checker sees the export's own (lazy) import
 
 
 def test_the_typed_result_stands_alone():

@@ -7,10 +7,11 @@ lines), ``files`` (data-file checks), ``load`` (files -> validated, resolved spe
 
 from __future__ import annotations
 
-from .load import load_spec, parse_spec, read_spec, spec_digest
+from .load import load_spec, parse_spec, parse_spec_data, read_spec, spec_digest
 from .models import (
     JSON_SCHEMA_DIALECT,
     METHODS,
+    MODEL_NAME_PATTERN,
     SPEC_VERSION,
     BatchSpec,
     CalibrateSpec,
@@ -18,10 +19,12 @@ from .models import (
     ClassesSpec,
     ConstraintSpec,
     DataSpec,
+    ExportSpec,
     GoalSpec,
     HeadsSpec,
     LagrangianSpec,
     LineageSpec,
+    MlflowExportSpec,
     ModelSpec,
     OptimizeSpec,
     PenaltySpec,
@@ -40,6 +43,7 @@ from .starter import STARTER_DATA, starter_spec
 __all__ = [
     "JSON_SCHEMA_DIALECT",
     "METHODS",
+    "MODEL_NAME_PATTERN",
     "SPEC_VERSION",
     "STARTER_DATA",
     "BatchSpec",
@@ -48,10 +52,12 @@ __all__ = [
     "ClassesSpec",
     "ConstraintSpec",
     "DataSpec",
+    "ExportSpec",
     "GoalSpec",
     "HeadsSpec",
     "LagrangianSpec",
     "LineageSpec",
+    "MlflowExportSpec",
     "ModelSpec",
     "OptimizeSpec",
     "PenaltySpec",
@@ -65,6 +71,7 @@ __all__ = [
     "json_schema",
     "load_spec",
     "parse_spec",
+    "parse_spec_data",
     "read_spec",
     "read_spec_data",
     "spec_digest",

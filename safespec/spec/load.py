@@ -7,6 +7,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -76,6 +77,14 @@ def parse_spec(
         if problems:
             raise SpecError(problems)
     return spec.resolve(base_path)
+
+
+def parse_spec_data(text: str | bytes, *, filename: str = "<spec>") -> Any:
+    """Spec text's plain data (YAML 1.2 core scalars, as the spec language reads them), before validation: what
+    a spec says even when this safespec's language no longer accepts all of it. Raises
+    :class:`~safespec.errors.SpecError` for text that is not a YAML mapping."""
+    raw = text.encode("utf-8") if isinstance(text, str) else text
+    return _read_doc(_decode(raw, filename), filename).data
 
 
 def load_spec(path: str | os.PathLike, *, check_files: bool = True) -> Spec:

@@ -138,9 +138,12 @@ _TYPE_WORDS = {
     "model_attributes_type": "must be a mapping of keys to values",
     "path_type": "must be a file path (a string)",
 }
+_NAME_WORDS = "must start with a letter or digit and use only letters, digits, '.', '_' and '-'"
 _PATTERN_WORDS = {
-    ("name",): "must start with a letter or digit and use only letters, digits, '.', '_' and '-'",
+    ("name",): _NAME_WORDS,
     ("model", "device"): "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
+    ("export", "mlflow", "model_name"): _NAME_WORDS,
+    ("export", "mlflow", "tracking_uri"): "must be a URI without spaces",
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -502,6 +503,64 @@ class LineageSpec(_Strict):
     )
 
 
+# --------------------------------------------------------------------------------------------- export
+#: A registered model's name: it becomes part of model URIs ('models:/NAME/3'), so no '/', ':' or spaces.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class MlflowExportSpec(_Strict):
+    """Where ``safespec run`` logs the finished run, and which registered model a release becomes a version of
+    (docs/mlflow.md). The spec language only describes it; MLflow itself is needed only by the export."""
+
+    tracking_uri: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^\S+$",
+        description="MLflow tracking URI, e.g. 'sqlite:///mlflow.db' or 'https://mlflow.example.com'; default: MLFLOW_TRACKING_URI, else MLflow's default. Relative file paths in it are relative to the working directory. No credentials: use MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN.",
+    )
+    experiment: str | None = Field(
+        None,
+        min_length=1,
+        max_length=500,
+        description="MLflow experiment of the run (created when missing); default: the registered model's name.",
+    )
+    model_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=250,
+        pattern=MODEL_NAME_PATTERN,
+        description="Registered model that a release becomes a version of; default: the spec's name. Give every cycle of a lineage the same one.",
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        # the spec's text is copied into result.json, the report and MLflow itself: a password in it would
+        # travel with every copy
+        if v is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@", v):
+            raise _rule(
+                (),
+                "must not hold credentials (the spec's text is copied into result.json, the report and MLflow); "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, instead",
+            )
+        return v
+
+    @field_validator("experiment")
+    @classmethod
+    def _trimmed(cls, v: str | None) -> str | None:
+        if v is not None and v != v.strip():
+            raise _rule((), f"has leading or trailing spaces (got {v!r})")
+        return v
+
+
+class ExportSpec(_Strict):
+    """Where a finished run is exported to, after its run directory is complete (docs/mlflow.md)."""
+
+    mlflow: MlflowExportSpec = Field(
+        ..., description="Log the run to MLflow and register a release as a model version (safespec export mlflow)."
+    )
+
+
 # ----------------------------------------------------------------------------------------------- spec
 class Spec(_Strict):
     """A safespec release spec, version 1."""
@@ -526,6 +585,10 @@ class Spec(_Strict):
     report: ReportSpec = Field(default_factory=ReportSpec, description="Run directory and report title.")
     lineage: LineageSpec | None = Field(
         None, description="The lineage this cycle continues: its registry, and what carries over from earlier releases."
+    )
+    export: ExportSpec | None = Field(
+        None,
+        description="Export the finished run (MLflow); a failed export leaves the run directory as it is and exits 2.",
     )
 
     @field_validator("safespec", mode="before")
