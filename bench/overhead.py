@@ -510,13 +510,22 @@ def _synthetic_data(plan, shape, images_per_class: int, target_batch: int, seed:
     )
 
 
+def _prompt_tokens(trainer) -> str:
+    """How many prompt tokens a step encodes: the prompt tree's nodes against the padded token matrix."""
+    prompts = trainer._prompts(0, trainer.prompt_tokens.shape[0])
+    padded = trainer.prompt_tokens.numel()
+    return f"{prompts.nodes} / {padded}" if hasattr(prompts, "nodes") else f"{padded} / {padded}"
+
+
 def _text_side(trainer, *, warmup: int, rounds: int, per_round: int) -> dict:
-    """Forward+backward of the class prompts alone (what a step spends on the text side); gradients are
-    cleared after each call so the trainer's next step starts clean."""
-    model, tokens = trainer.model, trainer.class_tokens
+    """Forward+backward of the class prompts alone, encoded as a step encodes them (a prompt tree where
+    the text tower allows one); gradients are cleared after each call so the trainer's next step starts
+    clean."""
+    model, classes = trainer.model, len(trainer.plan.classes)
+    prompts = trainer._prompts(0, trainer.prompt_tokens.shape[0])
 
     def fb():
-        model.class_text_features(tokens).sum().backward()
+        model.pool_templates(model.encode_text(prompts, trainer.prompt_heads), classes).sum().backward()
         model.zero_grad(set_to_none=True)
 
     return _summary(
@@ -619,6 +628,7 @@ def _scaling(
         "text_share_of_step": {k: round(text_ms[k]["median_ms"] / step_ms[k]["median_ms"], 3) for k in step_ms}
         if text_ms
         else None,
+        "prompt_tokens": {str(n): _prompt_tokens(tr) for n, tr in trainers.items()} if text_ms else None,
         **env,
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
@@ -793,9 +803,9 @@ def markdown(section: str, r: dict) -> str:
             f"{b['per_class']} protected images, penalty method; {r['torch_threads']} torch threads, load "
             f"average {r['load_average_before'][0]} before, {r['load_average_after'][0]} after.",
             "",
-            "| towers | protected classes | step median ms | step min ms | class_text_features fwd+bwd median ms "
-            "| text share of step |",
-            "|---|---|---|---|---|---|",
+            "| towers | protected classes | step median ms | step min ms | class prompts fwd+bwd median ms "
+            "| text share of step | prompt tokens encoded (tree nodes / padded tokens) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for variant, v in r["variants"].items():
             for k, st in v["step_ms"].items():
@@ -803,7 +813,8 @@ def markdown(section: str, r: dict) -> str:
                 lines.append(
                     f"| {variant.replace('_', ' ')} | {k} | {st['median_ms']} | {st['min_ms']} | "
                     f"{text[k]['median_ms'] if text else '(cached)'} | "
-                    f"{v['text_share_of_step'][k] if text else ''} |"
+                    f"{v['text_share_of_step'][k] if text else ''} | "
+                    f"{v['prompt_tokens'][k] if text and v.get('prompt_tokens') else ''} |"
                 )
         return "\n".join(lines)
     if section == "frozen":

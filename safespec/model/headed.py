@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .._compat import import_open_clip
 from ..errors import ModelError
 from .heads import LowRankHeads
+from .prompt_tree import PromptTree, supports, tree_text_hidden
 
 open_clip = import_open_clip()  # open_clip only after the torchvision fix
 from open_clip.transformer import TextTransformer, text_global_pool  # noqa: E402  (after the torchvision fix)
@@ -175,9 +176,24 @@ class HeadedCLIP(nn.Module):
         """Normalised features of ``images`` from every class image tower ({} without towers)."""
         return {c: F.normalize(self.class_towers[str(c)](images), dim=-1) for c in self.tower_classes}
 
-    def text_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The pooled text feature ``h`` just before the text projection (what the heads adapt)."""
+    def prompt_tree(self, tokens: torch.Tensor) -> PromptTree | None:
+        """``tokens`` as a tree of shared prefixes (model.prompt_tree), which :meth:`text_hidden` encodes at
+        a cost that follows the distinct prefix tokens; None where this text tower is not one it covers."""
         kind, t = self._text_tower()
+        if kind != "clip" or not supports(t):
+            return None
+        return PromptTree.build(tokens).to(tokens.device)
+
+    def text_hidden(self, tokens: torch.Tensor | PromptTree) -> torch.Tensor:
+        """The pooled text feature ``h`` just before the text projection (what the heads adapt), of padded
+        prompt tokens or of a :meth:`prompt_tree` of them."""
+        kind, t = self._text_tower()
+        if isinstance(tokens, PromptTree):
+            if kind != "clip" or not supports(t):
+                raise ModelError(
+                    f"a prompt tree cannot encode the text tower of {self.arch or type(self.clip).__name__}"
+                )
+            return tree_text_hidden(t, tokens)
         if kind == "clip":  # mirrors open_clip.CLIP.encode_text up to the projection
             cast_dtype = t.transformer.get_cast_dtype()
             x = t.token_embedding(tokens).to(cast_dtype)
@@ -210,11 +226,13 @@ class HeadedCLIP(nn.Module):
         return self.heads(h, head_ids, base=plain, inplace=True)  # plain is ours: no copy of it
 
     def encode_text(
-        self, tokens: torch.Tensor, head_ids: torch.Tensor | None = None, normalize: bool = True
+        self, tokens: torch.Tensor | PromptTree, head_ids: torch.Tensor | None = None, normalize: bool = True
     ) -> torch.Tensor:
         """Text embeddings; row i goes through head ``head_ids[i]``, or through the shared projection
         alone when ``head_ids`` is None or the model has no heads."""
-        if self.heads is None or head_ids is None:
+        if isinstance(tokens, PromptTree):
+            feats = self.project_text(self.text_hidden(tokens), head_ids)
+        elif self.heads is None or head_ids is None:
             feats = self.clip.encode_text(tokens)
         else:
             feats = self.project_text(self.text_hidden(tokens), head_ids)

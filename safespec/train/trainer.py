@@ -236,6 +236,7 @@ class Trainer:
         # cost no longer grows with the number of classes' prompts
         self.text_frozen = "text" in plan.model.freeze or self.target_tower
         self.prompt_inputs, self.caption_inputs = self.prompt_tokens, self.caption_tokens
+        self._prompt_tree: tuple[tuple[int, int], Any] | None = None
         if self.text_frozen:
             with torch.no_grad(), self.autocast():
                 self.prompt_inputs = self.model.text_hidden(self.prompt_tokens)
@@ -356,7 +357,7 @@ class Trainer:
             x = torch.cat(parts).to(self.device, non_blocking=True)
         plo, phi, psplit = self._shard(self.prompt_inputs.shape[0])
         heads = self.prompt_heads[plo:phi] if self.prompt_heads is not None else None
-        prompts = self.prompt_inputs[plo:phi] if self.fixed_text is None else None
+        prompts = self._prompts(plo, phi) if self.fixed_text is None else None
         caps = cap_heads = None
         if caption_rows is not None:
             nc = len(caption_rows)
@@ -387,6 +388,17 @@ class Trainer:
         if cap is not None:
             cap = (gather(cap, nc) if csplit else cap).float()
         return img.float(), towers, text.float(), cap
+
+    def _prompts(self, lo: int, hi: int):
+        """This rank's class prompts for a step: the frozen tower's cached features, or, with the text tower
+        trained, the prompts as a tree of shared prefixes (safespec.model.prompt_tree: the same features,
+        at a cost that follows the distinct prefix tokens rather than classes x context), built once."""
+        if self.text_frozen:
+            return self.prompt_inputs[lo:hi]
+        if self._prompt_tree is None or self._prompt_tree[0] != (lo, hi):
+            rows = self.prompt_tokens[lo:hi]
+            self._prompt_tree = ((lo, hi), self.model.prompt_tree(rows) or rows)
+        return self._prompt_tree[1]
 
     def train_step(self) -> torch.Tensor:
         dev = self.device

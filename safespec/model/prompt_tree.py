@@ -1,0 +1,163 @@
+"""Class prompts encoded as a tree of shared prefixes.
+
+With the text tower trained, every step encodes every class's prompts, so a step with hundreds of
+protected classes spends most of its time there. Those prompts are mostly the same tokens: "a photo of a"
+opens every prompt of a template, and a context of fixed length pads each one with tokens after its
+end-of-text that nothing reads. Under CLIP's causal mask a token's hidden state depends only on the tokens
+before it, so a prefix shared by several prompts has the same hidden states in all of them, and the tokens
+after the pooled end-of-text never reach the pooled feature at all.
+
+A :class:`PromptTree` therefore holds each distinct prefix once, up to each prompt's end-of-text: one node
+per distinct prefix, which attends to its ancestors (its own prefix) and to nothing else. Encoding the tree
+computes the same pooled features as encoding the padded prompts one by one, up to float rounding (the
+reductions run in another order), with its cost following the number of distinct prefix tokens rather than
+prompts x context length. The last block runs its queries, its MLP and the final norm only for the pooled
+nodes: nothing reads the others' outputs there.
+
+It covers open_clip's own ``CLIP`` text tower with its causal mask and argmax (end-of-text) pooling, the
+tower every shipped and most pretrained configs use; :func:`supports` says when, and anything else is
+encoded the plain way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PromptTree:
+    """Distinct prompt prefixes as nodes. ``ancestors[i, j]`` is node ``i``'s ancestor at depth ``j``
+    (itself at its own depth; 0 past it, masked by ``mask``); ``pooled[p]`` is the node of prompt ``p``'s
+    end-of-text, whose hidden state is that prompt's pooled feature."""
+
+    tokens: torch.Tensor  # (N,) token id of each node
+    depth: torch.Tensor  # (N,) position of each node in its prompts
+    ancestors: torch.Tensor  # (N, D) long
+    mask: torch.Tensor  # (N, D) float: 0 where attended, -inf elsewhere
+    pooled: torch.Tensor  # (P,) long
+    prompts: int  # P: how many prompts (rows) the tree encodes
+    length: int  # the prompts' padded token length
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of the token matrix it stands for (so that it can be sharded and counted like one)."""
+        return (self.prompts, self.length)
+
+    @classmethod
+    def build(cls, tokens: torch.Tensor, end: torch.Tensor | None = None) -> PromptTree:
+        """The tree of ``tokens`` (P, L), each row cut after its pooled position ``end`` (default: the
+        argmax token, open_clip's end-of-text pooling)."""
+        if tokens.dim() != 2 or tokens.shape[0] == 0:
+            raise ValueError(f"prompt tokens must be a non-empty (prompts, length) matrix, got {tuple(tokens.shape)}")
+        ends = (tokens.argmax(dim=-1) if end is None else end).tolist()
+        rows = tokens.tolist()
+        index: dict[tuple[int, ...], int] = {}
+        node_token: list[int] = []
+        node_path: list[list[int]] = []  # each node's ancestors from the root, itself last
+        pooled = []
+        for row, e in zip(rows, ends, strict=True):
+            path: list[int] = []
+            for j in range(e + 1):
+                key = tuple(row[: j + 1])
+                node = index.get(key)
+                if node is None:
+                    node = index[key] = len(node_token)
+                    node_token.append(row[j])
+                    node_path.append([*path, node])
+                path = node_path[node]
+            pooled.append(path[-1])
+        n, d = len(node_token), max(len(p) for p in node_path)
+        ancestors = torch.zeros(n, d, dtype=torch.long)
+        mask = torch.full((n, d), float("-inf"))
+        for i, p in enumerate(node_path):
+            ancestors[i, : len(p)] = torch.tensor(p)
+            mask[i, : len(p)] = 0.0
+        return cls(
+            tokens=torch.tensor(node_token, dtype=torch.long),
+            depth=torch.tensor([len(p) - 1 for p in node_path], dtype=torch.long),
+            ancestors=ancestors,
+            mask=mask,
+            pooled=torch.tensor(pooled, dtype=torch.long),
+            prompts=len(rows),
+            length=int(tokens.shape[1]),
+        )
+
+    @property
+    def nodes(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def to(self, device: torch.device | str) -> PromptTree:
+        return PromptTree(
+            tokens=self.tokens.to(device),
+            depth=self.depth.to(device),
+            ancestors=self.ancestors.to(device),
+            mask=self.mask.to(device),
+            pooled=self.pooled.to(device),
+            prompts=self.prompts,
+            length=self.length,
+        )
+
+
+def supports(text_tower: Any) -> bool:
+    """Whether ``text_tower`` (an ``open_clip.CLIP``) is one the tree encodes exactly: a causal mask,
+    argmax pooling, plain residual attention blocks (self-attention through ``nn.MultiheadAttention``, no
+    key/value biases or dropout) and no gradient checkpointing."""
+    transformer = getattr(text_tower, "transformer", None)
+    if getattr(text_tower, "text_pool_type", None) != "argmax" or getattr(text_tower, "attn_mask", None) is None:
+        return False
+    if transformer is None or getattr(transformer, "grad_checkpointing", False) or not len(transformer.resblocks):
+        return False
+    for block in getattr(transformer, "resblocks", ()):
+        attn = getattr(block, "attn", None)
+        if not isinstance(attn, nn.MultiheadAttention) or hasattr(block, "ln_1_kv"):
+            return False
+        if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn or attn.dropout > 0:
+            return False
+        if not all(hasattr(block, a) for a in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2")):
+            return False
+    return True
+
+
+def _attention(block: nn.Module, y: torch.Tensor, tree: PromptTree, rows: torch.Tensor | None) -> torch.Tensor:
+    """``block``'s self-attention at the nodes ``rows`` (all nodes if None), each over its ancestors.
+    ``y``: every node's normed input; the keys and values of every node are needed, the queries only at
+    ``rows``."""
+    attn: Any = block.attn
+    width = y.shape[-1]
+    heads = attn.num_heads
+    dh = width // heads
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    k, v = F.linear(y, w[width:], None if b is None else b[width:]).chunk(2, -1)
+    q = F.linear(y if rows is None else y[rows], w[:width], None if b is None else b[:width])
+    anc, mask = (tree.ancestors, tree.mask) if rows is None else (tree.ancestors[rows], tree.mask[rows])
+    n, d = anc.shape
+    flat = anc.reshape(-1)
+    # one query per node over at most D keys: elementwise products beat batched matmuls and SDPA of that
+    # shape (their kernels are built for long sequences), forward and backward
+    ka = k.index_select(0, flat).view(n, d, heads, dh)
+    va = v.index_select(0, flat).view(n, d, heads, dh)
+    scores = (q.view(n, 1, heads, dh) * ka).sum(-1) * dh**-0.5 + mask.to(q.dtype).view(n, d, 1)
+    o = (scores.softmax(dim=1).unsqueeze(-1) * va).sum(1)
+    return attn.out_proj(o.reshape(n, width))
+
+
+def tree_text_hidden(text_tower: Any, tree: PromptTree) -> torch.Tensor:
+    """The pooled text features before the projection, (P, width), of the prompts ``tree`` holds: what
+    ``HeadedCLIP.text_hidden`` computes from their padded tokens."""
+    t = text_tower
+    cast_dtype = t.transformer.get_cast_dtype()
+    x = t.token_embedding(tree.tokens).to(cast_dtype) + t.positional_embedding.to(cast_dtype)[tree.depth]
+    blocks = list(t.transformer.resblocks)
+    keep, where = torch.unique(tree.pooled, return_inverse=True)  # the nodes any prompt pools, in order
+    for i, block in enumerate(blocks):
+        last = i == len(blocks) - 1
+        rows = keep if last else None
+        y = block.ln_1(x)
+        out = (x if rows is None else x[rows]) + block.ls_1(_attention(block, y, tree, rows))
+        x = out + block.ls_2(block.mlp(block.ln_2(out)))
+    return t.ln_final(x)[where]
