@@ -70,6 +70,7 @@ SECOND_SMALL = dataclasses.replace(
     steps=120,
     lr=2e-3,
     warmup_steps=12,
+    threads=1,
 )
 
 #: The tuning world: settings are chosen here and reported on the demo and second worlds. Its images are
@@ -133,12 +134,10 @@ def spec_for(world: World, base: str | os.PathLike = DEMO_SPEC, out_dir: str | o
     return path
 
 
-def build(name: str, root: str | os.PathLike | None = None, *, quiet: bool = False, threads: int | None = 1) -> World:
+def build(name: str, root: str | os.PathLike | None = None, *, quiet: bool = False) -> World:
     config = WORLDS[name]
     log = (lambda *_: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    return build_world(
-        Path(root) if root else DEFAULT_ROOTS[name], config, progress=not quiet, log=log, threads=threads
-    )
+    return build_world(Path(root) if root else DEFAULT_ROOTS[name], config, progress=not quiet, log=log)
 
 
 def main(argv: list[str] | None = None) -> int:

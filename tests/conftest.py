@@ -27,6 +27,7 @@ SMALL_WORLD = WorldConfig(
     batch_size=32,
     lr=2e-3,
     warmup_steps=30,
+    threads=1,  # one: on a 2-core machine shared with other busy processes, two threads can be 10-50x slower
 )
 
 
@@ -39,9 +40,7 @@ def small_world_config() -> WorldConfig:
 def small_world(tmp_path_factory: pytest.TempPathFactory) -> World:
     """A built small world (read-only for tests: copy it before changing anything)."""
     root: Path = tmp_path_factory.mktemp("small-world") / "world"
-    # one thread: on a 2-core machine shared with other busy processes, two torch threads that wait for
-    # each other can be 10-50x slower than one
-    return build_world(root, SMALL_WORLD, progress=False, log=lambda *_: None, threads=1)
+    return build_world(root, SMALL_WORLD, progress=False, log=lambda *_: None)
 
 
 def pytest_configure(config):

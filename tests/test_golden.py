@@ -47,6 +47,6 @@ if __name__ == "__main__":
     from safespec.demo import build_world
 
     with tempfile.TemporaryDirectory() as tmp:
-        world = build_world(Path(tmp) / "world", SMALL_WORLD, progress=False, log=lambda *_: None, threads=1)
+        world = build_world(Path(tmp) / "world", SMALL_WORLD, progress=False, log=lambda *_: None)
         GOLDEN.write_text(json.dumps(_record(world, Path(tmp)), indent=1) + "\n")
     print(f"wrote {GOLDEN}")

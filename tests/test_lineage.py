@@ -482,7 +482,7 @@ def test_a_world_with_a_second_target_holds_back_its_images_for_the_second_cycle
 
     assert "second_target" not in WorldConfig().to_dict() and LINEAGE_WORLD.to_dict()["second_target"] == "bird"
     config = dataclasses.replace(SMALL_WORLD, second_target="bird", second_in_base=10)
-    w = build_world(tmp_path / "world", config, progress=False, log=None, threads=1)
+    w = build_world(tmp_path / "world", config, progress=False, log=None)
     classes = list(w.classes)
     m = {s: read_manifest(p, classes) for s, p in w.manifests.items()}
     base, target2, store2 = m["base"].counts(), m["target2"].counts(), m["protected2"].counts()

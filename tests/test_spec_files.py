@@ -166,7 +166,7 @@ def test_demo_spec():
     assert plan.objective.target_class == "dog"
     assert [c.name for c in plan.constraints] == [a for a in ANIMALS if a != "dog"]
     assert all(c.tolerance == 0.03 and c.confidence == 0.95 and len(c.classes) == 1 for c in plan.constraints)
-    assert plan.model.arch == "safespec-tiny-vit" and plan.model.rank == 8
+    assert plan.model.arch == "safespec-mini-vit" and plan.model.rank == 8
     assert plan.model.pretrained is None
     assert Path(plan.model.checkpoint) == ROOT / "out" / "world" / "models" / "v1.safetensors"
     for split in SPLITS:

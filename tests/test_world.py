@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import dataclasses
+import importlib.util
 import json
 import os
 import pickle
@@ -207,7 +207,7 @@ def test_damaged_world_is_rebuilt_and_foreign_folders_are_refused(
     img = read_manifest(copy / "heldout.csv", ANIMAL_CLASSES).paths[3]
     img.write_bytes(img.read_bytes()[:-3] + b"\x00\x00\x00")
     assert world_mod._reusable(copy, small_world_config) == "the heldout split changed on disk"
-    other = WorldConfig(**{**small_world_config.to_dict(), "templates": ("a photo of a {}.",), "seed": 1})
+    other = dataclasses.replace(small_world_config, templates=("a photo of a {}.",), seed=1)
     assert "another configuration" in world_mod._reusable(copy, other)
 
     # a rebuild replaces the world atomically; stub the slow part to check the swap only

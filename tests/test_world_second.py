@@ -32,9 +32,10 @@ from safespec.demo import (
     read_idx,
 )
 
-#: WorldConfig().digest() before data sources existed (commit 1d4fb39): every demo world built since then
-#: is keyed by it, so it must not change.
+#: The demo world's digest before data sources existed (commit 1d4fb39), for its recipe of then (a tiny ViT,
+#: 2,400 steps on one thread): a world built with that recipe is keyed by it still, so it must not change.
 DEMO_DIGEST = "sha256:338d6f1dce7e5ffb045b0631148a8b8591b639c737f1e27d51ee67920e217103"
+TINY_RECIPE = {"arch": "safespec-tiny-vit", "steps": 2400, "warmup_steps": 240, "threads": 1}
 
 
 def _have_fashion() -> bool:
@@ -79,9 +80,11 @@ def test_the_tuning_source_is_the_training_split_and_shares_no_image_with_the_se
 
 # ------------------------------------------------------------------------------------------ config and registry
 def test_default_world_digest_is_unchanged():
-    cfg = WorldConfig()
-    assert cfg.source == "animal-mnist" and "source" not in cfg.to_dict()
+    cfg = WorldConfig(**TINY_RECIPE)
+    assert cfg.source == "animal-mnist" and "source" not in cfg.to_dict() and "threads" not in cfg.to_dict()
     assert cfg.digest() == DEMO_DIGEST
+    # today's recipe (issue 15: a smaller tower on two threads) is another world, with threads in its digest
+    assert WorldConfig().to_dict()["threads"] == 2 and WorldConfig().digest() != DEMO_DIGEST
     # a world.json written before sources existed reads back as the same config
     assert WorldConfig.from_dict(cfg.to_dict()) == cfg
     second = WorldConfig(source="fashion-mnist", target="pullover")
@@ -195,7 +198,7 @@ def second_small(tmp_path_factory):
     from bench.worlds import SECOND_SMALL
 
     root = tmp_path_factory.mktemp("second-world") / "world"
-    return build_world(root, SECOND_SMALL, progress=False, log=None, threads=1)
+    return build_world(root, SECOND_SMALL, progress=False, log=None)
 
 
 def test_second_world_layout(second_small):
@@ -268,7 +271,18 @@ def test_second_small_variant_keeps_the_v1_recipe_of_second():
     from bench.worlds import SECOND, SECOND_SMALL
 
     demo = WorldConfig()
-    for f in ("arch", "steps", "batch_size", "lr", "weight_decay", "warmup_steps", "tau", "templates", "seed"):
+    for f in (
+        "arch",
+        "steps",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "warmup_steps",
+        "tau",
+        "templates",
+        "seed",
+        "threads",
+    ):
         assert getattr(SECOND, f) == getattr(demo, f), f  # same settings, other data
     assert SECOND_SMALL.source == SECOND.source == "fashion-mnist" and SECOND_SMALL.target == SECOND.target
     assert SECOND.validation_per_class <= 60 and SECOND.heldout_per_class >= 200

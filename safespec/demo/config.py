@@ -29,18 +29,21 @@ class WorldConfig:
     heldout_per_class: int = 400  # a certificate at a 3-point tolerance needs several hundred per class
     validation_per_class: int = 100
     base_per_class: int = 500  # protected classes in base-train (before the mirror top-up)
-    target_in_base: int = 100  # dog in base-train: v1 dog ~0.35, where all 495 dogs give ~0.71 (the headroom)
+    target_in_base: int = 100  # dog in base-train: v1 dog ~0.3, where 450 dogs give ~0.68 (the headroom)
     store_min_per_class: int = 500  # protected store floor, reached with mirror images where needed
     target_positives: int | None = None  # dog images in target-train; None: every remaining one
     target_negatives_per_class: int = 40  # negatives in target-train, from base-train of each other class
     near_duplicate: float = 0.12  # relative L2 distance under which two images of a class count as one
     templates: tuple[str, ...] = ("a photo of a {}.",)
-    arch: str = "safespec-tiny-vit"
-    steps: int = 2400  # ~16 epochs: v1 fits base-train; at 800 steps it underfit (dog 0.48 with every dog)
+    arch: str = "safespec-mini-vit"
+    steps: int = 1600  # ~11 epochs: v1 fits base-train (see safespec/demo/world.py)
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 240
+    warmup_steps: int = 160
+    # torch's CPU threads while v1 trains: part of the recipe, because the thread count changes how the
+    # kernels split their sums, and so v1's bits
+    threads: int = 2
     tau: float = 0.05
     source: str = DEFAULT_SOURCE  # the data set, a key of SOURCES
     # a second class starved in v1's training data, for a lineage's second cycle (`demo --cycles 2`): only
@@ -62,6 +65,7 @@ class WorldConfig:
             "target_in_base",
             "steps",
             "batch_size",
+            "threads",
         ):
             if getattr(self, f) < 1:
                 raise DataError(f"world: {f} must be at least 1 (got {getattr(self, f)})")
@@ -79,12 +83,15 @@ class WorldConfig:
             del d["source"]  # the digest (and world.json) of a demo world is what it was before sources existed
         if d["second_target"] is None:  # likewise for a world without a second target
             del d["second_target"], d["second_in_base"]
+        if d["threads"] == 1:  # and for one thread, what every world was trained with before threads joined
+            del d["threads"]
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> WorldConfig:
         d = dict(d)
         d["templates"] = tuple(d.get("templates", ("a photo of a {}.",)))
+        d.setdefault("threads", 1)  # written before threads joined the recipe: v1 trained on one
         return cls(**d)
 
     def digest(self) -> str:

@@ -89,7 +89,7 @@ class ModelSpec(_Strict):
     arch: str = Field(
         ...,
         min_length=1,
-        description="open_clip architecture name, e.g. 'ViT-B-16' or a shipped config such as 'safespec-tiny-vit'.",
+        description="open_clip architecture name, e.g. 'ViT-B-16' or a shipped config such as 'safespec-mini-vit'.",
     )
     pretrained: str | None = Field(
         None, description="open_clip pretrained tag (e.g. 'openai', 'laion2b_s34b_b88k') or an 'hf-hub:org/name' model."
