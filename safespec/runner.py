@@ -109,12 +109,11 @@ def make_train_data(inp: Loaded, preprocess):
     )
 
 
-def load_split(manifest, preprocess, digest: str, *, background: bool = False):
-    """One split as training and evaluation read it: its image bank, labels, digest and captions.
-    ``background``: decode in a thread while the caller goes on (ImageBank)."""
+def load_split(manifest, preprocess, digest: str):
+    """One split as training and evaluation read it: its image bank, labels, digest and captions."""
     captions = [r.caption for r in manifest.records]
     return Split(
-        bank=ImageBank(manifest, preprocess, num_workers=decode_workers(), background=background),
+        bank=ImageBank(manifest, preprocess, num_workers=decode_workers()),
         labels=manifest.labels,
         digest=digest,
         captions=captions if any(c for c in captions) else None,
@@ -123,24 +122,12 @@ def load_split(manifest, preprocess, digest: str, *, background: bool = False):
 
 # ----------------------------------------------------------------------------------- certification
 def certify_candidate(
-    inp: Loaded,
-    old,
-    new_model,
-    new_digest: str,
-    *,
-    cache,
-    run_dir: Path,
-    device,
-    log,
-    thumbnails: bool = True,
-    held: Split | None = None,
+    inp: Loaded, old, new_model, new_digest: str, *, cache, run_dir: Path, device, log, thumbnails: bool = True
 ) -> dict[str, Any]:
     """Evaluate old and new on the held-out split (old cached by digest) and certify; returns the
-    result fragment (certificate + per-class numbers + confusion + flips). ``held``: the held-out split,
-    if the caller started loading it already."""
+    result fragment (certificate + per-class numbers + confusion + flips)."""
     plan = inp.plan
-    if held is None:
-        held = load_split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
+    held = load_split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
     tokens = build_class_tokens(old.tokenizer, plan.classes, plan.templates).to(device)
     tau = plan.optimizer.constraint_tau
 
@@ -493,17 +480,11 @@ def verify_candidate(
     try:
         cache = PredictionCache(cache_dir)
         old = load_model(plan.model, plan.classes)
-        # the held-out images decode in the background while the candidate loads and, batch by batch,
-        # while the models that are not cached run over the decoded ones
-        held = load_split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"], background=True)
-        try:
-            new = load_model(dataclasses.replace(plan.model, pretrained=None, checkpoint=str(candidate)), plan.classes)
-            device = next(old.model.parameters()).device
-            result = certify_candidate(
-                inp, old, new.model, new.digest, cache=cache, run_dir=rd.path, device=device, log=log, held=held
-            )
-        finally:
-            held.bank.close()
+        new = load_model(dataclasses.replace(plan.model, pretrained=None, checkpoint=str(candidate)), plan.classes)
+        device = next(old.model.parameters()).device
+        result = certify_candidate(
+            inp, old, new.model, new.digest, cache=cache, run_dir=rd.path, device=device, log=log
+        )
         result.update(
             {
                 "spec": _spec_block(inp),

@@ -210,48 +210,6 @@ def test_corrupt_image_names_manifest_row_and_image(csv_data: Path, preload: boo
     assert "\n" not in msg
 
 
-@pytest.mark.parametrize("workers", [0, 3])
-def test_a_background_preload_gives_the_same_images(csv_data: Path, workers: int, monkeypatch):
-    monkeypatch.setattr("safespec.data.images.THREADED_MIN_PIXELS", 0)
-    monkeypatch.setattr(ImageBank, "READY_EVERY", 2)  # announce progress mid-way, as a large split does
-    ref = ImageBank(read_manifest(csv_data, CLASSES), to_tensor, preload=True)
-    bank = ImageBank(read_manifest(csv_data, CLASSES), to_tensor, preload=True, background=True, num_workers=workers)
-    assert bank.preloaded
-    assert torch.equal(torch.cat([b for _, b in bank.iter_batches(2)]), ref.tensor)
-    assert torch.equal(bank[[4, 0, 2]], ref.tensor[[4, 0, 2]]) and torch.equal(bank[3], ref.tensor[3])
-
-
-def test_a_read_waits_for_its_rows_only(csv_data: Path, monkeypatch):
-    """The first rows can be read while the preload is still decoding the others."""
-    import threading
-
-    gate = threading.Event()
-    decoded = []
-
-    def slow(im):
-        if decoded and len(decoded) >= 2:
-            assert gate.wait(10), "the reader never released the preload"
-        decoded.append(1)
-        return to_tensor(im)
-
-    monkeypatch.setattr(ImageBank, "READY_EVERY", 1)
-    bank = ImageBank(read_manifest(csv_data, CLASSES), slow, preload=True, background=True)
-    first = bank[[0, 1]]  # decoded before the gate: readable now, with rows 2.. still pending
-    assert first.shape[0] == 2 and len(decoded) < 5
-    gate.set()
-    assert bank[np.arange(5)].shape[0] == 5 and len(decoded) == 5
-
-
-def test_a_background_preload_raises_its_error_in_the_reader(csv_data: Path):
-    bad = csv_data.parent / "img" / "3.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    bank = ImageBank(read_manifest(csv_data, CLASSES), to_tensor, preload=True, background=True)  # no error yet
-    with pytest.raises(DataError) as e:
-        bank[np.arange(5)]
-    msg = str(e.value)
-    assert msg.startswith(f"{csv_data}:row 5: cannot read image {bad.resolve()}") and "\n" not in msg
-
-
 def test_preload_default_picks_small_data(csv_data: Path):
     assert ImageBank(read_manifest(csv_data, CLASSES), to_tensor).preloaded
 

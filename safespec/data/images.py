@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -77,12 +76,7 @@ class ImageBank:
         preload: bool | None = None,
         num_workers: int = 0,
         progress: Callable[[int], Any] | None = None,
-        background: bool = False,
     ):
-        """``background``: a preload decodes in a thread of its own, and this returns at once; a read
-        waits only for the rows it asks for, so a caller can load models, or evaluate the first batches,
-        while the rest decode. A decoding error is raised by the read that needs the failed row (or a
-        later one)."""
         self.manifest = manifest
         self.preprocess = preprocess
         self.num_workers = num_workers
@@ -96,74 +90,23 @@ class ImageBank:
         if preload is None:
             preload = len(manifest) * first.numel() * first.element_size() <= PRELOAD_BYTES
         self.tensor: torch.Tensor | None = None
-        self._ready = len(manifest)  # rows of ``tensor`` decoded (all, unless a background preload runs)
-        self._error: BaseException | None = None
-        self._cond = threading.Condition()
-        self._stop = False
         if preload:
             t = torch.empty((len(manifest), *self.item_shape), dtype=first.dtype)
             t[0] = first
-            if background:
-                self._ready = 1
-                self.tensor = t
-                threading.Thread(
-                    target=self._fill, args=(t, progress, True), name="safespec-preload", daemon=True
-                ).start()
-            else:
-                self._fill(t, progress, False)
-                self.tensor = t
-
-    #: a background preload announces its progress every this many rows
-    READY_EVERY = 64
-
-    def _fill(self, t: torch.Tensor, progress: Callable[[int], Any] | None, background: bool) -> None:
-        """Decode rows 1.. into ``t`` (row 0 is decoded already)."""
-        rest = range(1, len(self.manifest))
-        try:
-            images = (
-                map(self._data.__getitem__, rest)
-                if self.threads <= 1
-                else self._decoder().map(self._data.__getitem__, rest)
-            )
-            for i, img in zip(rest, images):
-                if self._stop:
-                    return
-                t[i] = img
-                if progress is not None:
-                    progress(i)
-                if background and (i + 1) % self.READY_EVERY == 0:
-                    with self._cond:
-                        self._ready = i + 1
-                        self._cond.notify_all()
-        except BaseException as e:
-            if not background:
-                raise
-            with self._cond:
-                self._error = e
-                self._cond.notify_all()
-            return
-        finally:
-            self._close_pool()  # preloaded (or failed): no decoding after this
-        if background:
-            with self._cond:
-                self._ready = len(self.manifest)
-                self._cond.notify_all()
-
-    def _wait(self, rows: int) -> None:
-        """Return once the first ``rows`` rows are decoded; raise the background preload's error if it
-        failed before reaching them."""
-        if self._ready >= rows:
-            return
-        with self._cond:
-            while self._ready < rows and self._error is None:
-                self._cond.wait()
-            if self._ready < rows:
-                assert self._error is not None
-                raise self._error
-
-    def close(self) -> None:
-        """Stop a background preload that is still decoding (its bank is not to be read after this)."""
-        self._stop = True
+            rest = range(1, len(manifest))
+            try:
+                images = (
+                    map(self._data.__getitem__, rest)
+                    if self.threads <= 1
+                    else self._decoder().map(self._data.__getitem__, rest)
+                )
+                for i, img in zip(rest, images):
+                    t[i] = img
+                    if progress is not None:
+                        progress(i)
+            finally:
+                self._close_pool()  # preloaded (or failed): no decoding after this
+            self.tensor = t
 
     @property
     def preloaded(self) -> bool:
@@ -179,14 +122,9 @@ class ImageBank:
     def __getitem__(self, idx: Any) -> torch.Tensor:
         """``bank[idx_array] -> (B, C, H, W)``; an int gives one image (C, H, W)."""
         if isinstance(idx, (int, np.integer)):
-            if self.tensor is None:
-                return self._data[int(idx)]
-            self._wait(int(idx) % len(self) + 1)
-            return self.tensor[int(idx)]
+            return self.tensor[int(idx)] if self.tensor is not None else self._data[int(idx)]
         ix = torch.as_tensor(np.asarray(idx, dtype=np.int64)) if not torch.is_tensor(idx) else idx.long().cpu()
         if self.tensor is not None:
-            if ix.numel():
-                self._wait(len(self) if bool((ix < 0).any()) else int(ix.max()) + 1)
             return self.tensor.index_select(0, ix)
         if ix.numel() == 0:
             return torch.empty((0, *self.item_shape))
