@@ -8,10 +8,11 @@ in machine load falls on both sides alike:
   the class prompts, cross-entropy of the cosine logits, backward, fused AdamW step, zero_grad.
   Goal: <= 1.10.
 - ``verify``: images/s of ``safespec verify`` (``runner.verify_candidate``, end to end, with the old
-  model's held-out predictions already cached) over images/s of a bare inference loop over the same
-  held-out images with the same model (images already decoded, class text features precomputed).
-  Goal: >= 0.9. The images each verify encodes are counted, to show that the second one evaluates only
-  the candidate.
+  model's held-out predictions and the decoded held-out images already cached, as for every verify after
+  the first on a split) over images/s of a bare inference loop over the same held-out images with the
+  same model (class text features precomputed), once reading the image files and once over decoded
+  images. Goal: >= 0.9. The images each verify encodes are counted, to show that the second one
+  evaluates only the candidate.
 - ``scaling``: the penalty step with 5, 50 and 365 protected classes at the same per-step batch, on
   synthetic images. Goal: 365/5 <= 1.1. The class prompts go through the text tower every step, so the
   forward+backward of ``class_text_features`` is timed alone too: it is what grows with the classes.
@@ -702,14 +703,23 @@ def goals(section: str, r: dict) -> list[tuple[str, float, str, bool]]:
             for m, v in r["ratio"].items()
         ]
     if section == "verify":
-        # the bare loop reads the same image files as verify does: decoding is part of inference over images
+        # the measure: a bare loop that reads the image files. A verify after the first on a split
+        # reads the decoded images from its cache instead, so the like-for-like measure, a bare loop over
+        # decoded images, is kept beside it with the same goal
         v = r["ratio"]["verify_over_bare_with_decode"]
+        strict = r["ratio"]["verify_over_bare"]
         return [
             (
                 "verify images/s / bare inference (decode + model) images/s",
                 v,
                 f">= {GOALS['verify']}",
                 v >= GOALS["verify"],
+            ),
+            (
+                "verify images/s / bare inference over decoded images (neither decodes) images/s",
+                strict,
+                f">= {GOALS['verify']}",
+                strict >= GOALS["verify"],
             ),
             (
                 "second verify evaluates only the candidate",
@@ -766,7 +776,7 @@ def markdown(section: str, r: dict) -> str:
             f"| verify_candidate, empty cache (old + candidate) | {s['cold_cache']} | {e['cold_cache']} |",
         ]
         lines += [
-            f"| verify_candidate, old model cached | {t} | {n} |"
+            f"| verify_candidate, old model and held-out images cached | {t} | {n} |"
             for t, n in zip(s["old_model_cached"], e["old_model_cached"])
         ]
         lines.append(f"| verify_candidate, both cached | {s['both_cached']} | {e['both_cached']} |")

@@ -29,8 +29,17 @@ from .data import ImageBank, ViewBank, check_disjoint, decode_workers, read_mani
 from .distributed import context as dist_context
 from .environment import versions
 from .errors import RunError, atomic_write_json
-from .evaluate import PredictionCache, evaluate, feature_key, image_features, prediction_key, visual_digest
-from .model import LoadedModel, build_class_tokens, load_model, save_checkpoint, weights_digest
+from .evaluate import (
+    IMAGE_CACHE_BYTES,
+    PredictionCache,
+    evaluate,
+    feature_key,
+    image_features,
+    images_key,
+    prediction_key,
+    visual_digest,
+)
+from .model import LoadedModel, build_class_tokens, load_model, preprocess_config, save_checkpoint, weights_digest
 from .plan import Plan, load_plan
 from .release import budget_block, check_parent, lineage_block, per_class_accuracy, registering
 from .report import render_report
@@ -109,11 +118,12 @@ def make_train_data(inp: Loaded, preprocess):
     )
 
 
-def load_split(manifest, preprocess, digest: str):
-    """One split as training and evaluation read it: its image bank, labels, digest and captions."""
+def load_split(manifest, preprocess, digest: str, *, bank: ImageBank | None = None):
+    """One split as training and evaluation read it: its image bank (``bank``, if the caller has one),
+    labels, digest and captions."""
     captions = [r.caption for r in manifest.records]
     return Split(
-        bank=ImageBank(manifest, preprocess, num_workers=decode_workers()),
+        bank=bank if bank is not None else ImageBank(manifest, preprocess, num_workers=decode_workers()),
         labels=manifest.labels,
         digest=digest,
         captions=captions if any(c for c in captions) else None,
@@ -121,13 +131,32 @@ def load_split(manifest, preprocess, digest: str):
 
 
 # ----------------------------------------------------------------------------------- certification
+def held_out_split(inp: Loaded, old, cache: PredictionCache) -> Split:
+    """The held-out split, its images decoded once per split digest and preprocessing: every verify of a
+    candidate against the same split (a release pipeline's usual case) reads them back from the cache
+    instead of decoding them again. A split too large to keep (``IMAGE_CACHE_BYTES``) is decoded each time,
+    as it is under torchrun, where each rank decodes its own."""
+    manifest, digest = inp.manifests["heldout"], inp.digests["heldout"]
+    if dist_context().active:
+        return load_split(manifest, old.preprocess, digest)
+    key = images_key(digest, preprocess_config(old.model))
+    images = cache.images(key)
+    if images is not None:
+        return load_split(manifest, old.preprocess, digest, bank=ImageBank(manifest, old.preprocess, images=images))
+    held = load_split(manifest, old.preprocess, digest)
+    t = held.bank.tensor
+    if t is not None and t.numel() * t.element_size() <= IMAGE_CACHE_BYTES:
+        cache.put_images(key, t)
+    return held
+
+
 def certify_candidate(
     inp: Loaded, old, new_model, new_digest: str, *, cache, run_dir: Path, device, log, thumbnails: bool = True
 ) -> dict[str, Any]:
     """Evaluate old and new on the held-out split (old cached by digest) and certify; returns the
     result fragment (certificate + per-class numbers + confusion + flips)."""
     plan = inp.plan
-    held = load_split(inp.manifests["heldout"], old.preprocess, inp.digests["heldout"])
+    held = held_out_split(inp, old, cache)
     tokens = build_class_tokens(old.tokenizer, plan.classes, plan.templates).to(device)
     tau = plan.optimizer.constraint_tau
 

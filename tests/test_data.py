@@ -210,6 +210,16 @@ def test_corrupt_image_names_manifest_row_and_image(csv_data: Path, preload: boo
     assert "\n" not in msg
 
 
+def test_a_bank_of_decoded_images_decodes_nothing(csv_data: Path, monkeypatch):
+    ref = ImageBank(read_manifest(csv_data, CLASSES), to_tensor, preload=True)
+    m = read_manifest(csv_data, CLASSES)
+    monkeypatch.setattr("safespec.data.images.load_image", lambda *a: pytest.fail("decoded an image"))
+    bank = ImageBank(m, to_tensor, images=ref.tensor)
+    assert bank.preloaded and torch.equal(torch.cat([b for _, b in bank.iter_batches(2)]), ref.tensor)
+    with pytest.raises(DataError, match="decoded images for a manifest of 5"):
+        ImageBank(m, to_tensor, images=ref.tensor[:3])
+
+
 def test_preload_default_picks_small_data(csv_data: Path):
     assert ImageBank(read_manifest(csv_data, CLASSES), to_tensor).preloaded
 

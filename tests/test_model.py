@@ -310,6 +310,22 @@ def test_checkpoint_round_trip_keeps_digest_and_logits(headed, images, tmp_path)
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
 
 
+def test_a_checkpoint_load_draws_no_initial_weights(headless, tmp_path, monkeypatch):
+    """Every weight of a checkpoint's model comes from the file (a strict load), so none is drawn first;
+    a fresh model still draws its own."""
+    calls = []
+    real = torch.nn.init.normal_
+    spy = lambda t, *a, **k: calls.append(1) or real(t, *a, **k)  # noqa: E731
+    monkeypatch.setattr(torch.nn.init, "normal_", spy)
+    path = tmp_path / "v1.safetensors"
+    save_checkpoint(headless.model, path)
+    loaded = load_model(plan(checkpoint=str(path), heads=False), CLASSES)
+    assert calls == [] and loaded.digest == headless.digest
+    assert torch.nn.init.normal_ is spy  # restored after the load
+    create_model(ARCH, CLASSES, heads=False, seed=0)
+    assert calls
+
+
 def test_torch_state_dict_checkpoints_load_with_weights_only(headless, tmp_path):
     path = tmp_path / "old.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in headless.model.clip.state_dict().items()}}, path)

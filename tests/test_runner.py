@@ -126,6 +126,71 @@ def test_an_interrupted_run_leaves_no_result_and_removes_a_stale_certified_one(s
     assert res.exit_code == 2 and "fail" in res.output.lower()
 
 
+def _verify_counting_decodes(spec, candidate, out, cache, monkeypatch):
+    from safespec.api import verify_candidate
+    from safespec.data import images as images_mod
+
+    decoded = []
+    real = images_mod.load_image
+    monkeypatch.setattr(images_mod, "load_image", lambda m, i: decoded.append(i) or real(m, i))
+    result = verify_candidate(spec, candidate, out=out, cache_dir=cache, command="test", log=lambda s: None)
+    monkeypatch.setattr(images_mod, "load_image", real)
+    return result, len(decoded)
+
+
+def test_a_second_verify_reads_the_held_out_images_from_the_cache(small_world, tmp_path, monkeypatch):
+    """A release pipeline verifies every candidate against the same held-out split: its images are decoded
+    once per split and preprocessing, and the certificate is the same either way."""
+    spec = write_world_spec(tmp_path, small_world)
+    n = sum(1 for _ in small_world.manifests["heldout"].read_text().splitlines()) - 1
+    cache = tmp_path / "cache"
+    first, decoded = _verify_counting_decodes(spec, small_world.v1_checkpoint, tmp_path / "a", cache, monkeypatch)
+    assert decoded == n and len(list((cache / "images").glob("*.npy"))) == 1
+    second, decoded = _verify_counting_decodes(spec, small_world.v1_checkpoint, tmp_path / "b", cache, monkeypatch)
+    assert decoded == 0
+    assert second["capabilities"] == first["capabilities"] and second["per_class"] == first["per_class"]
+    # a damaged entry is decoded again, never trusted
+    entry = next((cache / "images").glob("*.npy"))
+    entry.write_bytes(entry.read_bytes()[:100])
+    third, decoded = _verify_counting_decodes(spec, small_world.v1_checkpoint, tmp_path / "c", cache, monkeypatch)
+    assert decoded == n and third["capabilities"] == first["capabilities"]
+
+
+def test_the_images_key_follows_the_data_and_the_preprocessing():
+    from safespec.evaluate import images_key
+
+    pp = {"size": (32, 32), "mode": "RGB", "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic"}
+    assert images_key("sha256:a", pp) == images_key("sha256:a", dict(pp))
+    assert images_key("sha256:a", pp) != images_key("sha256:b", pp)
+    assert images_key("sha256:a", pp) != images_key("sha256:a", {**pp, "size": (64, 64)})
+    assert images_key("sha256:a", pp) != images_key("sha256:a", {**pp, "interpolation": "bilinear"})
+
+
+def test_verify_with_an_unreadable_held_out_image_fails_closed(small_world, tmp_path):
+    """An image that cannot be read ends verify with the one line that names its manifest row, exit 2,
+    and no result."""
+    spec = write_world_spec(tmp_path, small_world)
+    manifest = small_world.manifests["heldout"]
+    lines = manifest.read_text().splitlines()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    root = manifest.parent
+    rows = [lines[0]] + [f"{root / r.rsplit(',', 1)[0]},{r.rsplit(',', 1)[1]}" for r in lines[1:]]
+    k = len(rows) - 3
+    rows[k] = f"{broken},{rows[k].rsplit(',', 1)[1]}"
+    bad = tmp_path / "heldout.csv"
+    bad.write_text("\n".join(rows) + "\n")
+    spec.write_text(spec.read_text().replace(str(manifest), str(bad)))
+    out = tmp_path / "v"
+    args = ["verify", str(spec), "--candidate", str(small_world.v1_checkpoint), "--out", str(out), "-q"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert "\n" not in line and f"heldout.csv:row {k + 1}: cannot read image {broken}" in line, line
+    assert not (out / "result.json").exists() and not (out / "report.html").exists()
+    assert json.loads((out / "state.json").read_text())["state"] == "failed"
+
+
 def test_a_run_that_fails_on_bad_data_exits_2_with_one_line(small_world, tmp_path):
     spec = write_world_spec(tmp_path, small_world)
     manifest = small_world.manifests["heldout"]

@@ -63,12 +63,15 @@ _FILE_DIGESTS: dict[tuple, str] = {}
 def file_digest(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes, cached in memory and on disk by (absolute path, size, mtime_ns,
     ctime_ns, inode)."""
-    p = Path(path)
+    # manifest records are resolved Paths already: no Path is built or parsed again for them (this runs
+    # once per image each time a spec is loaded)
+    p = path if isinstance(path, Path) else Path(path)
+    s = os.fspath(p)
     try:
-        st = p.stat()
+        st = os.stat(s)
     except OSError as e:
         raise DataError(f"{p}: cannot read file: {e.strerror or e}") from None
-    key = os.fspath(p) if p.is_absolute() else str(p.resolve())  # manifest records are resolved already
+    key = s if os.path.isabs(s) else str(p.resolve())
     sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     entry = (key, *sig)
     d = _FILE_DIGESTS.get(entry) or _DIGEST_STORE.get(key, sig)

@@ -76,7 +76,10 @@ class ImageBank:
         preload: bool | None = None,
         num_workers: int = 0,
         progress: Callable[[int], Any] | None = None,
+        images: torch.Tensor | None = None,
     ):
+        """``images``: the manifest's images as ``preprocess`` makes them, decoded before (a cache); the
+        bank is then preloaded with them and decodes nothing."""
         self.manifest = manifest
         self.preprocess = preprocess
         self.num_workers = num_workers
@@ -84,23 +87,32 @@ class ImageBank:
         self._data = _ImageDataset(manifest, preprocess)
         if len(manifest) == 0:
             raise DataError(f"{manifest.source}: empty manifest: no images to load")
+        if images is not None:
+            if images.dim() < 2 or images.shape[0] != len(manifest):
+                raise DataError(
+                    f"{manifest.source}: {tuple(images.shape)} decoded images for a manifest of {len(manifest)}"
+                )
+            self.item_shape = tuple(images.shape[1:])
+            self.threads = 0
+            self.tensor: torch.Tensor | None = images
+            return
         first = self._data[0]
         self.item_shape = tuple(first.shape)
         self.threads = num_workers if first.shape[-1] * first.shape[-2] >= THREADED_MIN_PIXELS else 0
         if preload is None:
             preload = len(manifest) * first.numel() * first.element_size() <= PRELOAD_BYTES
-        self.tensor: torch.Tensor | None = None
+        self.tensor = None
         if preload:
             t = torch.empty((len(manifest), *self.item_shape), dtype=first.dtype)
             t[0] = first
             rest = range(1, len(manifest))
             try:
-                images = (
+                decoded = (
                     map(self._data.__getitem__, rest)
                     if self.threads <= 1
                     else self._decoder().map(self._data.__getitem__, rest)
                 )
-                for i, img in zip(rest, images):
+                for i, img in zip(rest, decoded):
                     t[i] = img
                     if progress is not None:
                         progress(i)

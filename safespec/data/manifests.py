@@ -148,7 +148,9 @@ def _read_csv(src: Path, classes: tuple[str, ...]) -> Manifest:
     except OSError as e:
         raise DataError(f"{src}: cannot read manifest: {e.strerror or e}") from None
     base = str(src.parent.resolve())
-    folders: dict[str, str] = {}  # resolved once per folder, not once per image (a resolve is a syscall per component)
+    folders: dict[
+        str, tuple[str, Path]
+    ] = {}  # resolved once per folder, not once per image (a resolve is a syscall per component)
     rows = csv.reader(io.StringIO(text, newline=""))
     records: list[Record] = []
     header: list[str] | None = None
@@ -192,13 +194,14 @@ def _read_csv(src: Path, classes: tuple[str, ...]) -> Manifest:
     return Manifest(src, classes, tuple(records))
 
 
-def _resolve_file(p: str, folders: dict[str, str]) -> Path | None:
+def _resolve_file(p: str, folders: dict[str, tuple[str, Path]]) -> Path | None:
     """``Path(p).resolve()`` when ``p`` is a regular file (or a link to one), else None."""
     parent, name = os.path.split(p)
     folder = folders.get(parent)
     if folder is None:
-        folder = folders[parent] = os.path.realpath(parent)
-    cand = os.path.join(folder, name)
+        real = os.path.realpath(parent)
+        folder = folders[parent] = (real, Path(real))
+    cand = os.path.join(folder[0], name)
     try:
         mode = os.lstat(cand).st_mode
     except OSError:
@@ -206,7 +209,8 @@ def _resolve_file(p: str, folders: dict[str, str]) -> Path | None:
     if stat.S_ISLNK(mode):
         target = Path(cand).resolve()
         return target if target.is_file() else None
-    return Path(cand) if stat.S_ISREG(mode) and name not in ("", ".", "..") else None
+    # the folder's Path is built once: a child of it parses only its own name
+    return folder[1] / name if stat.S_ISREG(mode) and name not in ("", ".", "..") else None
 
 
 def _read_folder(src: Path, classes: tuple[str, ...]) -> Manifest:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from .device import model_autocast, resolve_device
 from .digest import tensor_digest, weights_digest
-from .factory import LoadedModel, create_model, load_model
+from .factory import LoadedModel, create_model, load_model, preprocess_config
 from .headed import TOWER_PREFIX, HeadedCLIP, build_class_tokens, class_logits, tower_indices, zero_shot_logits
 from .heads import LowRankHeads, grouped_low_rank, naive_routed_projection
 from .registry import SHIPPED_ARCHS, register_shipped_configs
@@ -44,6 +44,7 @@ __all__ = [
     "load_model",
     "model_autocast",
     "naive_routed_projection",
+    "preprocess_config",
     "read_checkpoint_metadata",
     "register_shipped_configs",
     "resolve_device",

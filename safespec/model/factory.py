@@ -60,8 +60,44 @@ class LoadedModel:
         return self.digest
 
 
-def _instantiate(model_cfg: dict, preprocess_cfg: dict | None, device: torch.device, seed: int | None) -> Any:
-    """Build an open_clip model from a config dict (random init: weights come from a checkpoint or stay random)."""
+#: torch.nn.init's in-place initialisers, skipped while a model whose every weight a checkpoint will
+#: overwrite is built (as transformers' ``no_init_weights`` does)
+_INITIALISERS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+)
+_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Build modules without drawing their initial weights: drawing them was most of the time it took to
+    load a small checkpoint, and a strict load (every parameter present) overwrites them all."""
+    with _INIT_LOCK:
+        saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
+        try:
+            for name in _INITIALISERS:
+                setattr(nn.init, name, lambda tensor, *a, **k: tensor)
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(nn.init, name, fn)
+
+
+def _instantiate(
+    model_cfg: dict, preprocess_cfg: dict | None, device: torch.device, seed: int | None, *, init: bool = True
+) -> Any:
+    """Build an open_clip model from a config dict (random init: weights come from a checkpoint or stay
+    random). ``init=False``: leave the weights undrawn, for a checkpoint that sets every one of them."""
     cfg = copy.deepcopy(model_cfg)
     text_cfg, vision_cfg = cfg.setdefault("text_cfg", {}), cfg.setdefault("vision_cfg", {})
     is_hf_text = "hf_model_name" in text_cfg
@@ -76,7 +112,7 @@ def _instantiate(model_cfg: dict, preprocess_cfg: dict | None, device: torch.dev
         if seed is not None:
             torch.manual_seed(seed)
         try:
-            with _quiet_open_clip():
+            with _quiet_open_clip(), contextlib.nullcontext() if init else _no_init():
                 clip = cls(**cfg)
         except ModelError:
             raise
@@ -90,6 +126,12 @@ def _instantiate(model_cfg: dict, preprocess_cfg: dict | None, device: torch.dev
     pp = merge_preprocess_dict(pp, preprocess_cfg or {})
     open_clip.set_model_preprocess_cfg(clip, pp)
     return clip.to(device)
+
+
+def preprocess_config(model: HeadedCLIP) -> dict[str, Any]:
+    """The settings of ``model``'s image preprocessing (size, resize mode, interpolation, mean, std): with
+    the image bytes and the decoding libraries, what decides a preprocessed image."""
+    return dict(open_clip.get_model_preprocess_cfg(model.clip))
 
 
 def _transforms(clip: nn.Module) -> tuple[Callable, Callable]:
@@ -217,8 +259,8 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
     model_cfg = meta.get("model_cfg") or _check_arch(mp.arch)
     if heads_sd is not None:
         _check_heads(path, heads_sd, meta, mp, classes)
-    clip = _instantiate(model_cfg, meta.get("preprocess_cfg"), torch.device("cpu"), seed=0)
-    _load_clip_state(path, clip, clip_sd, mp.arch)
+    clip = _instantiate(model_cfg, meta.get("preprocess_cfg"), torch.device("cpu"), seed=0, init=False)
+    _load_clip_state(path, clip, clip_sd, mp.arch)  # strict: every weight comes from the checkpoint
     clip.to(device)
     desc = f"checkpoint {path}"
     if heads_sd is None and mp.heads:
