@@ -37,6 +37,12 @@ def headed():
     return loaded
 
 
+@pytest.fixture(autouse=True)
+def _every_prompt_count(monkeypatch):
+    """The tests' few prompts are below the count at which a step builds a tree."""
+    monkeypatch.setattr("safespec.model.prompt_tree.MIN_PROMPTS", 1)
+
+
 def _prompts(loaded):
     # a prompt longer than the context (cut, its end-of-text at the last position) and a duplicate too
     extra = loaded.tokenizer(["a photo of a " + "very " * 30 + "big dog.", "a photo of a dog."])
@@ -97,6 +103,15 @@ def test_the_tree_gives_the_padded_prompts_gradients(headed):
     assert set(plain) == set(ours) and any(k.startswith("clip.transformer.") for k in plain)
     for k in plain:
         assert torch.allclose(ours[k], plain[k], atol=ATOL, rtol=1e-4), (k, (ours[k] - plain[k]).abs().max())
+
+
+def test_few_prompts_are_encoded_padded(headed, monkeypatch):
+    """Below MIN_PROMPTS the padded encoding stays: bit-for-bit the numbers of earlier versions."""
+    tokens, _ = _prompts(headed)
+    monkeypatch.setattr("safespec.model.prompt_tree.MIN_PROMPTS", tokens.shape[0] + 1)
+    assert headed.model.prompt_tree(tokens) is None
+    monkeypatch.setattr("safespec.model.prompt_tree.MIN_PROMPTS", tokens.shape[0])
+    assert headed.model.prompt_tree(tokens) is not None
 
 
 def test_towers_it_does_not_cover_are_encoded_the_plain_way(headed):

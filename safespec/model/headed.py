@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .._compat import import_open_clip
 from ..errors import ModelError
+from . import prompt_tree as _tree
 from .heads import LowRankHeads
 from .prompt_tree import PromptTree, supports, tree_text_hidden
 
@@ -178,9 +179,10 @@ class HeadedCLIP(nn.Module):
 
     def prompt_tree(self, tokens: torch.Tensor) -> PromptTree | None:
         """``tokens`` as a tree of shared prefixes (model.prompt_tree), which :meth:`text_hidden` encodes at
-        a cost that follows the distinct prefix tokens; None where this text tower is not one it covers."""
+        a cost that follows the distinct prefix tokens; None where this text tower is not one it covers, or
+        for fewer than ``prompt_tree.MIN_PROMPTS`` prompts."""
         kind, t = self._text_tower()
-        if kind != "clip" or not supports(t):
+        if kind != "clip" or not supports(t) or tokens.shape[0] < _tree.MIN_PROMPTS:
             return None
         return PromptTree.build(tokens).to(tokens.device)
 

@@ -28,6 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+#: Below this many prompts a step encodes them padded, as before the tree: their text side is a few
+#: percent of a step (bench/RESULTS.md, "Scaling": 4% with 5 classes), and the padded encoding keeps a
+#: spec's numbers bit-for-bit those of earlier versions (the tree's agree only to float rounding).
+MIN_PROMPTS = 64
+
 
 @dataclass(frozen=True)
 class PromptTree:
@@ -42,6 +47,8 @@ class PromptTree:
     pooled: torch.Tensor  # (P,) long
     prompts: int  # P: how many prompts (rows) the tree encodes
     length: int  # the prompts' padded token length
+    keep: torch.Tensor  # (K,) long: the distinct pooled nodes, ascending (the last block runs only these)
+    where: torch.Tensor  # (P,) long: prompt p's pooled node is keep[where[p]]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -77,6 +84,8 @@ class PromptTree:
         for i, p in enumerate(node_path):
             ancestors[i, : len(p)] = torch.tensor(p)
             mask[i, : len(p)] = 0.0
+        keep = sorted(set(pooled))
+        slot = {node: k for k, node in enumerate(keep)}
         return cls(
             tokens=torch.tensor(node_token, dtype=torch.long),
             depth=torch.tensor([len(p) - 1 for p in node_path], dtype=torch.long),
@@ -85,6 +94,8 @@ class PromptTree:
             pooled=torch.tensor(pooled, dtype=torch.long),
             prompts=len(rows),
             length=int(tokens.shape[1]),
+            keep=torch.tensor(keep, dtype=torch.long),
+            where=torch.tensor([slot[node] for node in pooled], dtype=torch.long),
         )
 
     @property
@@ -100,6 +111,8 @@ class PromptTree:
             pooled=self.pooled.to(device),
             prompts=self.prompts,
             length=self.length,
+            keep=self.keep.to(device),
+            where=self.where.to(device),
         )
 
 
@@ -153,7 +166,7 @@ def tree_text_hidden(text_tower: Any, tree: PromptTree) -> torch.Tensor:
     cast_dtype = t.transformer.get_cast_dtype()
     x = t.token_embedding(tree.tokens).to(cast_dtype) + t.positional_embedding.to(cast_dtype)[tree.depth]
     blocks = list(t.transformer.resblocks)
-    keep, where = torch.unique(tree.pooled, return_inverse=True)  # the nodes any prompt pools, in order
+    keep, where = tree.keep, tree.where  # built on the host: a step reads nothing back from the device
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1
         rows = keep if last else None
