@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +27,19 @@ import torch
 
 from bench.quality import spec_with
 from safespec.api import run_cycle
+
+
+def float_platform() -> str:
+    """What a fingerprint is comparable across: the torch build, the CPU kernels it dispatches to and the
+    CPU's vendor (the same ISA level runs other kernels, and so other float rounding, on Intel and AMD)."""
+    vendor = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            vendor = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("vendor_id")), vendor)
+    except OSError:
+        pass
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {vendor}"
+
 
 #: Every method, and the settings the demo spec adds to the Lagrangian (the target tower with its
 #: calibrated offset, focal distillation with store views), each as spec overrides.

@@ -531,7 +531,9 @@ def test_calibrated_selection_picks_the_best_admissible_candidate(world_inputs, 
         eval_every=10,
         checkpoint_every=10,
         **{"calibrate.target_offset": True, "select.min_certify_probability": 0.6},
-        lr=5e-5,
+        # small steps: every evaluated candidate stays admissible, so the choice among several is what is
+        # tested (at 5e-5 one machine's float kernels left only v1 admissible)
+        lr=1e-5,
         heldout_n=400,
     )
     trainer, out = _train(world_inputs, tmp_path, "lagrangian", run_dir=tmp_path / "a", **kw)
