@@ -121,16 +121,30 @@ def _environment() -> dict:
 # ------------------------------------------------------------------------------------------ steps
 def _bare_step(model, opt, class_tokens, batches, autocast, tau: float, device) -> Callable[[], None]:
     """The floor of a training step: the passes over the same images and prompts that any fine-tuning
-    of this model needs, and nothing safespec adds (no sampler, constraints, multipliers, scheduler)."""
-    it = itertools.cycle(batches)
+    of this model's trainable weights needs, and nothing safespec adds (no sampler, constraints,
+    multipliers, scheduler). A frozen tower's outputs are computed once, as any fine-tune would cache
+    them; a class image tower (``model.target_tower``) reads the images every step."""
+    from safespec.model import class_logits
+
+    trains = lambda ps: any(p.requires_grad for p in ps)  # noqa: E731
+    image_trains = trains(model.clip.visual.parameters())
+    text_trains = trains(p for n, p in model.clip.named_parameters() if not n.startswith("visual."))
+    text_trains = text_trains or (model.heads is not None and trains(model.heads.parameters()))
+    ready = []
+    with torch.no_grad(), autocast():
+        fixed_text = None if text_trains else model.class_text_features(class_tokens).float()
+        for x_parts, y in batches:
+            x = torch.cat([bank[rows] for bank, rows in x_parts]).to(device, non_blocking=True)
+            ready.append((x, None if image_trains else model.encode_image(x).float(), y))
+    it = itertools.cycle(ready)
 
     def step():
-        x_parts, y = next(it)
-        x = torch.cat([bank[rows] for bank, rows in x_parts]).to(device, non_blocking=True)
+        x, shared, y = next(it)
         with autocast():
-            text = model.class_text_features(class_tokens)
-            feats = model.encode_image(x)
-        loss = F.cross_entropy(feats.float() @ text.float().T / tau, y)
+            text = fixed_text if fixed_text is not None else model.class_text_features(class_tokens)
+            feats = shared if shared is not None else model.encode_image(x)
+            towers = {c: f.float() for c, f in model.encode_tower_images(x).items()}
+        loss = F.cross_entropy(class_logits(feats.float(), text.float(), tau, towers=towers), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
