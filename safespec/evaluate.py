@@ -306,13 +306,15 @@ class PredictionCache:
         """Cached image features (N, D), or ``compute()``'s (then stored)."""
         return self._cached(self.features_path(key), _load_tensor, _dump_tensor, compute)
 
-    def images(self, key: str) -> torch.Tensor | None:
-        """A split's decoded images stored under ``key`` (:func:`images_key`), or None: a missing or
-        unreadable entry is decoded again, never trusted."""
+    def images(self, key: str, n: int) -> torch.Tensor | None:
+        """A split's ``n`` decoded images stored under ``key`` (:func:`images_key`), or None: a missing,
+        unreadable or misshapen entry is decoded again, never trusted."""
         path = self.images_path(key)
         try:
             out = _load_tensor(path) if path.exists() else None
         except Exception:
+            out = None
+        if out is not None and (out.dim() < 2 or out.shape[0] != n or not out.is_floating_point()):
             out = None
         if out is None:
             self.misses += 1
@@ -321,7 +323,12 @@ class PredictionCache:
         return out
 
     def put_images(self, key: str, images: torch.Tensor) -> None:
-        atomic_write_bytes(self.images_path(key), _dump_tensor(images))
+        """Store a split's decoded images; a cache that cannot be written (read-only, full) only costs the
+        next verify the decoding."""
+        try:
+            atomic_write_bytes(self.images_path(key), _dump_tensor(images))
+        except OSError:
+            pass
 
     def _cached(self, path: Path, load, dump, compute):
         """Under torchrun rank 0 looks and broadcasts what it found, so every rank takes the same path

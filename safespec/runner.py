@@ -140,7 +140,7 @@ def held_out_split(inp: Loaded, old, cache: PredictionCache) -> Split:
     if dist_context().active:
         return load_split(manifest, old.preprocess, digest)
     key = images_key(digest, preprocess_config(old.model))
-    images = cache.images(key)
+    images = cache.images(key, len(manifest))
     if images is not None:
         return load_split(manifest, old.preprocess, digest, bank=ImageBank(manifest, old.preprocess, images=images))
     held = load_split(manifest, old.preprocess, digest)

@@ -149,11 +149,27 @@ def test_a_second_verify_reads_the_held_out_images_from_the_cache(small_world, t
     second, decoded = _verify_counting_decodes(spec, small_world.v1_checkpoint, tmp_path / "b", cache, monkeypatch)
     assert decoded == 0
     assert second["capabilities"] == first["capabilities"] and second["per_class"] == first["per_class"]
-    # a damaged entry is decoded again, never trusted
+    # a damaged entry, or one of another shape, is decoded again, never trusted
+    import numpy as np
+
     entry = next((cache / "images").glob("*.npy"))
     entry.write_bytes(entry.read_bytes()[:100])
     third, decoded = _verify_counting_decodes(spec, small_world.v1_checkpoint, tmp_path / "c", cache, monkeypatch)
     assert decoded == n and third["capabilities"] == first["capabilities"]
+    np.save(entry, np.zeros((3, 3, 32, 32), dtype=np.float32), allow_pickle=False)
+    fourth, decoded = _verify_counting_decodes(spec, small_world.v1_checkpoint, tmp_path / "d", cache, monkeypatch)
+    assert decoded == n and fourth["capabilities"] == first["capabilities"]
+    # a cache that cannot be written (here: a full disk) costs the decoding, not the verify
+    entry.unlink()
+    import safespec.evaluate as evaluate_mod
+
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate_mod, "atomic_write_bytes", full)
+    fifth, decoded = _verify_counting_decodes(spec, small_world.v1_checkpoint, tmp_path / "e", cache, monkeypatch)
+    assert decoded == n and fifth["capabilities"] == first["capabilities"]
+    assert not list((cache / "images").glob("*.npy"))
 
 
 def test_the_images_key_follows_the_data_and_the_preprocessing():
