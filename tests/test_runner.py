@@ -207,6 +207,23 @@ def test_verify_with_an_unreadable_held_out_image_fails_closed(small_world, tmp_
     assert json.loads((out / "state.json").read_text())["state"] == "failed"
 
 
+def test_a_store_without_a_protected_class_names_the_class(small_world, tmp_path):
+    spec = write_world_spec(tmp_path, small_world)
+    store = small_world.manifests["protected"]
+    root = store.parent
+    lines = store.read_text().splitlines()
+    rows = [lines[0]] + [
+        f"{root / r.rsplit(',', 1)[0]},{r.rsplit(',', 1)[1]}" for r in lines[1:] if not r.endswith(",cow")
+    ]
+    bad = tmp_path / "store.csv"
+    bad.write_text("\n".join(rows) + "\n")
+    spec.write_text(spec.read_text().replace(str(store), str(bad)))
+    res = CliRunner().invoke(main, ["run", str(spec), "--quiet"])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert "\n" not in line and "no images of protected class 'cow'" in line and "Traceback" not in line, line
+
+
 def test_a_run_that_fails_on_bad_data_exits_2_with_one_line(small_world, tmp_path):
     spec = write_world_spec(tmp_path, small_world)
     manifest = small_world.manifests["heldout"]

@@ -194,7 +194,12 @@ class Trainer:
         # samplers: store rows of protected classes only; target rows split into positives/negatives
         protected = sorted({i for c in self.constraints for i in c.class_indices})
         self.prot_sampler = ProtectedSampler(
-            data.store.labels, protected, self.o.batch.protected_classes, self.o.batch.per_class, seed=self.o.seed
+            data.store.labels,
+            protected,
+            self.o.batch.protected_classes,
+            self.o.batch.per_class,
+            seed=self.o.seed,
+            class_names=plan.classes,
         )
         self.target_sampler = TargetSampler(
             data.target.labels,
