@@ -63,7 +63,7 @@ def test_a_prefix_is_one_node_and_padding_is_none():
     prefixes = {tuple(r[: r.index(99) + 1]) for r in tokens.tolist()}
     every = {p[: j + 1] for p in prefixes for j in range(len(p))}
     assert tree.nodes == len(every) == 8
-    assert tree.shape == (4, 7)
+    assert tree.prompts == 4
     assert tree.pooled[0] == tree.pooled[3] and len(set(tree.pooled.tolist())) == 3
     for p, row in enumerate(tokens.tolist()):  # each prompt's pooled node spells out its prompt
         node = int(tree.pooled[p])

@@ -148,9 +148,8 @@ def _read_csv(src: Path, classes: tuple[str, ...]) -> Manifest:
     except OSError as e:
         raise DataError(f"{src}: cannot read manifest: {e.strerror or e}") from None
     base = str(src.parent.resolve())
-    folders: dict[
-        str, tuple[str, Path]
-    ] = {}  # resolved once per folder, not once per image (a resolve is a syscall per component)
+    # resolved once per folder, not once per image (a resolve is a syscall per component)
+    folders: dict[str, tuple[str, Path]] = {}
     rows = csv.reader(io.StringIO(text, newline=""))
     records: list[Record] = []
     header: list[str] | None = None

@@ -80,8 +80,8 @@ _INIT_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def _no_init():
-    """Build modules without drawing their initial weights: drawing them was most of the time it took to
-    load a small checkpoint, and a strict load (every parameter present) overwrites them all."""
+    """Build modules without drawing their initial weights, which a strict load (every parameter
+    present) overwrites anyway; drawing them was a large share of loading a small checkpoint."""
     with _INIT_LOCK:
         saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
         try:

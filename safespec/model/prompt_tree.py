@@ -21,6 +21,7 @@ encoded the plain way.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,31 +38,36 @@ MIN_PROMPTS = 64
 @dataclass(frozen=True)
 class PromptTree:
     """Distinct prompt prefixes as nodes. ``ancestors[i, j]`` is node ``i``'s ancestor at depth ``j``
-    (itself at its own depth; 0 past it, masked by ``mask``); ``pooled[p]`` is the node of prompt ``p``'s
-    end-of-text, whose hidden state is that prompt's pooled feature."""
+    (itself at its own depth; 0 past it, masked by ``mask``); :attr:`pooled` ``[p]`` is the node of prompt
+    ``p``'s end-of-text, whose hidden state is that prompt's pooled feature."""
 
     tokens: torch.Tensor  # (N,) token id of each node
     depth: torch.Tensor  # (N,) position of each node in its prompts
     ancestors: torch.Tensor  # (N, D) long
     mask: torch.Tensor  # (N, D) float: 0 where attended, -inf elsewhere
-    pooled: torch.Tensor  # (P,) long
-    prompts: int  # P: how many prompts (rows) the tree encodes
-    length: int  # the prompts' padded token length
     keep: torch.Tensor  # (K,) long: the distinct pooled nodes, ascending (the last block runs only these)
     where: torch.Tensor  # (P,) long: prompt p's pooled node is keep[where[p]]
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """The shape of the token matrix it stands for (so that it can be sharded and counted like one)."""
-        return (self.prompts, self.length)
+    def pooled(self) -> torch.Tensor:
+        """(P,): the node of each prompt's end-of-text."""
+        return self.keep[self.where]
+
+    @property
+    def prompts(self) -> int:
+        return int(self.where.shape[0])
+
+    @property
+    def nodes(self) -> int:
+        return int(self.tokens.shape[0])
 
     @classmethod
-    def build(cls, tokens: torch.Tensor, end: torch.Tensor | None = None) -> PromptTree:
-        """The tree of ``tokens`` (P, L), each row cut after its pooled position ``end`` (default: the
-        argmax token, open_clip's end-of-text pooling)."""
+    def build(cls, tokens: torch.Tensor) -> PromptTree:
+        """The tree of ``tokens`` (P, L), each row cut after its argmax token (open_clip's end-of-text
+        pooling)."""
         if tokens.dim() != 2 or tokens.shape[0] == 0:
             raise ValueError(f"prompt tokens must be a non-empty (prompts, length) matrix, got {tuple(tokens.shape)}")
-        ends = (tokens.argmax(dim=-1) if end is None else end).tolist()
+        ends = tokens.argmax(dim=-1).tolist()
         rows = tokens.tolist()
         index: dict[tuple[int, ...], int] = {}
         node_token: list[int] = []
@@ -91,29 +97,12 @@ class PromptTree:
             depth=torch.tensor([len(p) - 1 for p in node_path], dtype=torch.long),
             ancestors=ancestors,
             mask=mask,
-            pooled=torch.tensor(pooled, dtype=torch.long),
-            prompts=len(rows),
-            length=int(tokens.shape[1]),
             keep=torch.tensor(keep, dtype=torch.long),
             where=torch.tensor([slot[node] for node in pooled], dtype=torch.long),
         )
 
-    @property
-    def nodes(self) -> int:
-        return int(self.tokens.shape[0])
-
     def to(self, device: torch.device | str) -> PromptTree:
-        return PromptTree(
-            tokens=self.tokens.to(device),
-            depth=self.depth.to(device),
-            ancestors=self.ancestors.to(device),
-            mask=self.mask.to(device),
-            pooled=self.pooled.to(device),
-            prompts=self.prompts,
-            length=self.length,
-            keep=self.keep.to(device),
-            where=self.where.to(device),
-        )
+        return PromptTree(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
 
 def supports(text_tower: Any) -> bool:
@@ -123,9 +112,10 @@ def supports(text_tower: Any) -> bool:
     transformer = getattr(text_tower, "transformer", None)
     if getattr(text_tower, "text_pool_type", None) != "argmax" or getattr(text_tower, "attn_mask", None) is None:
         return False
-    if transformer is None or getattr(transformer, "grad_checkpointing", False) or not len(transformer.resblocks):
+    blocks = getattr(transformer, "resblocks", ())
+    if transformer is None or getattr(transformer, "grad_checkpointing", False) or not len(blocks):
         return False
-    for block in getattr(transformer, "resblocks", ()):
+    for block in blocks:
         attn = getattr(block, "attn", None)
         if not isinstance(attn, nn.MultiheadAttention) or hasattr(block, "ln_1_kv"):
             return False
