@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from safespec.data import (
     read_manifest,
     write_manifest,
 )
+from safespec.data import manifests as manifests_mod
 from safespec.errors import DataError, SafespecError
 
 CLASSES = ("cat", "dog", "cow")
@@ -449,3 +451,76 @@ def test_a_damaged_digest_store_is_a_cache_miss(tmp_path, monkeypatch, content):
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "file-digests.json").write_text(content.replace("PATH", json.dumps(str(f))[1:-1]))
     assert data_mod.file_digest(f) == hashlib.sha256(b"one").hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ re-reading
+@pytest.fixture
+def settled(monkeypatch):
+    """Files written before a read count as settled (the racy window is a wait the suite cannot afford);
+    a file written during a check is still racy."""
+    monkeypatch.setattr(manifests_mod, "RACY_SECONDS", 0.0)
+    time.sleep(0.02)  # past the file system's timestamp tick
+
+
+def test_an_unchanged_manifest_is_read_once_per_process(csv_data: Path, monkeypatch, settled):
+    first = read_manifest(csv_data, CLASSES)
+    digest = first.digest()
+    reads = []
+    monkeypatch.setattr(manifests_mod, "_read_csv", lambda *a, **k: reads.append(a) or pytest.fail("read again"))
+    again = read_manifest(csv_data, CLASSES)
+    assert again is first and again.digest() == digest and not reads
+
+
+@pytest.mark.parametrize("change", ["image bytes", "image removed", "manifest row", "folder re-pointed", "classes"])
+def test_a_changed_manifest_is_read_again(tmp_path: Path, change: str, monkeypatch):
+    for i in range(3):
+        make_image(tmp_path / "a" / f"{i}.png", i)
+        make_image(tmp_path / "b" / f"{i}.png", 100 + i)
+    (tmp_path / "data").symlink_to(tmp_path / "a")
+    src = write(tmp_path / "m.csv", "path,label\ndata/0.png,cat\ndata/1.png,dog\n")
+    monkeypatch.setattr(manifests_mod, "RACY_SECONDS", 0.0)
+    time.sleep(0.02)
+    first = read_manifest(src, CLASSES)
+    assert read_manifest(src, CLASSES) is first  # remembered, until the change below
+    d0 = first.digest()
+    classes = CLASSES
+    if change == "image bytes":  # same size, and the old timestamps put back: only the inode's ctime moves
+        img = tmp_path / "a" / "1.png"
+        st = img.stat()
+        data = bytearray(img.read_bytes())
+        data[-5] ^= 0xFF
+        img.write_bytes(bytes(data))
+        os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif change == "image removed":
+        (tmp_path / "a" / "1.png").unlink()
+        with pytest.raises(DataError, match=r"m\.csv:row 3: image not found"):
+            read_manifest(src, CLASSES)
+        return
+    elif change == "manifest row":  # same length, same second
+        src.write_text(src.read_text().replace("1.png,dog", "1.png,cow"))
+    elif change == "folder re-pointed":
+        (tmp_path / "data").unlink()
+        (tmp_path / "data").symlink_to(tmp_path / "b")
+    else:
+        classes = list(reversed(CLASSES))
+    again = read_manifest(src, classes)
+    assert again is not first and again.digest() != d0
+
+
+def test_a_just_written_image_is_never_trusted_by_its_timestamps(csv_data: Path, monkeypatch):
+    first = read_manifest(csv_data, CLASSES)  # images written a moment ago: inside the racy window
+    assert read_manifest(csv_data, CLASSES) is not first
+
+
+def test_disjointness_is_checked_again_for_other_manifests(tmp_path: Path):
+    for i in range(2):
+        make_image(tmp_path / "a" / f"{i}.png", i)
+    a = read_manifest(write(tmp_path / "a.csv", "path,label\na/0.png,cat\n"), CLASSES)
+    b = read_manifest(write(tmp_path / "b.csv", "path,label\na/1.png,cat\n"), CLASSES)
+    check_disjoint({"x": a, "y": b})
+    check_disjoint({"x": a, "y": b})  # remembered
+    c = read_manifest(write(tmp_path / "c.csv", "path,label\na/1.png,dog\na/0.png,cat\n"), CLASSES)
+    with pytest.raises(DataError, match="overlap"):
+        check_disjoint({"x": a, "y": c})
+    with pytest.raises(DataError, match="overlap"):  # an overlap is never remembered as disjoint
+        check_disjoint({"x": a, "y": c})
