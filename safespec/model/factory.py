@@ -125,7 +125,13 @@ def _instantiate(
         pp["size"] = clip.visual.image_size
     pp = merge_preprocess_dict(pp, preprocess_cfg or {})
     open_clip.set_model_preprocess_cfg(clip, pp)
-    return clip.to(device)
+    return _to(clip, device)
+
+
+def _to(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module.to(device)``, skipped for a module built on the CPU that stays there: the walk over every
+    submodule is a noticeable part of loading a small model."""
+    return module if device.type == "cpu" else module.to(device)
 
 
 def preprocess_config(model: HeadedCLIP) -> dict[str, Any]:
@@ -192,7 +198,10 @@ def _finish(
     device: torch.device,
     precision: str,
     source: str,
+    digest: bool = True,
 ) -> LoadedModel:
+    """``digest=False``: the caller changes the weights further and computes the digest itself (hashing
+    a model's weights costs about as much as loading them)."""
     hc = HeadedCLIP(clip, classes, arch=arch, model_cfg=model_cfg, tokenizer_name=tokenizer_name)
     if heads_state is not None:
         k, width, r = heads_state["heads.A"].shape
@@ -200,14 +209,14 @@ def _finish(
         hc.heads.load_state_dict({"A": heads_state["heads.A"], "B": heads_state["heads.B"]})
     elif heads:
         hc.add_heads(rank, seed=seed)
-    hc.to(device)
+    _to(hc, device)
     preprocess, train_preprocess = _transforms(clip)
     tok = _tokenizer(tokenizer_name, model_cfg, int(clip.context_length))
     return LoadedModel(
         model=hc,
         preprocess=preprocess,
         tokenizer=tok,
-        digest=weights_digest(hc),
+        digest=weights_digest(hc) if digest else "",
         source=source,
         arch=arch,
         device=device,
@@ -261,7 +270,7 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
         _check_heads(path, heads_sd, meta, mp, classes)
     clip = _instantiate(model_cfg, meta.get("preprocess_cfg"), torch.device("cpu"), seed=0, init=False)
     _load_clip_state(path, clip, clip_sd, mp.arch)  # strict: every weight comes from the checkpoint
-    clip.to(device)
+    _to(clip, device)
     desc = f"checkpoint {path}"
     if heads_sd is None and mp.heads:
         desc += " (no heads: fresh task-dependent heads added, B = 0)"
@@ -269,6 +278,7 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
     if bias is not None:
         _check_class_bias(path, bias, classes)
         desc += " (with calibrated class offsets)"
+    towers = {k: v for k, v in sd.items() if k.startswith(TOWER_PREFIX)}
     loaded = _finish(
         clip,
         classes,
@@ -282,8 +292,8 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
         device=device,
         precision=mp.precision,
         source=desc,
+        digest=bias is None and not towers,  # else computed once, below, over the finished model
     )
-    towers = {k: v for k, v in sd.items() if k.startswith(TOWER_PREFIX)}
     if towers:
         _load_class_towers(path, loaded, towers, classes, mp.arch, device)
     if bias is not None:
