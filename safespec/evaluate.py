@@ -347,7 +347,10 @@ class PredictionCache:
         self.misses += 1
         out = compute()
         if d.is_main:
-            atomic_write_bytes(path, dump(out))
+            try:
+                atomic_write_bytes(path, dump(out))
+            except OSError:
+                pass  # a cache that cannot be written (read-only, full) only costs the next run the work
         return out
 
 

@@ -170,6 +170,11 @@ def test_a_second_verify_reads_the_held_out_images_from_the_cache(small_world, t
     fifth, decoded = _verify_counting_decodes(spec, small_world.v1_checkpoint, tmp_path / "e", cache, monkeypatch)
     assert decoded == n and fifth["capabilities"] == first["capabilities"]
     assert not list((cache / "images").glob("*.npy"))
+    # nor does a full disk under the predictions' cache: they are computed and not kept
+    empty = tmp_path / "empty-cache"
+    sixth, decoded = _verify_counting_decodes(spec, small_world.v1_checkpoint, tmp_path / "f", empty, monkeypatch)
+    assert decoded == n and sixth["capabilities"] == first["capabilities"]
+    assert not [p for p in empty.rglob("*") if p.is_file()]
 
 
 def test_the_images_key_follows_the_data_and_the_preprocessing():
