@@ -10,7 +10,9 @@ import csv
 import dataclasses
 import json
 import multiprocessing
+import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -558,3 +560,24 @@ def test_a_cycle_that_does_not_start_from_the_latest_release_is_refused_before_t
     assert "model.from: lineage" in lines[0] and run["result"] is None
     assert not (root / "from-v1" / "run" / "trajectory.jsonl").exists()
     assert {p: p.read_bytes() for p in sorted(registry.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_release_is_readable_as_the_umask_says(tmp_path, umask):
+    """A release's folder and files follow the registering user's umask, as the run's outputs do: a team
+    reading one registry needs group access, and a private registry stays private."""
+    before = os.umask(umask)
+    try:
+        reg = Registry(tmp_path / "registry")
+        with reg.locked():
+            origin = _add(reg, tmp_path, 0, parent=None)
+            _add(reg, tmp_path, 1, parent=origin.digest)
+    finally:
+        os.umask(before)
+    folders = [p for p in reg.path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    release_files = [f for d in folders for f in d.rglob("*") if f.is_file()]
+    assert release_files, "a release with a spec and run files"
+    for f in release_files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, (f, oct(f.stat().st_mode))
+    for d in folders:
+        assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~umask, (d, oct(d.stat().st_mode))

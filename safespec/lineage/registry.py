@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SafespecError, atomic_write_json
+from ..errors import SafespecError, atomic_write_json, current_umask
 
 INDEX = "index.json"
 INDEX_FORMAT = 1
@@ -297,10 +297,11 @@ class Registry:
             for fname, src in (run_files or {}).items():
                 shutil.copyfile(src, tmp / fname)
             (tmp / "release.json").write_text(json.dumps(release.to_dict(), indent=2) + "\n", encoding="utf-8")
+            umask = current_umask()  # readable as the user's umask says, like every other output
             for f in sorted(tmp.iterdir()):
-                os.chmod(f, 0o644)
+                os.chmod(f, 0o666 & ~umask)
                 files[f"{folder}/{f.name}"] = file_sha256(f)
-            os.chmod(tmp, 0o755)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
             dest = self.path / folder
             if dest.exists():  # left by a writer that died before its index was replaced: not a release
                 shutil.rmtree(dest)
@@ -394,7 +395,7 @@ def _copy_atomic(src: Path, dest: Path) -> None:
             shutil.copyfileobj(inp, out, 1 << 20)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it private
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
