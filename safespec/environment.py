@@ -3,6 +3,7 @@ the numbers. One function, used by the run's provenance and by a demo world's wo
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import platform
 
@@ -10,7 +11,14 @@ from . import __version__
 
 
 def versions() -> dict[str, str]:
-    """Package versions as installed (a package that is missing is left out)."""
+    """Package versions as installed (a package that is missing is left out). A copy: callers may edit it."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    # read once per process: the installed metadata's lookup costs more than a small verify's certificate,
+    # and the code a process runs is the code it imported
     out = {"safespec": __version__, "python": platform.python_version()}
     for name, dist in (
         ("torch", "torch"),

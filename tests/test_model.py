@@ -326,6 +326,43 @@ def test_a_checkpoint_load_draws_no_initial_weights(headless, tmp_path, monkeypa
     assert calls
 
 
+def test_a_second_load_of_an_unchanged_checkpoint_does_not_hash_it_again(headed, tmp_path, monkeypatch):
+    """The finished model's digest is remembered by the file's signature and the load's options; any change
+    to the file, or other options, hashes it again, and a file written a moment ago is never trusted."""
+    import time
+
+    from safespec.data import digests as digests_mod
+    from safespec.model import digest as digest_mod
+    from safespec.model import factory as factory_mod
+
+    path = tmp_path / "v2.safetensors"
+    model = copy.deepcopy(headed.model)
+    bias = torch.zeros(len(CLASSES))
+    bias[1] = 0.25
+    model.set_class_bias(bias)  # a digest over the finished model, offsets included
+    digest = save_checkpoint(model, path)
+    hashed = []
+    real = digest_mod.weights_digest
+    monkeypatch.setattr(factory_mod, "weights_digest", lambda m: hashed.append(1) or real(m))
+    monkeypatch.setattr(digests_mod, "RACY_SECONDS", 0.0)
+    first = load_model(plan(checkpoint=str(path)), CLASSES)
+    assert first.digest == digest and len(hashed) == 1
+    second = load_model(plan(checkpoint=str(path)), CLASSES)
+    assert second.digest == digest and len(hashed) == 1  # remembered
+    other_seed = load_model(plan(checkpoint=str(path)), CLASSES, seed=3)  # other options: hashed again
+    assert len(hashed) == 2 and other_seed.digest == digest
+    bias[1] = 0.5
+    model.set_class_bias(bias)
+    changed = save_checkpoint(model, path)  # the same path, other bytes
+    time.sleep(0.01)
+    third = load_model(plan(checkpoint=str(path)), CLASSES)
+    assert third.digest == changed != digest and len(hashed) == 3
+    monkeypatch.setattr(digests_mod, "RACY_SECONDS", 3600.0)  # every file is fresh: nothing is trusted
+    load_model(plan(checkpoint=str(path)), CLASSES)
+    load_model(plan(checkpoint=str(path)), CLASSES)
+    assert len(hashed) == 5
+
+
 def test_torch_state_dict_checkpoints_load_with_weights_only(headless, tmp_path):
     path = tmp_path / "old.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in headless.model.clip.state_dict().items()}}, path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from ..errors import DataError, atomic_write_text
@@ -84,3 +85,39 @@ def file_digest(path: str | os.PathLike) -> str:
         _DIGEST_STORE.put(key, sig, d)
     _FILE_DIGESTS[entry] = d
     return d
+
+
+#: A file changed this recently could change again within one timestamp tick without its signature changing
+#: ("racily clean", as git calls it): what is derived from it is not remembered.
+RACY_SECONDS = 2.0
+
+Signature = tuple[str, tuple[int, int, int, int]]
+
+
+def signature_of(path: str | os.PathLike) -> Signature | None:
+    """A file's identity as derived digests are remembered by: its absolute path and (size, mtime_ns,
+    ctime_ns, inode). None when the file is gone or changed too recently to be trusted. Take it before
+    reading the file: a file that changes while it is read then misses next time."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_SECONDS * 1e9:
+        return None
+    return os.path.abspath(path), (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def remembered(kind: str, signature: Signature, options: str = "") -> str | None:
+    """A digest of ``kind`` derived from the file at ``signature`` (and ``options``), if one was
+    remembered while the file had that signature."""
+    return _DIGEST_STORE.get(_derived_key(kind, signature[0], options), list(signature[1]))
+
+
+def remember(kind: str, signature: Signature, options: str, digest: str) -> None:
+    """Remember ``digest`` for :func:`remembered` (on disk, beside the file digests)."""
+    _DIGEST_STORE.put(_derived_key(kind, signature[0], options), list(signature[1]), digest)
+    _DIGEST_STORE.flush()
+
+
+def _derived_key(kind: str, path: str, options: str) -> str:
+    return f"{kind}:{hashlib.sha256(options.encode()).hexdigest()[:16]}:{path}"

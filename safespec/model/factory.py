@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .._compat import import_open_clip
+from ..data.digests import remember, remembered, signature_of
 from ..errors import ModelError
 from ..plan import ModelPlan
 from .checkpoint import _first_line, _short, _split_state, load_checkpoint
@@ -257,10 +258,19 @@ def create_model(
     )
 
 
+#: Bump when loading a checkpoint changes what a model's weights are (its remembered digests then miss).
+CHECKPOINT_DIGEST_V = 1
+
+
 def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.device, seed: int) -> LoadedModel:
     """The old model from a safespec checkpoint: the CLIP weights, then what safespec added to them (heads,
     class offsets, class image towers), each checked against the spec before it is used."""
     path = Path(mp.checkpoint)  # type: ignore[arg-type]
+    # the finished model's digest follows from the file's bytes and these options: remembered by the file's
+    # signature (as image digests are), a second load of an unchanged checkpoint does not hash it again
+    options = json.dumps([CHECKPOINT_DIGEST_V, mp.arch, mp.heads, mp.rank, seed, list(classes)])
+    sig = signature_of(path)
+    known = remembered("weights", sig, options) if sig is not None else None
     sd, meta = load_checkpoint(path)
     clip_sd, heads_sd = _split_state(sd)
     if meta.get("arch") and meta["arch"] != mp.arch:
@@ -292,14 +302,19 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
         device=device,
         precision=mp.precision,
         source=desc,
-        digest=bias is None and not towers,  # else computed once, below, over the finished model
+        digest=known is None and bias is None and not towers,  # else once, below, over the finished model
     )
     if towers:
         _load_class_towers(path, loaded, towers, classes, mp.arch, device)
     if bias is not None:
         loaded.model.set_class_bias(bias)
-    if bias is not None or towers:
-        loaded.refresh_digest()
+    if known is not None:
+        loaded.digest = known
+    else:
+        if bias is not None or towers:
+            loaded.refresh_digest()
+        if sig is not None:
+            remember("weights", sig, options, loaded.digest)
     return loaded
 
 

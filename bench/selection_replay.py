@@ -1,0 +1,282 @@
+"""Selection rules replayed on the tuning world: one training run per seed, every candidate's validation and
+held-out predictions recorded, then any selection rule judged offline in milliseconds.
+
+The tuning world's held-out split (1,000 images per class) is the tuning judge, so it may be looked at here;
+the demo and second worlds' may not (bench/RESULTS.md). A replay also emulates the worlds safespec is judged
+on but never sees: fewer validation images per class (a fixed subsample) and a certificate on 200 held-out
+images per class (the first 200 of each class), the rest judging the gain.
+
+    python -m bench.selection_replay record [--seeds 0 1 2]    # trains, writes out/replay/s{seed}.npz
+    python -m bench.selection_replay table [--val 60 50] [--heldout 400 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from bench.worlds import REPO, build, spec_for
+
+OUT = REPO / "out" / "replay"
+
+
+def record(seeds: list[int], settings: dict[str, Any] | None = None, tag: str = "") -> None:
+    import torch
+
+    from bench.quality import set_dotted
+    from safespec.api import load_split, run_cycle
+    from safespec.data.manifests import read_manifest
+    from safespec.train import trainer as trainer_mod
+
+    torch.set_num_threads(2)
+    world = build("tuning", quiet=True)
+    base = yaml.safe_load(spec_for(world, out_dir=OUT / "spec").read_text())
+    for k, v in (settings or {}).items():
+        set_dotted(base, k, v)
+    classes = base["classes"]["names"]
+    held_manifest = read_manifest(Path(world.manifests["heldout"]), classes)
+    original = trainer_mod.Trainer.validate
+    trace: list[dict[str, Any]] = []
+
+    def validate(self):  # the trainer's own evaluation, plus the held-out split's predictions of the same model
+        v = original(self)
+        if not hasattr(self, "_replay_heldout"):
+            self._replay_heldout = load_split(held_manifest, self.loaded.preprocess, "replay")
+        val = self._evaluate(self.data.validation, log_probs=True) if self.step > 0 else self.ref_val
+        held = self._evaluate(self._replay_heldout, log_probs=True)
+        trace.append(
+            {"step": self.step, "val": val.log_probs.astype(np.float32), "held": held.log_probs.astype(np.float32)}
+        )
+        return v
+
+    trainer_mod.Trainer.validate = validate
+    try:
+        OUT.mkdir(parents=True, exist_ok=True)
+        for seed in seeds:
+            trace.clear()
+            spec = copy.deepcopy(base)
+            spec["optimize"]["seed"] = seed
+            spec["report"]["dir"] = str(OUT / f"run{tag}-s{seed}")
+            path = OUT / f"spec{tag}-s{seed}.yaml"
+            path.write_text(yaml.safe_dump(spec, sort_keys=False))
+            run_cycle(path, quiet=True, log=lambda s: None, command="bench.selection_replay")
+            steps = [t["step"] for t in trace]
+            np.savez_compressed(
+                OUT / f"s{seed}{tag}.npz",
+                steps=np.array(steps),
+                val=np.stack([t["val"] for t in trace]),
+                held=np.stack([t["held"] for t in trace]),
+                val_labels=read_manifest(Path(world.manifests["validation"]), classes).labels,
+                held_labels=held_manifest.labels,
+                target=classes.index(base["target"]["class"]),
+                tau=float(base["optimize"].get("temperature", 0.05)),
+            )
+            print(f"seed {seed}: {len(steps)} candidates recorded", file=sys.stderr, flush=True)
+    finally:
+        trainer_mod.Trainer.validate = original
+
+
+# ------------------------------------------------------------------------------------------ judging
+TOL, CONF, GOAL = 0.03, 0.95, 0.10  # the demo spec's, as spec_for copies them
+
+
+def _per_class_rows(labels: np.ndarray, take: slice) -> np.ndarray:
+    """Row indices: ``take`` of each class's rows, in manifest order."""
+    return np.concatenate([np.flatnonzero(labels == c)[take] for c in np.unique(labels)])
+
+
+def goal_probability(sel, logits: np.ndarray, offset: float, goal: float, heldout_n: int) -> float:
+    """A rejected rule's half (the 'release' rows): the predicted chance that the held-out target gain
+    reaches ``goal``, from the target's validation margins through the selector's kernel, the validation
+    estimate's spread and the held-out draw's both counted (a normal approximation)."""
+    from scipy.stats import norm
+
+    from safespec.certify.selection import margins
+
+    t = sel.target_mask
+    new = norm.cdf(margins(logits[t], sel.labels[t], sel.target, offset) / sel.target_bandwidth)
+    old = norm.cdf(margins(sel.old[t], sel.labels[t]) / sel.target_bandwidth)
+    d = new - old
+    gain, n = float(d.mean()), int(t.sum())
+    pb, pc = float(np.clip(d, 0, None).mean()), float(np.clip(-d, 0, None).mean())
+    var = float(d.var(ddof=1)) / n + max(pb + pc - gain * gain, 0.0) / heldout_n
+    mean = gain - goal + 0.5 / heldout_n
+    return float(mean >= 0) if var <= 0 else float(norm.cdf(mean / np.sqrt(var)))
+
+
+def _release_offset(sel, logits: np.ndarray, goal: float, heldout_n: int) -> float:
+    """The admissible offset with the best chance of a release (goal met and all certified)."""
+    from safespec.certify.selection import margins
+
+    t = sel.target_mask
+    gaps = np.unique(-margins(logits[t], sel.labels[t], sel.target))
+    lo, hi = np.concatenate([[-np.inf], gaps]), np.concatenate([gaps, [np.inf]])
+    with np.errstate(invalid="ignore"):
+        mid = np.where(np.isfinite(lo) & np.isfinite(hi), (lo + hi) / 2, np.where(np.isfinite(lo), lo + 1.0, hi - 1.0))
+    best, best_p = 0.0, -1.0
+    for b in np.where((lo < 0) & (hi >= 0), 0.0, mid)[::-1]:
+        p = sel.probability(logits, float(b))
+        if p >= sel.q:
+            r = p * goal_probability(sel, logits, float(b), goal, heldout_n)
+            if r > best_p:
+                best, best_p = float(b), r
+    return best
+
+
+def choose(sel, val: np.ndarray, objective: str, goal: float = GOAL, heldout_n: int = 400) -> tuple[int, float]:
+    """The candidate (index into the trace, offset) a rule selects. 'target' is safespec's rule
+    (safespec.train.candidates: the best validation target among admissible candidates); 'release', tried
+    and not adopted, takes the admissible candidate most likely to be a release."""
+    a0 = sel.assess(val[0], calibrate=False)
+    best = (0, 0.0)
+    if objective == "target":
+        key = (a0.target_accuracy, a0.target_smooth)
+        for k in range(1, len(val)):
+            a = sel.assess(val[k], calibrate=True)
+            if a.admissible and (a.target_accuracy, a.target_smooth) > key:
+                best, key = (k, a.offset), (a.target_accuracy, a.target_smooth)
+        return best
+    rkey = None
+    for k in range(1, len(val)):
+        off = _release_offset(sel, val[k], goal, heldout_n)
+        p = sel.probability(val[k], off)
+        acc = sel.target_accuracy(val[k], off)
+        if p < sel.q or acc <= a0.target_accuracy:
+            continue
+        r = (p * goal_probability(sel, val[k], off, goal, heldout_n), acc, sel.target_smooth(val[k], off))
+        if rkey is None or r > rkey:
+            best, rkey = (k, off), r
+    return best
+
+
+def judge(d: dict, k: int, offset: float, rows: np.ndarray, goal: float = GOAL) -> dict[str, Any]:
+    """The certificate on held-out ``rows`` and the gain over the whole held-out split."""
+    from safespec.certify.selection import margins
+    from safespec.certify.stats import certifies
+
+    y, t = d["held_labels"], int(d["target"])
+    old_ok = margins(d["held"][0], y) > 0
+    new_ok = margins(d["held"][k], y, t, offset) > 0
+    out = {"certified": 0, "caps": 0, "violated_true": 0, "worst_true": 0.0}
+    for c in np.unique(y):
+        if c == t:
+            continue
+        r = rows[y[rows] == c]
+        b = int((old_ok[r] & ~new_ok[r]).sum())
+        cpos = int((~old_ok[r] & new_ok[r]).sum())
+        ok = certifies(b, cpos, len(r), TOL, CONF)
+        allc = y == c
+        true_drop = float(old_ok[allc].mean() - new_ok[allc].mean())
+        out["caps"] += 1
+        out["certified"] += ok
+        out["violated_true"] += ok and true_drop > TOL
+        out["worst_true"] = max(out["worst_true"], true_drop)
+    rt = rows[y[rows] == t]
+    gain_run = float(new_ok[rt].sum() - old_ok[rt].sum())
+    out["goal"] = gain_run >= goal * len(rt) - 1e-9
+    allt = y == t
+    out["gain"] = float(new_ok[allt].mean() - old_ok[allt].mean())
+    out["exit0"] = out["goal"] and out["certified"] == out["caps"]
+    return out
+
+
+def table(
+    seeds: list[int], vals: list[int], helds: list[int], qs: list[float], tag: str = "", goal: float = GOAL
+) -> str:
+    from safespec.certify.selection import Capability, Selector
+
+    lines = [
+        "| validation / class | held-out / class | rule | min P | exit 0 | all certified | goal met | gain (1,000) | "
+        "certified yet truly > tol | worst true drop |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    data = {s: dict(np.load(OUT / f"s{s}{tag}.npz")) for s in seeds}
+    for V in vals:
+        for H in helds:
+            for objective in ("target", "release"):
+                for q in qs:
+                    res = []
+                    for s, d in data.items():
+                        yv, t = d["val_labels"], int(d["target"])
+                        caps = [Capability(str(c), (int(c),), TOL, CONF, H) for c in np.unique(yv) if c != t]
+                        for draw in range(3 if V < 60 else 1):
+                            rng = np.random.default_rng(1000 * s + draw)
+                            vrows = np.concatenate(
+                                [np.sort(rng.permutation(np.flatnonzero(yv == c))[:V]) for c in np.unique(yv)]
+                            )
+                            sel = Selector(d["val"][0][vrows], yv[vrows], caps, t, q)
+                            k, off = choose(sel, d["val"][:, vrows], objective, goal, H)
+                            for chunk in range(1000 // H if H <= 500 else 1):
+                                rows = _per_class_rows(d["held_labels"], slice(chunk * H, (chunk + 1) * H))
+                                res.append(judge(d, k, off, rows, goal))
+                    n = len(res)
+                    lines.append(
+                        f"| {V} | {H} | {objective} | {q} | {sum(r['exit0'] for r in res)}/{n} | "
+                        f"{sum(r['certified'] == r['caps'] for r in res)}/{n} | {sum(r['goal'] for r in res)}/{n} | "
+                        f"{np.mean([r['gain'] for r in res]):+.3f} | {sum(r['violated_true'] for r in res)} | "
+                        f"{max(r['worst_true'] for r in res):.3f} |"
+                    )
+    return "\n".join(lines)
+
+
+def frontier(tags: list[str], seeds: list[int], levels: tuple[int, ...] = (2, 5, 10, 15)) -> str:
+    """What a training variant makes possible, whatever the selection: at each level w, the best held-out
+    target gain over the whole split (1,000 per class) of the last checkpoint, its target offset chosen
+    with the held-out split in view, among offsets where no protected class loses more than w net
+    images of 1,000. The tuning world only: its held-out split is the tuning judge."""
+    from safespec.certify.selection import margins
+
+    offsets = np.arange(-1.0, 1.5, 0.02)
+    lines = [
+        "| variant | " + " | ".join(f"gain at <= {w} net flips / 1,000 (seeds; mean)" for w in levels) + " |",
+        "|---|" + "---|" * len(levels),
+    ]
+    for tag in tags:
+        per_level: dict[int, list[float]] = {w: [] for w in levels}
+        for s in seeds:
+            d = dict(np.load(OUT / f"s{s}{tag}.npz"))
+            y, t = d["held_labels"], int(d["target"])
+            old = margins(d["held"][0], y) > 0
+            pts = []
+            for off in offsets:
+                new = margins(d["held"][-1], y, t, float(off)) > 0
+                net = max(int((old & ~new)[y == c].sum() - (~old & new)[y == c].sum()) for c in np.unique(y) if c != t)
+                pts.append((net, float(new[y == t].mean() - old[y == t].mean())))
+            for w in levels:
+                per_level[w].append(max([g for n, g in pts if n <= w] + [0.0]))
+        cells = [" / ".join(f"{g:+.3f}" for g in per_level[w]) + f"; {np.mean(per_level[w]):+.3f}" for w in levels]
+        lines.append(f"| {tag or 'the demo spec'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.selection_replay")
+    ap.add_argument("what", choices=["record", "table", "frontier"])
+    ap.add_argument("--tags", nargs="+", default=[""], help="frontier: the recorded variants, by tag")
+    ap.add_argument("--val", type=int, nargs="+", default=[60, 50])
+    ap.add_argument("--heldout", type=int, nargs="+", default=[400, 200])
+    ap.add_argument("--q", type=float, nargs="+", default=[0.8, 0.9])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=YAML")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--goal", type=float, default=GOAL, help="the target's min_improvement")
+    a = ap.parse_args(argv)
+    settings = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in a.set)}
+    if a.what == "frontier":
+        print(frontier(a.tags, a.seeds))
+        return 0
+    if a.what == "table":
+        print(table(a.seeds, a.val, a.heldout, a.q, a.tag, a.goal))
+        return 0
+    record(a.seeds, settings, a.tag)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
