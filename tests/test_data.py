@@ -413,7 +413,8 @@ def test_file_digests_persist_across_processes_until_the_file_changes(tmp_path, 
     f.write_bytes(b"one")
     real = data_mod.file_digest(f)
     data_mod._DIGEST_STORE.flush()
-    store = tmp_path / "cache" / "file-digests.json"
+    store = data_mod._DIGEST_STORE.path_of(str(tmp_path))
+    assert store.parent == tmp_path / "cache" / "file-digests"  # one small file per folder of hashed files
     entries = json.loads(store.read_text())
     assert entries[str(f)][-1] == real
     # a new process (empty memory) takes the stored digest: prove it by planting a marker there
@@ -428,6 +429,31 @@ def test_file_digests_persist_across_processes_until_the_file_changes(tmp_path, 
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
     assert data_mod.file_digest(f) == hashlib.sha256(b"two").hexdigest()
+
+
+def test_the_digest_store_keeps_one_small_file_per_folder(tmp_path, monkeypatch):
+    """A process reads and rewrites only the folders it hashes: hashing a new image in one world's folder
+    does not rewrite the digests of every other world's images."""
+    from safespec.data import digests as data_mod
+
+    monkeypatch.setenv("SAFESPEC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_mod, "_DIGEST_STORE", data_mod._DigestStore())
+    monkeypatch.setattr(data_mod, "_FILE_DIGESTS", {})
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.bin").write_bytes(folder.encode())
+        data_mod.file_digest(tmp_path / folder / "x.bin")
+    data_mod._DIGEST_STORE.flush()
+    shard_a = data_mod._DIGEST_STORE.path_of(str(tmp_path / "a"))
+    shard_b = data_mod._DIGEST_STORE.path_of(str(tmp_path / "b"))
+    assert shard_a != shard_b
+    assert list(json.loads(shard_a.read_text())) == [str(tmp_path / "a" / "x.bin")]
+    b_before = shard_b.stat().st_ino
+    (tmp_path / "a" / "y.bin").write_bytes(b"y")
+    data_mod.file_digest(tmp_path / "a" / "y.bin")
+    data_mod._DIGEST_STORE.flush()
+    assert len(json.loads(shard_a.read_text())) == 2
+    assert shard_b.stat().st_ino == b_before  # not rewritten (an atomic rewrite is a new inode)
 
 
 def test_manifest_paths_through_a_symlink_resolve_to_the_file(tmp_path):
@@ -448,8 +474,9 @@ def test_a_damaged_digest_store_is_a_cache_miss(tmp_path, monkeypatch, content):
     monkeypatch.setattr(data_mod, "_FILE_DIGESTS", {})
     f = tmp_path / "a.bin"
     f.write_bytes(b"one")
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "file-digests.json").write_text(content.replace("PATH", json.dumps(str(f))[1:-1]))
+    store = data_mod._DIGEST_STORE.path_of(str(tmp_path))
+    store.parent.mkdir(parents=True)
+    store.write_text(content.replace("PATH", json.dumps(str(f))[1:-1]))
     assert data_mod.file_digest(f) == hashlib.sha256(b"one").hexdigest()
 
 

@@ -20,41 +20,54 @@ def cache_root() -> Path:
 class _DigestStore:
     """File digests that outlive the process, so that a second ``safespec verify`` does not hash every
     image again. An entry is valid only while the file's (size, mtime_ns, ctime_ns, inode) are unchanged:
-    rewriting a file changes its ctime, which no user can set back, so a re-dated file still misses."""
+    rewriting a file changes its ctime, which no user can set back, so a re-dated file still misses.
+
+    One small JSON file per folder of hashed files (``file-digests/<folder's hash>.json``): a process reads
+    and rewrites only the folders it touches. (One file for everything grew to 150,000 entries and 28 MB
+    on a machine with a few worlds, and every verify read it whole and every new digest rewrote it.)"""
 
     def __init__(self) -> None:
-        self.path: Path | None = None
-        self.entries: dict[str, list] = {}
-        self.dirty = False
+        self.root: Path | None = None
+        self.shards: dict[str, dict[str, list]] = {}
+        self.dirty: set[str] = set()
 
-    def _open(self) -> None:
-        path = cache_root() / "file-digests.json"
-        if path != self.path:
-            self.path, self.dirty = path, False
+    def _shard(self, folder: str) -> dict[str, list]:
+        root = cache_root() / "file-digests"
+        if root != self.root:  # another cache folder (SAFESPEC_CACHE_DIR changed): start over
+            self.root, self.shards, self.dirty = root, {}, set()
+        name = hashlib.sha256(folder.encode()).hexdigest()[:20]
+        shard = self.shards.get(name)
+        if shard is None:
             try:
-                self.entries = json.loads(path.read_text())
+                shard = json.loads((root / f"{name}.json").read_text())
             except (OSError, ValueError):
-                self.entries = {}
-            if not isinstance(self.entries, dict):  # a damaged store is a cache miss, never an error
-                self.entries = {}
+                shard = {}
+            if not isinstance(shard, dict):  # a damaged store is a cache miss, never an error
+                shard = {}
+            self.shards[name] = shard
+        return shard
 
-    def get(self, key: str, sig: list) -> str | None:
-        self._open()
-        e = self.entries.get(key)
+    def path_of(self, folder: str) -> Path:
+        """The store's file for digests of files in ``folder``."""
+        return cache_root() / "file-digests" / f"{hashlib.sha256(folder.encode()).hexdigest()[:20]}.json"
+
+    def get(self, key: str, sig: list, folder: str) -> str | None:
+        e = self._shard(folder).get(key)
         return e[-1] if isinstance(e, list) and e[:-1] == sig and isinstance(e[-1], str) else None
 
-    def put(self, key: str, sig: list, digest: str) -> None:
-        self._open()
-        self.entries[key] = [*sig, digest]
-        self.dirty = True
+    def put(self, key: str, sig: list, digest: str, folder: str) -> None:
+        self._shard(folder)[key] = [*sig, digest]
+        self.dirty.add(hashlib.sha256(folder.encode()).hexdigest()[:20])
 
     def flush(self) -> None:
-        if self.dirty and self.path is not None:
+        if not self.dirty or self.root is None:
+            return
+        for name in sorted(self.dirty):
             try:
-                atomic_write_text(self.path, json.dumps(self.entries, separators=(",", ":")))
+                atomic_write_text(self.root / f"{name}.json", json.dumps(self.shards[name], separators=(",", ":")))
             except OSError:
                 pass  # a read-only cache only costs the next run the hashing
-            self.dirty = False
+        self.dirty = set()
 
 
 _DIGEST_STORE = _DigestStore()
@@ -75,14 +88,15 @@ def file_digest(path: str | os.PathLike) -> str:
     key = s if os.path.isabs(s) else str(p.resolve())
     sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     entry = (key, *sig)
-    d = _FILE_DIGESTS.get(entry) or _DIGEST_STORE.get(key, sig)
+    folder = os.path.dirname(key)
+    d = _FILE_DIGESTS.get(entry) or _DIGEST_STORE.get(key, sig, folder)
     if d is None:
         h = hashlib.sha256()
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         d = h.hexdigest()
-        _DIGEST_STORE.put(key, sig, d)
+        _DIGEST_STORE.put(key, sig, d, folder)
     _FILE_DIGESTS[entry] = d
     return d
 
@@ -110,12 +124,15 @@ def signature_of(path: str | os.PathLike) -> Signature | None:
 def remembered(kind: str, signature: Signature, options: str = "") -> str | None:
     """A digest of ``kind`` derived from the file at ``signature`` (and ``options``), if one was
     remembered while the file had that signature."""
-    return _DIGEST_STORE.get(_derived_key(kind, signature[0], options), list(signature[1]))
+    folder = os.path.dirname(signature[0])
+    return _DIGEST_STORE.get(_derived_key(kind, signature[0], options), list(signature[1]), folder)
 
 
 def remember(kind: str, signature: Signature, options: str, digest: str) -> None:
     """Remember ``digest`` for :func:`remembered` (on disk, beside the file digests)."""
-    _DIGEST_STORE.put(_derived_key(kind, signature[0], options), list(signature[1]), digest)
+    _DIGEST_STORE.put(
+        _derived_key(kind, signature[0], options), list(signature[1]), digest, os.path.dirname(signature[0])
+    )
     _DIGEST_STORE.flush()
 
 
