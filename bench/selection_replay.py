@@ -7,7 +7,9 @@ on but never sees: fewer validation images per class (a fixed subsample) and a c
 images per class (the first 200 of each class), the rest judging the gain.
 
     python -m bench.selection_replay record [--seeds 0 1 2]    # trains, writes out/replay/s{seed}.npz
-    python -m bench.selection_replay table [--val 60 50] [--heldout 400 200]
+    python -m bench.selection_replay table [--val 60 50] [--heldout 400 200] [--q 0.8 0.9] [--goal 0.1]
+    python -m bench.selection_replay frontier --tags "" lr2          # what training variants make possible
+    python -m bench.selection_replay calibration                     # selection's predictions against outcomes
 """
 
 from __future__ import annotations
@@ -255,9 +257,59 @@ def frontier(tags: list[str], seeds: list[int], levels: tuple[int, ...] = (2, 5,
     return "\n".join(lines)
 
 
+def calibration(seeds: list[int], vals: list[int], helds: list[int], tag: str = "") -> str:
+    """How well selection's predicted chance that every capability passes matches the certificate: at every
+    recorded candidate and at 31 target offsets, the predicted probability (from validation, as selection
+    computes it) against whether the certificate on each held-out chunk certified every capability."""
+    from safespec.certify.selection import Capability, Selector, margins
+    from safespec.certify.stats import certifies
+
+    bins = [(0.05, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 0.95), (0.95, 0.99), (0.99, 1.01)]
+    lines = [
+        "| validation / class | held-out / class | "
+        + " | ".join(f"P in [{lo}, {min(hi, 1.0)}{']' if hi > 1 else ')'}" for lo, hi in bins)
+        + " |",
+        "|---|---|" + "---|" * len(bins),
+    ]
+    for V in vals:
+        for H in helds:
+            P, outcome = [], []
+            for s in seeds:
+                d = dict(np.load(OUT / f"s{s}{tag}.npz"))
+                y, yv, t = d["held_labels"], d["val_labels"], int(d["target"])
+                others = [int(c) for c in np.unique(y) if c != t]
+                caps = [Capability(str(c), (c,), TOL, CONF, H) for c in others]
+                old = margins(d["held"][0], y) > 0
+                for draw in range(3 if V < 60 else 1):
+                    rng = np.random.default_rng(1000 * s + draw)
+                    vrows = np.concatenate(
+                        [np.sort(rng.permutation(np.flatnonzero(yv == c))[:V]) for c in np.unique(yv)]
+                    )
+                    sel = Selector(d["val"][0][vrows], yv[vrows], caps, t, 0.8)
+                    for k in range(1, len(d["steps"])):
+                        for off in np.linspace(-0.3, 1.2, 31):
+                            p = sel.probability(d["val"][k][vrows], float(off))
+                            new = margins(d["held"][k], y, t, float(off)) > 0
+                            for chunk in range(1000 // H):
+                                ok = True
+                                for c in others:
+                                    r = np.flatnonzero(y == c)[chunk * H : (chunk + 1) * H]
+                                    b, cp = int((old[r] & ~new[r]).sum()), int((~old[r] & new[r]).sum())
+                                    ok = ok and certifies(b, cp, H, TOL, CONF)
+                                P.append(p)
+                                outcome.append(ok)
+            Pa, Oa = np.array(P), np.array(outcome)
+            cells = []
+            for lo, hi in bins:
+                m = (Pa >= lo) & (Pa < hi)
+                cells.append(f"{Pa[m].mean():.2f} -> {Oa[m].mean():.2f} ({m.sum()})" if m.any() else "")
+            lines.append(f"| {V} | {H} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.selection_replay")
-    ap.add_argument("what", choices=["record", "table", "frontier"])
+    ap.add_argument("what", choices=["record", "table", "frontier", "calibration"])
     ap.add_argument("--tags", nargs="+", default=[""], help="frontier: the recorded variants, by tag")
     ap.add_argument("--val", type=int, nargs="+", default=[60, 50])
     ap.add_argument("--heldout", type=int, nargs="+", default=[400, 200])
@@ -268,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--goal", type=float, default=GOAL, help="the target's min_improvement")
     a = ap.parse_args(argv)
     settings = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in a.set)}
+    if a.what == "calibration":
+        print(calibration(a.seeds, a.val, a.heldout, a.tag))
+        return 0
     if a.what == "frontier":
         print(frontier(a.tags, a.seeds))
         return 0

@@ -329,3 +329,66 @@ def test_spec_with_writes_outside_the_spec_folder_and_keeps_the_paths_working():
         assert plan.optimizer.eval_every == 5 and Path(plan.data.protected).is_absolute()
         assert sorted(p.name for p in good.parent.iterdir()) == before
     assert not path.exists()
+
+
+def _trace(tmp_path, seed: int = 0) -> None:
+    """A hand-made replay trace: 3 classes (target 2), 100 validation and 1,000 held-out images per class.
+    Candidate 1 lifts the target's logit by 3 (its images become right, and a tenth of class 0's images
+    flip to the target); candidate 2 lifts it by 1 (half the target's images, nobody else's). A target
+    offset can make either one right on every target image without a flip."""
+    from bench import selection_replay as sr
+
+    rng = np.random.default_rng(seed)
+
+    def logits(n_per_class: int, lift: float) -> np.ndarray:
+        y = np.repeat(np.arange(3), n_per_class)
+        z = np.zeros((len(y), 3), dtype=np.float32)
+        z[np.arange(len(y)), y] = 2.0
+        z[y != 2, 2] = -5.0  # far from the target, except:
+        t = y == 2
+        z[t, 2] = np.where(np.arange(t.sum()) % 2 == 0, -1.5, -0.5)  # the old model gets no target image right
+        c0 = np.flatnonzero(y == 0)
+        z[c0[: n_per_class // 10], 2] = -0.5  # a tenth of class 0 sits 2.5 below its own logit
+        z[:, 2] += lift
+        z += rng.normal(0, 1e-3, z.shape).astype(np.float32)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    np.savez(
+        tmp_path / f"s{seed}.npz",
+        steps=np.array([0, 50, 100]),
+        val=np.stack([logits(100, x) for x in (0.0, 3.0, 1.0)]),
+        held=np.stack([logits(1000, x) for x in (0.0, 3.0, 1.0)]),
+        val_labels=np.repeat(np.arange(3), 100),
+        held_labels=np.repeat(np.arange(3), 1000),
+        target=2,
+        tau=0.05,
+    )
+    sr.OUT = tmp_path
+
+
+def test_the_selection_replay_picks_what_safespec_would_and_judges_it(tmp_path, monkeypatch):
+    from bench import selection_replay as sr
+    from safespec.certify.selection import Capability, Selector
+
+    monkeypatch.setattr(sr, "OUT", tmp_path)
+    _trace(tmp_path)
+    d = dict(np.load(tmp_path / "s0.npz"))
+    caps = [Capability(str(c), (c,), 0.03, 0.95, 400) for c in (0, 1)]
+    sel = Selector(d["val"][0], d["val_labels"], caps, 2, 0.8)
+    # without an offset, candidate 1 flips a tenth of class 0: refused; candidate 2 gains half the target
+    k, offset = sr.choose(sel, d["val"], "target")
+    assert k in (1, 2)
+    out = sr.judge(d, k, offset, sr._per_class_rows(d["held_labels"], slice(0, 400)))
+    assert out["certified"] == out["caps"] == 2 and out["violated_true"] == 0
+    assert out["gain"] >= 0.45 and out["goal"] and out["exit0"]
+    # the old model is judged unchanged: certified, no gain, goal missed
+    old = sr.judge(d, 0, 0.0, sr._per_class_rows(d["held_labels"], slice(0, 400)))
+    assert old["certified"] == 2 and old["gain"] == 0 and not old["goal"]
+    # candidate 1 as it is (no offset) loses a tenth of class 0: not certified, and truly over tolerance
+    bad = sr.judge(d, 1, 0.0, sr._per_class_rows(d["held_labels"], slice(0, 400)))
+    assert bad["certified"] == 1 and bad["worst_true"] >= 0.09 and not bad["exit0"]
+    table = sr.table([0], [100], [400], [0.8])
+    assert "| 100 | 400 | target | 0.8 | 2/2 | 2/2 | 2/2 |" in table  # two disjoint chunks of 400
+    # the last candidate with its best offset (above 0.5) gets every target image right and flips nobody
+    front = sr.frontier([""], [0], levels=(0, 200))
+    assert "| the demo spec | +1.000; +1.000 | +1.000; +1.000 |" in front
