@@ -175,7 +175,7 @@ def feature_key(visual: str, data_digest: str, precision: str | None) -> str:
     return PredictionCache.key(visual=visual, data=data_digest, precision=precision, what="image-features", v=1)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # its outputs leave as numpy arrays: none can reach autograd (about 5% faster)
 def evaluate(
     model,
     class_tokens: torch.Tensor,
@@ -239,6 +239,14 @@ def evaluate(
 
 def _load_tensor(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.load(path, allow_pickle=False))
+
+
+def _map_tensor(path: Path) -> torch.Tensor:
+    """The stored array mapped, not read: its pages come in as the batches reach them (a split's images are
+    tens of MB, and a verify whose predictions are all cached reads none of them). Copy-on-write, so the
+    tensor is writable and the file is never changed; entries are replaced by rename, never rewritten in
+    place, so a mapping always sees the entry it opened."""
+    return torch.from_numpy(np.load(path, mmap_mode="c", allow_pickle=False))
 
 
 def _dump_tensor(t: torch.Tensor) -> bytes:
@@ -311,7 +319,7 @@ class PredictionCache:
         unreadable or misshapen entry is decoded again, never trusted."""
         path = self.images_path(key)
         try:
-            out = _load_tensor(path) if path.exists() else None
+            out = _map_tensor(path) if path.exists() else None
         except Exception:
             out = None
         if out is not None and (out.dim() < 2 or out.shape[0] != n or not out.is_floating_point()):

@@ -177,6 +177,32 @@ def test_a_second_verify_reads_the_held_out_images_from_the_cache(small_world, t
     assert not [p for p in empty.rglob("*") if p.is_file()]
 
 
+def test_cached_images_are_mapped_copy_on_write(tmp_path):
+    """The cache hands out the stored images mapped, not read: the same values, a writable tensor (no
+    warning from torch), and writing to it never changes the stored entry."""
+    import hashlib
+    import warnings
+
+    import torch
+
+    from safespec.evaluate import PredictionCache
+
+    cache = PredictionCache(tmp_path)
+    images = torch.rand(5, 3, 4, 4)
+    cache.put_images("k", images)
+    entry = next(tmp_path.rglob("*.npy"))
+    before = hashlib.sha256(entry.read_bytes()).hexdigest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = cache.images("k", 5)
+        assert got is not None and torch.equal(got, images)
+        got[0].zero_()  # a private copy of the page, never the file
+    assert hashlib.sha256(entry.read_bytes()).hexdigest() == before
+    again = cache.images("k", 5)
+    assert again is not None and torch.equal(again, images)
+    assert cache.images("k", 6) is None  # another split's size: not trusted
+
+
 def test_the_images_key_follows_the_data_and_the_preprocessing():
     from safespec.evaluate import images_key
 
