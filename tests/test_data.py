@@ -23,6 +23,7 @@ from safespec.data import (
     read_manifest,
     write_manifest,
 )
+from safespec.data import digests as digests_mod
 from safespec.data import manifests as manifests_mod
 from safespec.errors import DataError, SafespecError
 
@@ -485,7 +486,7 @@ def test_a_damaged_digest_store_is_a_cache_miss(tmp_path, monkeypatch, content):
 def settled(monkeypatch):
     """Files written before a read count as settled (the racy window is a wait the suite cannot afford);
     a file written during a check is still racy."""
-    monkeypatch.setattr(manifests_mod, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(digests_mod, "RACY_SECONDS", 0.0)
     time.sleep(0.02)  # past the file system's timestamp tick
 
 
@@ -505,7 +506,7 @@ def test_a_changed_manifest_is_read_again(tmp_path: Path, change: str, monkeypat
         make_image(tmp_path / "b" / f"{i}.png", 100 + i)
     (tmp_path / "data").symlink_to(tmp_path / "a")
     src = write(tmp_path / "m.csv", "path,label\ndata/0.png,cat\ndata/1.png,dog\n")
-    monkeypatch.setattr(manifests_mod, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(digests_mod, "RACY_SECONDS", 0.0)
     time.sleep(0.02)
     first = read_manifest(src, CLASSES)
     assert read_manifest(src, CLASSES) is first  # remembered, until the change below

@@ -35,7 +35,7 @@ class _DigestStore:
         root = cache_root() / "file-digests"
         if root != self.root:  # another cache folder (SAFESPEC_CACHE_DIR changed): start over
             self.root, self.shards, self.dirty = root, {}, set()
-        name = hashlib.sha256(folder.encode()).hexdigest()[:20]
+        name = _shard_name(folder)
         shard = self.shards.get(name)
         if shard is None:
             try:
@@ -49,7 +49,7 @@ class _DigestStore:
 
     def path_of(self, folder: str) -> Path:
         """The store's file for digests of files in ``folder``."""
-        return cache_root() / "file-digests" / f"{hashlib.sha256(folder.encode()).hexdigest()[:20]}.json"
+        return cache_root() / "file-digests" / f"{_shard_name(folder)}.json"
 
     def get(self, key: str, sig: list, folder: str) -> str | None:
         e = self._shard(folder).get(key)
@@ -57,7 +57,7 @@ class _DigestStore:
 
     def put(self, key: str, sig: list, digest: str, folder: str) -> None:
         self._shard(folder)[key] = [*sig, digest]
-        self.dirty.add(hashlib.sha256(folder.encode()).hexdigest()[:20])
+        self.dirty.add(_shard_name(folder))
 
     def flush(self) -> None:
         if not self.dirty or self.root is None:
@@ -68,6 +68,10 @@ class _DigestStore:
             except OSError:
                 pass  # a read-only cache only costs the next run the hashing
         self.dirty = set()
+
+
+def _shard_name(folder: str) -> str:
+    return hashlib.sha256(folder.encode()).hexdigest()[:20]
 
 
 _DIGEST_STORE = _DigestStore()

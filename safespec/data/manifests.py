@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, atomic_write_text
+from . import digests
 from .digests import _DIGEST_STORE, file_digest
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
@@ -172,12 +173,6 @@ class _Checked:
 _CHECKED: dict[str, _Checked] = {}
 
 
-#: An image changed within this many seconds of a check could change again within the same timestamp tick
-#: without its (size, mtime, ctime, inode) changing ("racily clean", as git calls it): a manifest with such
-#: an image is not remembered.
-RACY_SECONDS = 2.0
-
-
 def _read_csv_memo(src: Path, classes: tuple[str, ...]) -> Manifest:
     path = os.path.abspath(src)
     try:
@@ -193,7 +188,7 @@ def _read_csv_memo(src: Path, classes: tuple[str, ...]) -> Manifest:
     checked_at = time.time_ns()
     m = _read_csv(src, classes, folders)
     files = []
-    racy = checked_at - int(RACY_SECONDS * 1e9)
+    racy = checked_at - int(digests.RACY_SECONDS * 1e9)  # a manifest with an image just written: not kept
     for r in m.records:
         p = os.fspath(r.path)
         st = os.lstat(p)
