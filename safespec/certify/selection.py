@@ -269,15 +269,11 @@ class Selector:
             self.target_smooth(logits, offset),
         )
 
-    def _offset(self, logits: np.ndarray) -> float:
-        """The admissible offset with the best target accuracy. The target's accuracy only changes where the
-        offset passes a target image's gap, so each interval between consecutive gaps is tried at one point:
-        0 where the interval holds it (the least intervention), else its midpoint, as far from the
-        validation images on either side as it can be. Of equal target accuracy the offset nearest 0 wins;
-        with nothing admissible the candidate is reported at offset 0."""
+    def offset_points(self, logits: np.ndarray) -> np.ndarray:
+        """One offset per interval between consecutive target gaps, ascending (target accuracy only
+        changes where the offset passes a target image's gap): 0 in the interval that holds it, else the
+        midpoint, as far from the validation images on either side as it can be."""
         t = self.target_mask
-        if not t.any():
-            return 0.0
         gaps = np.unique(-margins(logits[t], self.labels[t], self.target))  # right iff offset > gap
         lo = np.concatenate([[-np.inf], gaps])
         hi = np.concatenate([gaps, [np.inf]])
@@ -285,9 +281,18 @@ class Selector:
             mid = np.where(
                 np.isfinite(lo) & np.isfinite(hi), (lo + hi) / 2, np.where(np.isfinite(lo), lo + 1.0, hi - 1.0)
             )
-        points = np.where((lo < 0) & (hi >= 0), 0.0, mid)
+        return np.where((lo < 0) & (hi >= 0), 0.0, mid)
+
+    def _offset(self, logits: np.ndarray) -> float:
+        """The admissible offset with the best target accuracy. The target's accuracy only changes where the
+        offset passes a target image's gap, so each interval between consecutive gaps is tried at one point:
+        0 where the interval holds it (the least intervention), else its midpoint, as far from the
+        validation images on either side as it can be. Of equal target accuracy the offset nearest 0 wins;
+        with nothing admissible the candidate is reported at offset 0."""
+        if not self.target_mask.any():
+            return 0.0
         # from the most target images right (the last interval) down: the first admissible point wins
-        for b in points[::-1]:
+        for b in self.offset_points(logits)[::-1]:
             if self.probability(logits, float(b)) >= self.q:
                 return float(b)
         return 0.0
