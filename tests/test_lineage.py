@@ -434,8 +434,8 @@ def test_certified_cycles_are_registered_in_a_chain(lineage_runs):
 
 def test_a_class_gained_earlier_stays_protected_and_a_run_that_loses_it_is_not_released(lineage_runs, small_world):
     """Cycle 3 improves cow and its spec protects neither dog (release 1's gain) nor cat (release 2's): both
-    are carried at lineage.carry_tolerance; cat loses a quarter of its images, so the run is refused and
-    the registry stays as it was."""
+    are carried at lineage.carry_tolerance; cat loses more than that (17.5 points on one platform's bits, a
+    quarter on another's: 0.1 leaves both clear), so the run is refused and the registry stays as it was."""
     root, registry, runs = lineage_runs
     before = {p: p.read_bytes() for p in sorted(registry.rglob("*")) if p.is_file()}
     others = ["bear", "bird", "elephant", "giraffe", "horse", "sheep", "zebra"]
@@ -446,14 +446,14 @@ def test_a_class_gained_earlier_stays_protected_and_a_run_that_loses_it_is_not_r
         "cow",
         registry,
         protect=[{"classes": others, "each": True, "tolerance": 0.6}],
-        lineage={"carry_tolerance": 0.2},
+        lineage={"carry_tolerance": 0.1},
     )
     assert c3["exit"] == 1, c3["output"]
     result = c3["result"]
     carried = {c["name"]: c["from_release"] for c in result["lineage"]["carried"]}
     assert carried == {"dog": "release 1", "cat": "release 2"}  # where each was last improved
     caps = {c["name"]: c for c in result["capabilities"]}
-    assert caps["cat"]["tolerance"] == 0.2 and caps["cat"]["status"] == "violated"
+    assert caps["cat"]["tolerance"] == 0.1 and caps["cat"]["status"] == "violated"
     assert result["lineage"]["release"] is None and "not certified" in result["lineage"]["registration"]
     assert {p: p.read_bytes() for p in sorted(registry.rglob("*")) if p.is_file()} == before
 
@@ -468,7 +468,9 @@ def test_a_registration_that_fails_fails_the_run_and_leaves_a_valid_registry(lin
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Registry, "_write_index", full)
-    run = _cycle(root, small_world, "c4", "bird", registry, steps=CAT_STEPS)
+    # the widest budget: what is under test is the registration, so the cycle must be certified whatever a
+    # platform's float kernels make of an unconstrained run against the lineage (0.6 lost zebra on one)
+    run = _cycle(root, small_world, "c4", "bird", registry, steps=CAT_STEPS, budget=1.0)
     assert run["exit"] == 2 and "No space left on device" in run["output"], run["output"]
     assert run["result"] is None
     state = json.loads((root / "c4" / "run" / "state.json").read_text())
