@@ -9,6 +9,7 @@ images per class (the first 200 of each class), the rest judging the gain.
     python -m bench.selection_replay record [--seeds 0 1 2]    # trains, writes out/replay/s{seed}.npz
     python -m bench.selection_replay table [--val 60 50] [--heldout 400 200] [--q 0.8 0.9] [--goal 0.1]
     python -m bench.selection_replay frontier --tags "" lr2          # what training variants make possible
+    python -m bench.selection_replay frontier --readouts last v1 mean3 gate   # ensembles, a gate, v1 alone
     python -m bench.selection_replay calibration                     # selection's predictions against outcomes
 """
 
@@ -221,11 +222,39 @@ def table(
     return "\n".join(lines)
 
 
-def frontier(tags: list[str], seeds: list[int], levels: tuple[int, ...] = (2, 5, 10, 15)) -> str:
+#: The frontier's readouts of a recorded run: the last checkpoint; v1 itself (only its target offset moves:
+#: the yardstick a cycle must beat); the mean of the last k checkpoints' log-probabilities (a logit
+#: ensemble, the best case of averaging the tower's weights); and the last checkpoint behind a
+#: backward-compatible gate (Traeuble et al. 2021): v1's prediction is kept where the new model says target,
+#: v1 does not, and v1's own top-1 margin exceeds g, g a second dimension of the search (GATES).
+READOUTS = ("last", "v1", "mean2", "mean3", "mean4", "mean-all", "gate")
+GATES = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
+
+
+def _readout(d: dict, name: str) -> tuple[np.ndarray, tuple[float | None, ...]]:
+    """The held-out log-probabilities a readout judges, and the gates it tries (None: no gate)."""
+    held = d["held"]
+    if name == "v1":
+        return held[0], (None,)
+    if name == "mean-all":
+        return held[1:].mean(0), (None,)
+    if name.startswith("mean"):
+        return held[-int(name[4:]) :].mean(0), (None,)
+    if name == "gate":
+        return held[-1], (None, *GATES)
+    if name == "last":
+        return held[-1], (None,)
+    raise ValueError(f"unknown readout {name!r} (expected one of {', '.join(READOUTS)})")
+
+
+def frontier(
+    tags: list[str], seeds: list[int], levels: tuple[int, ...] = (2, 5, 10, 15), readouts: tuple[str, ...] = ("last",)
+) -> str:
     """What a training variant makes possible, whatever the selection: at each level w, the best held-out
-    target gain over the whole split (1,000 per class) of the last checkpoint, its target offset chosen
-    with the held-out split in view, among offsets where no protected class loses more than w net
-    images of 1,000. The tuning world only: its held-out split is the tuning judge."""
+    target gain over the whole split (1,000 per class) of a readout of the run (READOUTS; the last
+    checkpoint by default), its target offset chosen with the held-out split in view, among offsets where no
+    protected class loses more than w net images of 1,000. The tuning world only: its held-out split is the
+    tuning judge."""
     from safespec.certify.selection import margins
 
     offsets = np.arange(-1.0, 1.5, 0.02)
@@ -234,20 +263,33 @@ def frontier(tags: list[str], seeds: list[int], levels: tuple[int, ...] = (2, 5,
         "|---|" + "---|" * len(levels),
     ]
     for tag in tags:
-        per_level: dict[int, list[float]] = {w: [] for w in levels}
-        for s in seeds:
-            d = dict(np.load(OUT / f"s{s}{tag}.npz"))
-            y, t = d["held_labels"], int(d["target"])
-            old = margins(d["held"][0], y) > 0
-            pts = []
-            for off in offsets:
-                new = margins(d["held"][-1], y, t, float(off)) > 0
-                net = max(int((old & ~new)[y == c].sum() - (~old & new)[y == c].sum()) for c in np.unique(y) if c != t)
-                pts.append((net, float(new[y == t].mean() - old[y == t].mean())))
-            for w in levels:
-                per_level[w].append(max([g for n, g in pts if n <= w] + [0.0]))
-        cells = [" / ".join(f"{g:+.3f}" for g in per_level[w]) + f"; {np.mean(per_level[w]):+.3f}" for w in levels]
-        lines.append(f"| {tag or 'the demo spec'} | " + " | ".join(cells) + " |")
+        for readout in readouts:
+            per_level: dict[int, list[float]] = {w: [] for w in levels}
+            for s in seeds:
+                d = dict(np.load(OUT / f"s{s}{tag}.npz"))
+                y, t = d["held_labels"], int(d["target"])
+                old = margins(d["held"][0], y) > 0
+                top2 = np.sort(d["held"][0], 1)[:, -2:]
+                v1_margin, v1_pred = top2[:, 1] - top2[:, 0], d["held"][0].argmax(1)
+                logits, gates = _readout(d, readout)
+                pts = []
+                for off in offsets:
+                    says_target = margins(logits, np.full(len(y), t), t, float(off)) > 0
+                    right = margins(logits, y, t, float(off)) > 0
+                    for g in gates:
+                        new = right
+                        if g is not None:
+                            kept = says_target & (v1_pred != t) & (v1_margin > g)
+                            new = np.where(kept, old, right)
+                        net = max(
+                            int((old & ~new)[y == c].sum() - (~old & new)[y == c].sum()) for c in np.unique(y) if c != t
+                        )
+                        pts.append((net, float(new[y == t].mean() - old[y == t].mean())))
+                for w in levels:
+                    per_level[w].append(max([g for n, g in pts if n <= w] + [0.0]))
+            cells = [" / ".join(f"{g:+.3f}" for g in per_level[w]) + f"; {np.mean(per_level[w]):+.3f}" for w in levels]
+            name = (tag or "the demo spec") + ("" if readout == "last" else f", {readout}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -305,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.selection_replay")
     ap.add_argument("what", choices=["record", "table", "frontier", "calibration"])
     ap.add_argument("--tags", nargs="+", default=[""], help="frontier: the recorded variants, by tag")
+    ap.add_argument("--readouts", nargs="+", default=["last"], choices=READOUTS, help="frontier: what of each run")
     ap.add_argument("--val", type=int, nargs="+", default=[60, 50])
     ap.add_argument("--heldout", type=int, nargs="+", default=[400, 200])
     ap.add_argument("--q", type=float, nargs="+", default=[0.8, 0.9])
@@ -318,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         print(calibration(a.seeds, a.val, a.heldout, a.tag))
         return 0
     if a.what == "frontier":
-        print(frontier(a.tags, a.seeds))
+        print(frontier(a.tags, a.seeds, readouts=tuple(a.readouts)))
         return 0
     if a.what == "table":
         print(table(a.seeds, a.val, a.heldout, a.q, a.tag, a.goal))

@@ -392,3 +392,10 @@ def test_the_selection_replay_picks_what_safespec_would_and_judges_it(tmp_path, 
     # the last candidate with its best offset (above 0.5) gets every target image right and flips nobody
     front = sr.frontier([""], [0], levels=(0, 200))
     assert "| the demo spec | +1.000; +1.000 | +1.000; +1.000 |" in front
+    # v1 alone reaches only its target images within 1.5 of the boundary (the offset grid stops there); the
+    # mean of the last two candidates lifts the target by 2 and gets every one right; the gate never fires
+    # here (v1's top two tie on every target image), so it reads as the last candidate does
+    front = sr.frontier([""], [0], levels=(0, 200), readouts=("v1", "mean2", "gate"))
+    assert "| the demo spec, v1 | +0.500; +0.500 | +0.500; +0.500 |" in front
+    assert "| the demo spec, mean2 | +1.000; +1.000 | +1.000; +1.000 |" in front
+    assert "| the demo spec, gate | +1.000; +1.000 | +1.000; +1.000 |" in front
