@@ -399,3 +399,19 @@ def test_the_selection_replay_picks_what_safespec_would_and_judges_it(tmp_path, 
     assert "| the demo spec, v1 | +0.500; +0.500 | +0.500; +0.500 |" in front
     assert "| the demo spec, mean2 | +1.000; +1.000 | +1.000; +1.000 |" in front
     assert "| the demo spec, gate | +1.000; +1.000 | +1.000; +1.000 |" in front
+
+
+def test_the_probe_frontier_counts_net_flips_and_a_probe_learns_a_feature_that_flags_the_target():
+    from bench import probe_frontier as pf
+
+    # three classes, target 2: v1 misses both targets by 0.1; one class-0 image sits 0.05 from flipping
+    cos = np.array([[0.6, 0.0, 0.5], [0.6, 0.0, 0.5], [0.6, 0.0, 0.55], [0.6, 0.0, 0.3], [0.0, 0.6, 0.3]], np.float32)
+    y = np.array([2, 2, 0, 0, 1])
+    front = pf.frontier(cos, cos, y, 2, levels=(0, 1))
+    assert front[0] == 0.0 and front[1] == 1.0  # the offset that rescues both targets flips the near image
+    # a feature that is 1 on exactly the targets: the probe learns to raise the target there and nowhere else
+    feat = (y == 2).astype(np.float32)[:, None]
+    same = pf.train_probe((cos, feat, y, np.ones(5, np.float32)), 2, steps=0)(cos, feat)
+    np.testing.assert_array_equal(same, cos)  # zero-initialised: before training the probe is v1
+    learned = pf.train_probe((cos, feat, y, np.ones(5, np.float32)), 2, steps=200)(cos, feat)
+    assert pf.frontier(learned, cos, y, 2, levels=(0,))[0] == 1.0
