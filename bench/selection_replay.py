@@ -248,16 +248,21 @@ def _readout(d: dict, name: str) -> tuple[np.ndarray, tuple[float | None, ...]]:
 
 
 def frontier(
-    tags: list[str], seeds: list[int], levels: tuple[int, ...] = (2, 5, 10, 15), readouts: tuple[str, ...] = ("last",)
+    tags: list[str],
+    seeds: list[int],
+    levels: tuple[int, ...] = (2, 5, 10, 15),
+    readouts: tuple[str, ...] = ("last",),
+    lowest_offset: float = -1.0,
 ) -> str:
     """What a training variant makes possible, whatever the selection: at each level w, the best held-out
     target gain over the whole split (1,000 per class) of a readout of the run (READOUTS; the last
     checkpoint by default), its target offset chosen with the held-out split in view, among offsets where no
     protected class loses more than w net images of 1,000. The tuning world only: its held-out split is the
-    tuning judge."""
+    tuning judge. Offsets run from ``lowest_offset`` to 1.5 log-probability units: an unconstrained run's
+    target sits far above v1's, and only an offset far below 0 brings its flips down."""
     from safespec.certify.selection import margins
 
-    offsets = np.arange(-1.0, 1.5, 0.02)
+    offsets = np.arange(lowest_offset, 1.5, 0.02)
     lines = [
         "| variant | " + " | ".join(f"gain at <= {w} net flips / 1,000 (seeds; mean)" for w in levels) + " |",
         "|---|" + "---|" * len(levels),
@@ -348,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("what", choices=["record", "table", "frontier", "calibration"])
     ap.add_argument("--tags", nargs="+", default=[""], help="frontier: the recorded variants, by tag")
     ap.add_argument("--readouts", nargs="+", default=["last"], choices=READOUTS, help="frontier: what of each run")
+    ap.add_argument("--lowest-offset", type=float, default=-1.0, help="frontier: where the offset grid starts")
     ap.add_argument("--val", type=int, nargs="+", default=[60, 50])
     ap.add_argument("--heldout", type=int, nargs="+", default=[400, 200])
     ap.add_argument("--q", type=float, nargs="+", default=[0.8, 0.9])
@@ -361,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         print(calibration(a.seeds, a.val, a.heldout, a.tag))
         return 0
     if a.what == "frontier":
-        print(frontier(a.tags, a.seeds, readouts=tuple(a.readouts)))
+        print(frontier(a.tags, a.seeds, readouts=tuple(a.readouts), lowest_offset=a.lowest_offset))
         return 0
     if a.what == "table":
         print(table(a.seeds, a.val, a.heldout, a.q, a.tag, a.goal))
