@@ -412,8 +412,13 @@ def test_file_digests_persist_across_processes_until_the_file_changes(tmp_path, 
     monkeypatch.setattr(data_mod, "_DIGEST_STORE", data_mod._DigestStore())
     f = tmp_path / "a.bin"
     f.write_bytes(b"one")
+    legacy = tmp_path / "cache" / data_mod.LEGACY_STORE  # an earlier version's single store
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text(json.dumps({str(f): [3, 0, 0, 0, "stale"]}))
     real = data_mod.file_digest(f)
+    assert legacy.exists()  # nothing flushed yet: nothing removed
     data_mod._DIGEST_STORE.flush()
+    assert not legacy.exists()  # read by nothing now, so it goes once the per-folder store is written
     store = data_mod._DIGEST_STORE.path_of(str(tmp_path))
     assert store.parent == tmp_path / "cache" / "file-digests"  # one small file per folder of hashed files
     entries = json.loads(store.read_text())

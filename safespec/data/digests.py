@@ -68,6 +68,16 @@ class _DigestStore:
             except OSError:
                 pass  # a read-only cache only costs the next run the hashing
         self.dirty = set()
+        # the single store of earlier versions (``file-digests.json``, up to tens of MB) is read by
+        # nothing now: it goes once the per-folder store holds what this process hashed
+        try:
+            (self.root.parent / LEGACY_STORE).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+#: the one-file store of safespec before the per-folder split, removed by the first flush that writes a shard
+LEGACY_STORE = "file-digests.json"
 
 
 def _shard_name(folder: str) -> str:
