@@ -302,6 +302,25 @@ class Result(_Part):
             return f"verdict: 'certified' contradicts the capabilities (not every one is {self.require!r} or better)"
         if self.verdict == "not_certified" and all_meet:
             return f"verdict: 'not_certified' contradicts the capabilities (every one meets {self.require!r})"
+        return self._goal_contradiction()
+
+    def _goal_contradiction(self) -> str | None:
+        """Why target.goal_met does not follow from the target's accuracies and goal, or None. The release
+        gate reads goal_met, so a hand-edited true must not open it. Accuracies are counts over n, so the
+        check recovers the counts and compares as the certificate does."""
+        t = self.target
+        if t.goal is None or not t.n or t.old_accuracy is None or t.new_accuracy is None:
+            return None
+        old, new = round(t.old_accuracy * t.n), round(t.new_accuracy * t.n)
+        min_acc, min_imp = t.goal.min_accuracy, t.goal.min_improvement
+        met = (min_acc is None or new >= min_acc * t.n - 1e-9) and (
+            min_imp is None or new - old >= min_imp * t.n - 1e-9
+        )
+        if met != t.goal_met:
+            return (
+                f"target.goal_met: {t.goal_met} contradicts the target's accuracies ({t.old_accuracy:.4f} -> "
+                f"{t.new_accuracy:.4f} of n={t.n}) and its goal"
+            )
         return None
 
     @property

@@ -397,6 +397,22 @@ def test_verdict_that_contradicts_its_capabilities_is_refused(tmp_path: Path):
     assert "meets_requirement" in msg and "violated" in msg
 
 
+def test_a_goal_met_that_contradicts_the_targets_accuracies_is_refused(tmp_path: Path):
+    """The release gate reads target.goal_met: a hand-edited true over accuracies short of the goal fails
+    closed, and so does a false over accuracies that reach it."""
+    result = make_result()
+    t = result["target"]
+    assert report.validate_result(result) == []
+    t["goal_met"] = not t["goal_met"]
+    msg = _one_line_error(write_run(tmp_path / "a", result))
+    assert "target.goal_met" in msg and "contradicts" in msg
+    result = make_result()
+    t = result["target"]
+    t["goal"] = {"min_accuracy": None, "min_improvement": round(t["new_accuracy"] - t["old_accuracy"], 6)}
+    t["goal_met"] = True  # exactly at the goal: met, as the certificate counts it
+    assert report.validate_result(result) == []
+
+
 def test_trajectory_errors_and_resume_duplicates(tmp_path: Path):
     result = make_result()
     names = [c["name"] for c in result["capabilities"]]
@@ -459,6 +475,7 @@ def test_the_release_decision_is_a_property_of_the_result():
     ok["target"]["goal_met"] = True
     assert parse_result(ok).release_ok and release_ok(ok)
     no_goal = copy.deepcopy(ok)
+    no_goal["target"]["goal"]["min_improvement"] = 0.5  # beyond the target's +0.21: the goal is missed
     no_goal["target"]["goal_met"] = False
     assert not parse_result(no_goal).release_ok and not release_ok(no_goal)
     forged = copy.deepcopy(ok)
@@ -582,6 +599,7 @@ def test_trajectory_path_must_stay_in_the_run_directory(tmp_path: Path):
 def test_a_certified_run_whose_target_missed_its_goal_is_marked_not_releasable(tmp_path):
     result = make_result([(n, [(n, 400, 360, 2, 4)]) for n in ("bear", "cat", "cow")])
     assert result["verdict"] == "certified"
+    result["target"]["goal"]["min_improvement"] = 0.5  # beyond the target's improvement
     result["target"]["goal_met"] = False
     html = report.render_html(report.load_run(write_run(tmp_path / "run", result)))
     assert 'class="banner goal-missed"' in html and "TARGET GOAL NOT MET" in html and "Not releasable" in html
