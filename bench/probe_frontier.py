@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.selection_replay import net_flips_and_gain
 from bench.worlds import REPO, build, spec_for
 
 OUT = REPO / "out" / "probe"
@@ -79,14 +80,12 @@ def features(path: Path = OUT / "features.npz") -> dict[str, np.ndarray]:
 def frontier(cos_new: np.ndarray, cos_old: np.ndarray, y: np.ndarray, t: int, levels: Sequence[int]) -> dict:
     """At each level w: the best target gain among offsets where no protected class loses more than w net
     images (a net negative flip count, as the certificate sees it)."""
-    old_ok = cos_old.argmax(1) == y
+    from safespec.certify.selection import margins
+
+    old_ok = margins(cos_old, y) > 0
     best = dict.fromkeys(levels, 0.0)
     for off in OFFSETS:
-        z = cos_new.copy()
-        z[:, t] += off
-        ok = z.argmax(1) == y
-        net = max(int((old_ok & ~ok)[y == c].sum()) - int((~old_ok & ok)[y == c].sum()) for c in np.unique(y) if c != t)
-        gain = float(ok[y == t].mean() - old_ok[y == t].mean())
+        net, gain = net_flips_and_gain(old_ok, margins(cos_new, y, t, float(off)) > 0, y, t)
         for w in levels:
             if net <= w:
                 best[w] = max(best[w], gain)
@@ -140,23 +139,22 @@ def study(d: dict[str, np.ndarray], levels: Sequence[int] = (1, 2, 5, 7)) -> lis
     train, store = part("train"), part("store")
     rows = [("v1, target offset only", frontier(judge[0], judge[0], judge[2], t, levels))]
 
-    def probe(name: str, sets: list[tuple[np.ndarray, ...]], weights: list[float]) -> None:
-        cat = [np.concatenate([s[i] for s in sets]) for i in range(3)]
-        w = np.concatenate([np.full(len(s[2]), wt / max(len(s[2]), 1)) for s, wt in zip(sets, weights, strict=True)])
+    def probe(name: str, negatives: tuple[np.ndarray, ...]) -> None:
+        """The target set and ``negatives`` weighted to equal totals, then the negatives times 1 and 4."""
+        cat = [np.concatenate([train[i], negatives[i]]) for i in range(3)]
         for lam in (1.0, 4.0):
-            ww = w.copy()
-            ww[len(sets[0][2]) :] *= lam
-            apply = train_probe((*cat, ww.astype(np.float32)), t)
+            w = np.concatenate(
+                [np.full(len(train[2]), 1 / len(train[2])), np.full(len(negatives[2]), lam / len(negatives[2]))]
+            )
+            apply = train_probe((*cat, w.astype(np.float32)), t)
             rows.append(
                 (f"{name}, negatives x{lam:g}", frontier(apply(judge[0], judge[1]), judge[0], judge[2], t, levels))
             )
 
-    probe("probe: target set + the store (what a cycle has)", [train, store], [1.0, 1.0])
+    probe("probe: target set + the store (what a cycle has)", store)
     for k in (100, 500):
         pick = np.concatenate([np.flatnonzero(spare[2] == c)[:k] for c in np.unique(spare[2]) if c != t])
-        probe(
-            f"probe: target set + {k} unfitted negatives per class", [train, tuple(a[pick] for a in spare)], [1.0, 1.0]
-        )
+        probe(f"probe: target set + {k} unfitted negatives per class", tuple(a[pick] for a in spare))
     rows.append(
         (
             "probe, oracle: trained on the held-out odd rows (500 targets among them)",

@@ -222,6 +222,13 @@ def table(
     return "\n".join(lines)
 
 
+def net_flips_and_gain(old_ok: np.ndarray, new_ok: np.ndarray, y: np.ndarray, t: int) -> tuple[int, float]:
+    """The worst protected class's net negative flips (what its certificate counts) and the target's
+    accuracy gain, from each image's old and new correctness."""
+    net = max(int((old_ok & ~new_ok)[y == c].sum() - (~old_ok & new_ok)[y == c].sum()) for c in np.unique(y) if c != t)
+    return net, float(new_ok[y == t].mean() - old_ok[y == t].mean())
+
+
 #: The frontier's readouts of a recorded run: the last checkpoint; v1 itself (only its target offset moves:
 #: the yardstick a cycle must beat); the mean of the last k checkpoints' log-probabilities (a logit
 #: ensemble, the best case of averaging the tower's weights); and the last checkpoint behind a
@@ -286,10 +293,7 @@ def frontier(
                         if g is not None:
                             kept = says_target & (v1_pred != t) & (v1_margin > g)
                             new = np.where(kept, old, right)
-                        net = max(
-                            int((old & ~new)[y == c].sum() - (~old & new)[y == c].sum()) for c in np.unique(y) if c != t
-                        )
-                        pts.append((net, float(new[y == t].mean() - old[y == t].mean())))
+                        pts.append(net_flips_and_gain(old, new, y, t))
                 for w in levels:
                     per_level[w].append(max([g for n, g in pts if n <= w] + [0.0]))
             cells = [" / ".join(f"{g:+.3f}" for g in per_level[w]) + f"; {np.mean(per_level[w]):+.3f}" for w in levels]
