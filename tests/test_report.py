@@ -402,10 +402,14 @@ def test_a_goal_met_that_contradicts_the_targets_accuracies_is_refused(tmp_path:
     closed, and so does a false over accuracies that reach it."""
     result = make_result()
     t = result["target"]
-    assert report.validate_result(result) == []
-    t["goal_met"] = not t["goal_met"]
+    assert report.validate_result(result) == [] and t["goal_met"] is True
+    t["goal"]["min_improvement"] = 0.5  # beyond the target's improvement, with goal_met still true
     msg = _one_line_error(write_run(tmp_path / "a", result))
-    assert "target.goal_met" in msg and "contradicts" in msg
+    assert "target.goal_met: True contradicts" in msg
+    result = make_result()
+    result["target"]["goal_met"] = False  # the goal (+0.15) is reached
+    msg = _one_line_error(write_run(tmp_path / "b", result))
+    assert "target.goal_met: False contradicts" in msg
     result = make_result()
     t = result["target"]
     t["goal"] = {"min_accuracy": None, "min_improvement": round(t["new_accuracy"] - t["old_accuracy"], 6)}
