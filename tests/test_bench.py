@@ -415,3 +415,55 @@ def test_the_probe_frontier_counts_net_flips_and_a_probe_learns_a_feature_that_f
     np.testing.assert_array_equal(same, cos)  # zero-initialised: before training the probe is v1
     learned = pf.train_probe((cos, feat, y, np.ones(5, np.float32)), 2, steps=200)(cos, feat)
     assert pf.frontier(learned, cos, y, 2, levels=(0,))[0] == 1.0
+
+
+def _rivals(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Classes 0 and 1 protected, 2 the target. Half the target images have class 0 as their strongest
+    rival and sit 0.5 below it, half class 1 and sit 2.0 below; a tenth of class 1's images have the target
+    0.3 below their own logit, class 0's have it 5 below. One offset that rescues the first half of the
+    targets (> 0.5) flips that tenth of class 1; an offset against class 0 alone flips nobody."""
+    y = np.repeat(np.arange(3), n)
+    z = np.full((len(y), 3), -5.0)
+    z[np.arange(len(y)), y] = 0.0
+    t = np.flatnonzero(y == 2)
+    z[t, 2] = 0.0
+    z[t[: n // 2], 0], z[t[n // 2 :], 1] = 0.5, 2.0
+    c1 = np.flatnonzero(y == 1)[: n // 10]
+    z[c1, 2] = -0.3
+    return z, y
+
+
+def test_an_offset_per_rival_class_rescues_the_targets_one_offset_cannot(tmp_path, monkeypatch):
+    from bench import selection_replay as sr
+    from safespec.certify.selection import Capability, Selector
+
+    z, y = _rivals(1000)
+    moved = sr.competitor_offsets(z, 2, np.array([0.6, 0.0, 0.0]))
+    np.testing.assert_array_equal(moved[:, :2], z[:, :2])  # the other classes never move
+    wins = moved.argmax(1) == 2
+    assert wins[y == 2].mean() == 0.5 and not wins[y != 2].any()  # against class 0 only
+    # the replay's halves: one offset (any budget up to a tenth of class 1) gains nothing; one per rival half
+    monkeypatch.setattr(sr, "OUT", tmp_path)
+    np.savez(
+        tmp_path / "s0.npz",
+        steps=np.array([0, 50]),
+        val=np.stack([z, z]),
+        held=np.stack([z, z]),
+        val_labels=y,
+        held_labels=y,
+        target=2,
+        tau=0.05,
+    )
+    table = sr.split_frontier([""], [0], budgets=(0, 10))
+    assert "| the demo spec | one | +0.000, 0.0 | +0.000, 0.0 |" in table
+    assert "| the demo spec | one per competitor | +0.500, 0.0 | +0.500, 0.0 |" in table
+    # selection grows the offset against class 0 past the targets' gap and leaves class 1's below 0.3
+    zv, yv = _rivals(100)
+    caps = [Capability(str(c), (c,), 0.03, 0.95, 400) for c in (0, 1)]
+    sel = Selector(zv, yv, caps, 2, 0.8)
+    o = sr.calibrate_per_competitor(sel, zv, 0.0)
+    assert o[0] > 0.5 and o[1] < 0.3
+    k, off = sr.choose(sel, np.stack([zv, zv]), "per-competitor")
+    assert k == 1 and np.ndim(off) == 1
+    out = sr.judge({"held": np.stack([z, z]), "held_labels": y, "target": 2}, k, off, np.arange(len(y)))
+    assert out["gain"] == 0.5 and out["certified"] == out["caps"] == 2
