@@ -10,8 +10,8 @@ images per class (the first 200 of each class), the rest judging the gain.
     python -m bench.selection_replay table [--val 60 50] [--heldout 400 200] [--q 0.8 0.9] [--goal 0.1]
     python -m bench.selection_replay frontier --tags "" lr2          # what training variants make possible
     python -m bench.selection_replay frontier --readouts last v1 mean3 gate   # ensembles, a gate, v1 alone
-    python -m bench.selection_replay table --rules target per-competitor --q 0.8 0.95 0.99
-    python -m bench.selection_replay split-frontier                  # one target offset or one per competitor
+    python -m bench.selection_replay table --rules target per-rival --q 0.8 0.95 0.99
+    python -m bench.selection_replay split-frontier                  # one target offset or one per rival class
     python -m bench.selection_replay calibration                     # selection's predictions against outcomes
 """
 
@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 from bench.worlds import REPO, build, spec_for
+from safespec.certify.selection import rival_offsets
 
 OUT = REPO / "out" / "replay"
 
@@ -89,7 +90,7 @@ def record(seeds: list[int], settings: dict[str, Any] | None = None, tag: str = 
 
 # ------------------------------------------------------------------------------------------ judging
 TOL, CONF, GOAL = 0.03, 0.95, 0.10  # the demo spec's, as spec_for copies them
-RULES = ("target", "release", "per-competitor")  # choose()'s selection rules
+RULES = ("target", "release", "per-rival")  # choose()'s selection rules
 
 
 def _per_class_rows(labels: np.ndarray, take: slice) -> np.ndarray:
@@ -129,70 +130,21 @@ def _release_offset(sel, logits: np.ndarray, goal: float, heldout_n: int) -> flo
     return best
 
 
-def competitor_offsets(logits: np.ndarray, target: int, offsets: np.ndarray) -> np.ndarray:
-    """``logits`` with the target's logit raised by ``offsets[k]``, k each row's best non-target class: a
-    target threshold that depends on the class the target competes with. Among the other classes nothing
-    moves, so under ``model.target_tower`` class k's net flips depend on ``offsets[k]`` alone."""
-    z = np.asarray(logits, dtype=np.float64).copy()
-    rest = z.copy()
-    rest[:, target] = -np.inf
-    z[:, target] += np.asarray(offsets, dtype=np.float64)[rest.argmax(1)]
-    return z
-
-
-def calibrate_per_competitor(sel, logits: np.ndarray, start: float) -> np.ndarray:
-    """Target offsets per competitor class (``competitor_offsets``), grown from ``start`` one validation
-    target image at a time: each move raises one competitor's offset past its next target image's gap (to
-    the midpoint before the one after) and the move taken is the one that leaves the predicted chance that
-    every capability certifies highest, as long as it stays at least ``sel.q``. Only offsets at or above
-    ``start`` are tried, so the result is never less intervention-free than the one-offset rule's."""
-    z = np.asarray(logits, dtype=np.float64)
-    t, y = sel.target, sel.labels
-    o = np.full(z.shape[1], float(start))
-    rest = z.copy()
-    rest[:, t] = -np.inf
-    comp, gap = rest.argmax(1), rest.max(1) - z[:, t]  # a target image is right where o[comp] > gap
-    mine = y == t
-    while True:
-        best: tuple[float, int, float] | None = None
-        for k in range(z.shape[1]):
-            g = np.sort(gap[mine & (comp == k)])
-            g = g[g >= o[k]]
-            if k == t or not len(g):
-                continue
-            after = g[g > g[0] + 1e-9]
-            step = max((g[0] + after[0]) / 2 if len(after) else g[0] + 0.5, g[0] + 1e-4)
-            trial = o.copy()
-            trial[k] = step
-            p = sel.probability(competitor_offsets(z, t, trial), 0.0)
-            if p >= sel.q and (best is None or p > best[0]):
-                best = (p, k, step)
-        if best is None:
-            return o
-        o[best[1]] = best[2]
-
-
 def choose(sel, val: np.ndarray, objective: str, goal: float = GOAL, heldout_n: int = 400) -> tuple[int, Any]:
     """The candidate (index into the trace, offset) a rule selects. 'target' is safespec's rule
     (safespec.train.candidates: the best validation target among admissible candidates); 'release', tried
-    and not adopted, takes the admissible candidate most likely to be a release; 'per-competitor' is
-    'target' with each candidate's offset grown per competitor class (``calibrate_per_competitor``), and
-    returns the offsets as a vector."""
+    and not adopted, takes the admissible candidate most likely to be a release; 'per-rival' is 'target'
+    with each candidate's offset grown per rival class (optimize.calibrate.target_offset: per-rival,
+    ``Selector.grow_rival_offsets``), and returns the offsets as a vector."""
     a0 = sel.assess(val[0], calibrate=False)
     best: tuple[int, Any] = (0, 0.0)
-    if objective == "per-competitor":
-        t = sel.target
+    if objective == "per-rival":
         best = (0, np.zeros(val.shape[-1]))
         key = (a0.target_accuracy, a0.target_smooth)
         for k in range(1, len(val)):
-            a = sel.assess(val[k], calibrate=True)
-            o = calibrate_per_competitor(sel, val[k], a.offset if a.admissible else 0.0)
-            z = competitor_offsets(val[k], t, o)
-            if sel.probability(z, 0.0) < sel.q:
-                continue
-            cand = (sel.target_accuracy(z, 0.0), sel.target_smooth(z, 0.0))
-            if cand > key:
-                best, key = (k, o), cand
+            a = sel.assess(val[k], calibrate=True, rivals=True)
+            if a.admissible and (a.target_accuracy, a.target_smooth) > key:
+                best, key = (k, np.array(a.rival_offsets)), (a.target_accuracy, a.target_smooth)
         return best
     if objective == "target":
         key = (a0.target_accuracy, a0.target_smooth)
@@ -221,8 +173,8 @@ def judge(d: dict, k: int, offset: Any, rows: np.ndarray, goal: float = GOAL) ->
 
     y, t = d["held_labels"], int(d["target"])
     old_ok = margins(d["held"][0], y) > 0
-    if np.ndim(offset):  # one offset per competitor class
-        new_ok = margins(competitor_offsets(d["held"][k], t, offset), y) > 0
+    if np.ndim(offset):  # one offset per rival class
+        new_ok = margins(rival_offsets(d["held"][k], t, offset), y) > 0
     else:
         new_ok = margins(d["held"][k], y, t, float(offset)) > 0
     out = {"certified": 0, "caps": 0, "violated_true": 0, "worst_true": 0.0}
@@ -374,11 +326,11 @@ def frontier(
 
 
 def _choose_offsets(
-    d: dict, logits: np.ndarray, rows: np.ndarray, budget: int, per_competitor: bool, grid: np.ndarray
+    d: dict, logits: np.ndarray, rows: np.ndarray, budget: int, per_rival: bool, grid: np.ndarray
 ) -> np.ndarray:
     """The offsets with the most target images right on ``rows`` for which no protected class loses more
-    than ``budget`` net images there: one offset for every competitor, or one per competitor (separable,
-    each competitor's own best)."""
+    than ``budget`` net images there: one offset for every rival, or one per rival class (separable,
+    each rival's own best)."""
     from safespec.certify.selection import margins
 
     y, t = d["held_labels"][rows], int(d["target"])
@@ -398,7 +350,7 @@ def _choose_offsets(
         mine = m & (y == k)
         net[k] = (says[mine] & old[mine][:, None]).sum(0) - (~says[mine] & ~old[mine][:, None]).sum(0)
         right[k] = says[m & (y == t)].sum(0)
-    if per_competitor:
+    if per_rival:
         out = np.full(n_classes, grid[0])
         for k in range(n_classes):
             ok = np.flatnonzero(net[k] <= budget)
@@ -413,7 +365,7 @@ def _choose_offsets(
 def split_frontier(
     tags: list[str], seeds: list[int], budgets: tuple[int, ...] = (0, 1, 2, 3, 5), lowest_offset: float = -1.0
 ) -> str:
-    """One target offset against one per competitor class (``competitor_offsets``), chosen on one half of
+    """One target offset against one per rival class (``safespec.certify.selection.rival_offsets``), chosen on one half of
     the held-out split (odd or even rows) at a net-flip budget per 500 images and judged on the other half,
     both ways round: the judged gain and the judged worst net flips, as means over seeds and halves.
     Choosing and judging apart matters here: nine thresholds fitted to the edge of one sample flip more on
@@ -437,11 +389,11 @@ def split_frontier(
                     for even in (True, False):
                         judged = (np.arange(len(y)) % 2 == 0) == even
                         o = _choose_offsets(d, d["held"][-1], ~judged, b, per, grid)
-                        new = competitor_offsets(d["held"][-1], t, o).argmax(1) == y
+                        new = rival_offsets(d["held"][-1], t, o).argmax(1) == y
                         pts.append(net_flips_and_gain(old[judged], new[judged], y[judged], t))
                 cells.append(f"{np.mean([g for _, g in pts]):+.3f}, {np.mean([n for n, _ in pts]):.1f}")
             lines.append(
-                f"| {tag or 'the demo spec'} | {'one per competitor' if per else 'one'} | " + " | ".join(cells) + " |"
+                f"| {tag or 'the demo spec'} | {'one per rival' if per else 'one'} | " + " | ".join(cells) + " |"
             )
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .data import cache_root
 from .distributed import context as dist_context
 from .errors import atomic_write_bytes
-from .model import class_logits, tensor_digest
+from .model import DecisionBias, class_logits, tensor_digest
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def logits_losses(
     text_features: torch.Tensor,
     labels: torch.Tensor,
     tau: float,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | DecisionBias | None = None,
     towers: Mapping[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zero-shot logits (:func:`class_logits`), per-sample CE and true-minus-best-other margins for a batch."""
@@ -214,7 +214,7 @@ def evaluate(
                     feats = features[torch.as_tensor(idx)].to(device, non_blocking=True)
                 else:
                     feats = model.encode_image(images)
-            logits, loss, margin = logits_losses(feats.float(), text.float(), y, tau, model.class_bias, towers)
+            logits, loss, margin = logits_losses(feats.float(), text.float(), y, tau, model.decision_bias, towers)
             preds.append(logits.argmax(1).cpu())
             losses.append(loss.cpu())
             margins.append(margin.float().cpu())

@@ -124,7 +124,11 @@ class WiseFtPlan:
 class CalibratePlan:
     """``optimize.calibrate``: what is calibrated on validation after every evaluation."""
 
-    target_offset: bool = False
+    target_offset: bool | str = False  # True, or "per-rival" (the offset grown per rival class)
+
+    @property
+    def per_rival(self) -> bool:
+        return self.target_offset == "per-rival"
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,10 @@ class Selection(_Part):
     reason: StrictStr | None = None
     fell_back_to_old: StrictBool = _absent_or()
     target_offset: StrictFloat = _absent_or()
+    target_rival_offsets: dict[StrictStr, StrictFloat] = _absent_or(
+        description="optimize.calibrate.target_offset: per-rival: the target's offset against each rival "
+        "class (cosine units), in place of target_offset."
+    )
     min_certify_probability: Annotated[StrictFloat, Field(gt=0, lt=1)] = _absent_or()
     blocked: dict[str, Any] | None = None
 

@@ -423,22 +423,22 @@ def _rivals(n: int) -> tuple[np.ndarray, np.ndarray]:
     0.3 below their own logit, class 0's have it 5 below. One offset that rescues the first half of the
     targets (> 0.5) flips that tenth of class 1; an offset against class 0 alone flips nobody."""
     y = np.repeat(np.arange(3), n)
+    own = np.random.default_rng(0).normal(0.0, 0.2, len(y))  # margins that vary, as real ones do
     z = np.full((len(y), 3), -5.0)
-    z[np.arange(len(y)), y] = 0.0
+    z[np.arange(len(y)), y] = own
     t = np.flatnonzero(y == 2)
-    z[t, 2] = 0.0
-    z[t[: n // 2], 0], z[t[n // 2 :], 1] = 0.5, 2.0
+    z[t[: n // 2], 0], z[t[n // 2 :], 1] = own[t[: n // 2]] + 0.5, own[t[n // 2 :]] + 2.0
     c1 = np.flatnonzero(y == 1)[: n // 10]
-    z[c1, 2] = -0.3
+    z[c1, 2] = own[c1] - 0.3
     return z, y
 
 
 def test_an_offset_per_rival_class_rescues_the_targets_one_offset_cannot(tmp_path, monkeypatch):
     from bench import selection_replay as sr
-    from safespec.certify.selection import Capability, Selector
+    from safespec.certify.selection import Capability, Selector, rival_offsets
 
     z, y = _rivals(1000)
-    moved = sr.competitor_offsets(z, 2, np.array([0.6, 0.0, 0.0]))
+    moved = rival_offsets(z, 2, np.array([0.6, 0.0, 0.0]))
     np.testing.assert_array_equal(moved[:, :2], z[:, :2])  # the other classes never move
     wins = moved.argmax(1) == 2
     assert wins[y == 2].mean() == 0.5 and not wins[y != 2].any()  # against class 0 only
@@ -456,14 +456,13 @@ def test_an_offset_per_rival_class_rescues_the_targets_one_offset_cannot(tmp_pat
     )
     table = sr.split_frontier([""], [0], budgets=(0, 10))
     assert "| the demo spec | one | +0.000, 0.0 | +0.000, 0.0 |" in table
-    assert "| the demo spec | one per competitor | +0.500, 0.0 | +0.500, 0.0 |" in table
-    # selection grows the offset against class 0 past the targets' gap and leaves class 1's below 0.3
+    assert "| the demo spec | one per rival | +0.500, 0.0 | +0.500, 0.0 |" in table
+    # the replay's per-rival rule is safespec's: class 0's offset past the targets' gap, class 1's below 0.3
     zv, yv = _rivals(100)
     caps = [Capability(str(c), (c,), 0.03, 0.95, 400) for c in (0, 1)]
     sel = Selector(zv, yv, caps, 2, 0.8)
-    o = sr.calibrate_per_competitor(sel, zv, 0.0)
-    assert o[0] > 0.5 and o[1] < 0.3
-    k, off = sr.choose(sel, np.stack([zv, zv]), "per-competitor")
+    k, off = sr.choose(sel, np.stack([zv, zv]), "per-rival")
+    assert off[0] > 0.5 and off[1] < 0.3
     assert k == 1 and np.ndim(off) == 1
     out = sr.judge({"held": np.stack([z, z]), "held_labels": y, "target": 2}, k, off, np.arange(len(y)))
     assert out["gain"] == 0.5 and out["certified"] == out["caps"] == 2

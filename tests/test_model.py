@@ -627,6 +627,84 @@ def test_class_offsets_for_other_classes_are_refused(headed, tmp_path):
     assert "class offsets for 7 classes" in one_line(e)
 
 
+def test_a_rival_row_moves_its_class_by_the_offset_of_each_images_strongest_rival():
+    """DecisionBias: row r raises class order[r] by the entry of the image's best other class, found on
+    the cosines the rows before it left; no other class moves; rows apply in order."""
+    from safespec.model import DecisionBias, class_logits
+
+    sims = torch.tensor([[0.9, 0.1, 0.5, 0.0], [0.1, 0.8, 0.5, 0.0], [0.0, 0.1, 0.5, 0.3]])
+    text = torch.eye(4)
+    row = torch.tensor([[0.30, 0.05, 0.0, 0.2]])  # class 2's offset against classes 0, 1, 3
+    out = class_logits(sims, text, 0.5, DecisionBias(None, torch.tensor([2]), row))
+    want = sims.clone()
+    want[:, 2] += torch.tensor([0.30, 0.05, 0.2])  # rivals: 0, 1, 3
+    torch.testing.assert_close(out, want / 0.5)
+    # the class bias first, then the rows; a second row for class 0 sees class 2 as already raised
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.25])
+    rows = torch.tensor([[0.30, 0.05, 0.0, 0.2], [0.0, 0.0, -0.5, 0.0]])
+    out = class_logits(sims, text, 1.0, DecisionBias(bias, torch.tensor([2, 0]), rows))
+    want = sims + bias
+    want[:, 2] += torch.tensor([0.30, 0.05, 0.2])  # image 3: class 3 at 0.55 beats class 1 as the rival
+    want[:, 0] += torch.tensor([-0.5, 0.0, -0.5])  # class 0's rival: 2 (raised), 1, 2
+    torch.testing.assert_close(out, want)
+    # gradients pass through the raised class as through a plain logit
+    s = sims.clone().requires_grad_()
+    class_logits(s, text, 1.0, DecisionBias(None, torch.tensor([2]), row))[:, 2].sum().backward()
+    torch.testing.assert_close(s.grad, torch.tensor([[0.0, 0.0, 1.0, 0.0]]).expand(3, 4))
+
+
+def test_rival_offsets_round_trip_and_are_absent_by_default(headed, images, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = HeadedCLIP(headed.model.clip, CLASSES, arch=ARCH, model_cfg=headed.model.model_cfg, tokenizer_name=ARCH)
+    model.add_heads(rank=4, seed=5)
+    before = weights_digest(model)
+    assert model.rival_bias is None and model.decision_bias is None
+    assert not {"rival_order", "rival_bias"} & set(model.state_dict())
+    zs = ZeroShotClassifier(model, headed.tokenizer, TEMPLATES, tau=0.05)
+    with torch.no_grad():
+        plain = zs.logits(images)
+        model.set_rival_bias(torch.tensor([2]), torch.tensor([[0.1, 0.2, 0.0, 0.3]]))
+        moved = zs.logits(images)
+    others = [0, 1, 3]
+    assert torch.equal(moved[:, others], plain[:, others])
+    rest = plain.clone()
+    rest[:, 2] = float("-inf")
+    want = plain[:, 2] + torch.tensor([0.1, 0.2, 0.0, 0.3])[rest.argmax(1)] / 0.05
+    torch.testing.assert_close(moved[:, 2], want)
+    path = tmp_path / "v2.safetensors"
+    digest = save_checkpoint(model, path)
+    assert digest != before
+    loaded = load_model(plan(checkpoint=str(path)), CLASSES)
+    assert loaded.digest == digest and "per-rival offsets" in loaded.source
+    torch.testing.assert_close(
+        ZeroShotClassifier(loaded.model, loaded.tokenizer, TEMPLATES, tau=0.05).logits(images), moved
+    )
+    model.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("rival_")})
+    assert model.rival_bias is None and weights_digest(model) == before
+    with pytest.raises(ValueError, match="class indices"):
+        model.set_rival_bias(torch.tensor([4]), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="rows"):
+        model.set_rival_bias(torch.tensor([2]), torch.zeros(2, 4))
+    # a checkpoint whose rows are for other classes, or lack their class, is refused in one line
+    meta, sd = load_checkpoint(path)[1], load_file(path)
+    for change, fragment in (
+        ({"rival_bias": torch.zeros(1, 7)}, "per-rival offsets for 7 classes"),
+        ({"rival_order": torch.tensor([9])}, "per-rival offsets for 4 classes"),
+        ({"rival_bias": torch.full((1, 4), float("nan"))}, "non-finite per-rival offsets"),
+    ):
+        save_file({**sd, **change}, path, metadata={"safespec": __import__("json").dumps(meta)})
+        with pytest.raises(ModelError) as e:
+            load_model(plan(checkpoint=str(path)), CLASSES)
+        assert fragment in one_line(e)
+    save_file(
+        {k: v for k, v in sd.items() if k != "rival_order"}, path, metadata={"safespec": __import__("json").dumps(meta)}
+    )
+    with pytest.raises(ModelError) as e:
+        load_model(plan(checkpoint=str(path)), CLASSES)
+    assert "without their classes" in one_line(e)
+
+
 # ------------------------------------------------------------------------------------------ class image towers
 def _logits(loaded, images):
     return ZeroShotClassifier(loaded.model, loaded.tokenizer, TEMPLATES).predict_batches([images]).logits

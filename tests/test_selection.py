@@ -195,8 +195,45 @@ def test_equal_target_accuracy_is_broken_by_the_smoothed_target_accuracy():
     keep = lambda: {}  # noqa: E731
     for step, a in ((50, a_near), (100, a_far), (150, a_near)):
         v = {"score": a.target_accuracy, "smooth": a.target_smooth, "offset": 0.0, "assessment": a}
-        c.consider(step, v, eligible=True, weights=keep, with_offset=lambda s, o: s)
+        c.consider(step, v, eligible=True, weights=keep, with_offset=lambda s, o, r=None: s)
     assert c.best_step == 100  # neither the earliest of the tied nor the latest: the best-separated one
     restored = Candidates(0.8)
     restored.load_state_dict(c.state_dict(), c.best_state)
     assert (restored.best_step, restored.best_smooth) == (100, c.best_smooth)
+
+
+def _rivals(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Classes 0 and 1 protected, 2 the target. Half the target images have class 0 as their strongest
+    rival and sit 0.5 below it, half class 1 and sit 2.0 below; a fifth of class 1's images have the target
+    0.3 below their own logit, class 0's have it 5 below. A single offset that rescues the first half of
+    the targets flips that fifth of class 1; an offset against class 0 alone flips nobody."""
+    y = np.repeat(np.arange(3), n)
+    own = np.random.default_rng(0).normal(0.0, 0.2, len(y))  # margins that vary, as real ones do
+    z = np.full((len(y), 3), -5.0)
+    z[np.arange(len(y)), y] = own
+    t = np.flatnonzero(y == 2)
+    z[t[: n // 2], 0], z[t[n // 2 :], 1] = own[t[: n // 2]] + 0.5, own[t[n // 2 :]] + 2.0
+    c1 = np.flatnonzero(y == 1)[: n // 5]
+    z[c1, 2] = own[c1] - 0.3
+    return z, y
+
+
+def test_an_offset_per_rival_rescues_the_targets_a_single_offset_cannot():
+    from safespec.certify.selection import rival_offsets
+
+    z, y = _rivals(100)
+    caps = [Capability(str(c), (c,), 0.03, 0.95, 400) for c in (0, 1)]
+    sel = Selector(z, y, caps, 2, 0.8)
+    one = sel.assess(z, calibrate=True)
+    assert one.rival_offsets is None and one.target_accuracy == 0.0  # held back by class 1
+    per = sel.assess(z, calibrate=True, rivals=True)
+    o = np.array(per.rival_offsets)
+    assert o[0] > 0.5 and o[1] < 0.3 and per.admissible and per.target_accuracy == 0.5
+    assert per.probability == pytest.approx(sel.probability(rival_offsets(z, 2, o)))
+    moved = rival_offsets(z, 2, o)
+    np.testing.assert_array_equal(moved[:, :2], z[:, :2])  # no other class moves
+    # without calibration there is nothing to grow
+    assert sel.assess(z, calibrate=False, rivals=True).rival_offsets is None
+    z4, y4 = np.tile(z, (4, 1)), np.tile(y, 4)  # the same images four times: the same choice
+    per4 = Selector(z4, y4, caps, 2, 0.8).assess(z4, calibrate=True, rivals=True)
+    assert per4.target_accuracy == 0.5 and per4.admissible

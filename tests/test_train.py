@@ -170,8 +170,8 @@ def _nothing_admissible(monkeypatch):
     """Every candidate but the old model itself is refused, as if validation showed it losing capability 0."""
     assess = Selector.assess
 
-    def refuse(self, logits, *, calibrate):
-        a = assess(self, logits, calibrate=calibrate)
+    def refuse(self, logits, *, calibrate, rivals=False):
+        a = assess(self, logits, calibrate=calibrate, rivals=rivals)
         if np.array_equal(np.asarray(logits, dtype=np.float64), self.old):
             return a
         ev = (dataclasses.replace(a.evidence[0], probability=0.0, drop=0.2, flips=(5, 0)), *a.evidence[1:])
@@ -666,3 +666,49 @@ def test_a_target_tower_run_resumes_bit_identically(world_inputs, tmp_path):
     assert any(k.startswith("class_towers.") for k in b) and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert out_a.trajectory == out_b.trajectory and out_a.selected_step == out_b.selected_step
+
+
+def test_per_rival_calibration_selects_saves_what_selection_saw_and_resumes(world_inputs, tmp_path):
+    """optimize.calibrate.target_offset: per-rival under model.target_tower: every evaluation grows the
+    target's offset per rival class; the selected model carries them as its one row of rival offsets (and
+    no class bias), re-evaluating it shows exactly the target accuracy and chance selection saw, it
+    survives a checkpoint, and resume reaches the same selection."""
+    from safespec.model import save_checkpoint
+
+    inp = dataclasses.replace(world_inputs, plan=_target_tower_plan(world_inputs))
+    kw = dict(
+        steps=20,
+        eval_every=10,
+        checkpoint_every=10,
+        heldout_n=400,
+        **{"calibrate.target_offset": "per-rival", "select.min_certify_probability": 0.6},
+    )
+    trainer, out = _train(inp, tmp_path, "lagrangian", run_dir=tmp_path / "a", **kw)
+    C, t = len(trainer.plan.classes), trainer.plan.objective.target_index
+    assert all(len(e["target_rival_offsets"]) == C for e in trainer.trajectory)
+    assert not out.fell_back_to_old
+    sel = next(e for e in trainer.trajectory if e["step"] == out.selected_step)
+    rivals = out.validation["target_rival_offsets"]
+    assert list(rivals) == [c for i, c in enumerate(trainer.plan.classes) if i != t]
+    assert rivals == {c: x for c, x in sel["target_rival_offsets"].items() if c != trainer.plan.classes[t]}
+    assert out.state_dict["rival_order"].tolist() == [t] and out.state_dict["rival_bias"].shape == (1, C)
+    assert "class_bias" not in out.state_dict and "per rival class" in out.reason
+
+    trainer.model.load_state_dict(out.state_dict)
+    val = trainer.data.validation
+    new = evaluate(trainer.model, trainer.class_tokens, val.bank, val.labels, trainer.tau, log_probs=True)
+    assert new.per_class_accuracy(C)[t] == pytest.approx(sel["target_calibrated"])
+    again = trainer.selector.assess(new.log_probs, calibrate=False)
+    assert again.probability == pytest.approx(sel["certify_probability"], abs=1e-4)
+
+    path = tmp_path / "new.safetensors"
+    digest = save_checkpoint(trainer.model, path)
+    back = load_model(dataclasses.replace(trainer.plan.model, checkpoint=str(path)), trainer.plan.classes)
+    assert back.digest == digest
+    b = evaluate(back.model, trainer.class_tokens, val.bank, val.labels, trainer.tau, log_probs=True)
+    np.testing.assert_array_equal(b.preds, new.preds)
+
+    _train(inp, tmp_path, "lagrangian", run_dir=tmp_path / "b", stop_after=10, **kw)
+    _, resumed = _train(inp, tmp_path, "lagrangian", run_dir=tmp_path / "b", resume=True, **kw)
+    assert resumed.selected_step == out.selected_step and resumed.validation == out.validation
+    assert all(torch.equal(out.state_dict[k], resumed.state_dict[k]) for k in out.state_dict)

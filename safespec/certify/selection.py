@@ -78,6 +78,19 @@ def margins(logits: np.ndarray, labels: np.ndarray, target: int | None = None, o
     return true - other.max(1)
 
 
+def rival_offsets(logits: np.ndarray, target: int, offsets: np.ndarray) -> np.ndarray:
+    """``logits`` with the target's logit raised by ``offsets[k]``, k each row's strongest rival (its best
+    non-target class): a target threshold that depends on the class the target competes with. The other
+    classes' logits never move, so under ``model.target_tower`` a protected class's flips depend on the
+    offset against it alone, and one protected class close to the target no longer holds every other
+    back (docs/selection.md)."""
+    z = np.array(logits, dtype=np.float64)
+    rest = z.copy()
+    rest[:, target] = -np.inf
+    z[:, target] += np.asarray(offsets, dtype=np.float64)[rest.argmax(1)]
+    return z
+
+
 def bandwidth(old_margins: np.ndarray) -> float:
     """Silverman's rule of thumb for a Gaussian kernel on one capability's old-model margins. A capability
     whose margins are all equal (or a single image) gets a bandwidth from their scale, never 0."""
@@ -251,23 +264,64 @@ class Selector:
         m = margins(logits[t], self.labels[t], self.target, offset)
         return float(norm.cdf(m / self.target_bandwidth).mean())
 
-    def assess(self, logits: np.ndarray, *, calibrate: bool) -> Assessment:
+    def assess(self, logits: np.ndarray, *, calibrate: bool, rivals: bool = False) -> Assessment:
         """The best admissible offset for one candidate's validation ``logits`` (offset 0 without
-        ``calibrate``), with the evidence at that offset."""
+        ``calibrate``), with the evidence at that offset. With ``rivals`` the offset is then grown per
+        rival class (``grow_rival_offsets``) and the evidence is at those offsets."""
         logits = np.asarray(logits, dtype=np.float64)
         if logits.shape != self.old.shape or not np.isfinite(logits).all():
             raise ValueError("candidate logits must be finite and shaped like the old model's")
         offset = self._offset(logits) if calibrate else 0.0
-        ev = self.evidence(logits, offset)
+        per_rival: tuple[float, ...] | None = None
+        at, off = logits, offset
+        if calibrate and rivals and self.target_mask.any():
+            start = offset if self.probability(logits, offset) >= self.q else 0.0
+            o = self.grow_rival_offsets(logits, start)
+            per_rival, at, off = tuple(float(x) for x in o), rival_offsets(logits, self.target, o), 0.0
+        ev = self.evidence(at, off)
         prob = float(np.prod([e.probability for e in ev]))
         return Assessment(
             offset,
-            self.target_accuracy(logits, offset),
+            self.target_accuracy(at, off),
             prob,
             prob >= self.q,
             tuple(ev),
-            self.target_smooth(logits, offset),
+            self.target_smooth(at, off),
+            per_rival,
         )
+
+    def grow_rival_offsets(self, logits: np.ndarray, start: float) -> np.ndarray:
+        """Target offsets per rival class (``rival_offsets``), grown from ``start`` against every rival one
+        validation target image at a time. Each move raises the offset against one rival past the gap of
+        the next target image that competes with it (to the midpoint before the gap after, as
+        ``offset_points`` places a single offset); of the moves that keep the candidate admissible, the one
+        that leaves the predicted chance that every capability certifies highest is taken, until none is
+        left. Offsets only grow from ``start``, so the target never loses an image the single offset got
+        right, and a rival no target image competes with keeps ``start``."""
+        z = np.asarray(logits, dtype=np.float64)
+        t = self.target
+        o = np.full(z.shape[1], float(start))
+        rest = z.copy()
+        rest[:, t] = -np.inf
+        rival, gap = rest.argmax(1), rest.max(1) - z[:, t]  # a target image is right where o[rival] > gap
+        mine = self.target_mask
+        while True:
+            best: tuple[float, int, float] | None = None
+            for k in range(z.shape[1]):
+                g = np.sort(gap[mine & (rival == k)])
+                g = g[g >= o[k]]
+                if k == t or not len(g):
+                    continue
+                after = g[g > g[0] + OFFSET_RESOLUTION]
+                step = max((g[0] + after[0]) / 2 if len(after) else g[0] + 1.0, g[0] + OFFSET_RESOLUTION)
+                trial = o.copy()
+                trial[k] = step
+                p = self.probability(rival_offsets(z, t, trial), 0.0)
+                if p >= self.q and (best is None or p > best[0]):
+                    best = (p, k, step)
+            if best is None:
+                return o
+            o[best[1]] = best[2]
 
     def offset_points(self, logits: np.ndarray) -> np.ndarray:
         """One offset per interval between consecutive target gaps, ascending (target accuracy only
@@ -308,6 +362,7 @@ class Assessment:
     admissible: bool
     evidence: tuple[Evidence, ...]
     target_smooth: float = float("nan")  # the tie-break among equal target accuracies (Selector.target_smooth)
+    rival_offsets: tuple[float, ...] | None = None  # per rival class (optimize.calibrate: per-rival), else None
 
     def blocking(self) -> Evidence | None:
         """The capability least likely to pass."""

@@ -22,7 +22,15 @@ from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, read_checkpoint_meta
 from .device import model_autocast, resolve_device
 from .digest import tensor_digest, weights_digest
 from .factory import LoadedModel, create_model, load_model, preprocess_config
-from .headed import TOWER_PREFIX, HeadedCLIP, build_class_tokens, class_logits, tower_indices, zero_shot_logits
+from .headed import (
+    TOWER_PREFIX,
+    DecisionBias,
+    HeadedCLIP,
+    build_class_tokens,
+    class_logits,
+    tower_indices,
+    zero_shot_logits,
+)
 from .heads import LowRankHeads, grouped_low_rank, naive_routed_projection
 from .registry import SHIPPED_ARCHS, register_shipped_configs
 from .zero_shot import ZeroShotClassifier, ZeroShotOutput
@@ -31,6 +39,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "SHIPPED_ARCHS",
     "TOWER_PREFIX",
+    "DecisionBias",
     "HeadedCLIP",
     "LoadedModel",
     "LowRankHeads",

@@ -140,12 +140,17 @@ def save_checkpoint(model: HeadedCLIP, path: str | os.PathLike, metadata: dict |
     return digest
 
 
+#: What a safespec checkpoint holds beside the CLIP weights, the heads and the class towers: the calibrated
+#: decision offsets (safespec.model.headed.DecisionBias).
+DECISION_KEYS = ("class_bias", "rival_order", "rival_bias")
+
+
 def _split_state(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """A safespec checkpoint prefixes the open_clip weights with ``clip.``; a plain open_clip one does not."""
     if any(k.startswith("clip.") for k in sd):
         clip_sd = {k[len("clip.") :]: v for k, v in sd.items() if k.startswith("clip.")}
         heads = {k: v for k, v in sd.items() if k.startswith("heads.")}
-        other = sorted(k for k in sd if not k.startswith(("clip.", "heads.", TOWER_PREFIX)) and k != "class_bias")
+        other = sorted(k for k in sd if not k.startswith(("clip.", "heads.", TOWER_PREFIX)) and k not in DECISION_KEYS)
         if other:
             raise ModelError(f"unexpected tensors in a safespec checkpoint: {', '.join(other[:5])}")
         return clip_sd, (heads or None)

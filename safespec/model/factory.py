@@ -288,6 +288,10 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
     if bias is not None:
         _check_class_bias(path, bias, classes)
         desc += " (with calibrated class offsets)"
+    order, rivals = sd.get("rival_order"), sd.get("rival_bias")
+    if order is not None or rivals is not None:
+        _check_rival_bias(path, order, rivals, classes)
+        desc += " (with calibrated per-rival offsets)"
     towers = {k: v for k, v in sd.items() if k.startswith(TOWER_PREFIX)}
     loaded = _finish(
         clip,
@@ -302,16 +306,19 @@ def _load_from_checkpoint(mp: ModelPlan, classes: Sequence[str], device: torch.d
         device=device,
         precision=mp.precision,
         source=desc,
-        digest=known is None and bias is None and not towers,  # else once, below, over the finished model
+        # else once, below, over the finished model
+        digest=known is None and bias is None and order is None and not towers,
     )
     if towers:
         _load_class_towers(path, loaded, towers, classes, mp.arch, device)
     if bias is not None:
         loaded.model.set_class_bias(bias)
+    if order is not None:
+        loaded.model.set_rival_bias(order, rivals)
     if known is not None:
         loaded.digest = known
     else:
-        if bias is not None or towers:
+        if bias is not None or order is not None or towers:
             loaded.refresh_digest()
         if sig is not None:
             remember("weights", sig, options, loaded.digest)
@@ -374,6 +381,22 @@ def _check_class_bias(path: Path, bias: torch.Tensor, classes: Sequence[str]) ->
         )
     if not torch.isfinite(bias).all():
         raise ModelError(f"model.checkpoint: {path} has non-finite class offsets")
+
+
+def _check_rival_bias(
+    path: Path, order: torch.Tensor | None, rivals: torch.Tensor | None, classes: Sequence[str]
+) -> None:
+    C = len(classes)
+    if order is None or rivals is None:
+        raise ModelError(
+            f"model.checkpoint: {path} has per-rival offsets without their {'classes' if order is None else 'values'}"
+        )
+    if order.dim() != 1 or order.dtype.is_floating_point or rivals.dim() != 2 or rivals.shape[0] != order.numel():
+        raise ModelError(f"model.checkpoint: {path} has malformed per-rival offsets (one class index per row expected)")
+    if rivals.shape[1] != C or bool(((order < 0) | (order >= C)).any()):
+        raise ModelError(f"classes: {path} has per-rival offsets for {rivals.shape[1]} classes but the spec lists {C}")
+    if not torch.isfinite(rivals).all():
+        raise ModelError(f"model.checkpoint: {path} has non-finite per-rival offsets")
 
 
 def _load_class_towers(

@@ -77,12 +77,44 @@ class HeadedCLIP(nn.Module):
         # straight into _buffers: register_buffer refuses a name that the property above already holds
         self._buffers["class_bias"] = bias.detach().to(dev, torch.float32).clone()
 
+    @property
+    def rival_bias(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-rival offsets (optimize.calibrate.target_offset: per-rival), or None: ``(order, offsets)``,
+        row ``r`` of ``offsets`` (cosine units, one per class) raising class ``order[r]``'s cosine by the
+        entry of its strongest rival (:class:`DecisionBias`). Buffers only while set, as the class bias."""
+        order, offsets = self._buffers.get("rival_order"), self._buffers.get("rival_bias")
+        return None if order is None or offsets is None else (order, offsets)
+
+    def set_rival_bias(self, order: torch.Tensor | None, offsets: torch.Tensor | None) -> None:
+        self._buffers.pop("rival_order", None)
+        self._buffers.pop("rival_bias", None)
+        if order is None or offsets is None or order.numel() == 0:
+            return
+        C = len(self.classes)
+        if order.dim() != 1 or offsets.shape != (order.numel(), C):
+            raise ValueError(f"rival offsets must be (rows, {C}) with one class index per row")
+        if order.dtype.is_floating_point or bool(((order < 0) | (order >= C)).any()):
+            raise ValueError(f"rival offsets' class indices must be integers in [0, {C})")
+        dev = next(self.clip.parameters()).device
+        self._buffers["rival_order"] = order.detach().to(dev, torch.int64).clone()
+        self._buffers["rival_bias"] = offsets.detach().to(dev, torch.float32).clone()
+
+    @property
+    def decision_bias(self) -> DecisionBias | None:
+        """Every calibrated decision offset the model has, for :func:`class_logits`; None if it has none."""
+        bias, rivals = self.class_bias, self.rival_bias
+        if bias is None and rivals is None:
+            return None
+        return DecisionBias(bias, *(rivals or (None, None)))
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As nn.Module's, with the optional class bias set (or cleared) and the class image towers made
-        (or dropped) to match the state."""
+        """As nn.Module's, with the optional class bias and rival offsets set (or cleared) and the class
+        image towers made (or dropped) to match the state."""
         sd = dict(state_dict)
         bias = sd.pop("class_bias", None)
+        order, offsets = sd.pop("rival_order", None), sd.pop("rival_bias", None)
         self.set_class_bias(None)
+        self.set_rival_bias(None, None)
         wanted = tower_indices(sd)
         for key in [k for k in self.class_towers if int(k) not in wanted]:
             del self.class_towers[key]
@@ -91,6 +123,7 @@ class HeadedCLIP(nn.Module):
                 self.add_class_tower(c)
         result = super().load_state_dict(sd, strict=strict, assign=assign)
         self.set_class_bias(bias)
+        self.set_rival_bias(order, offsets)
         return result
 
     # -- structure
@@ -305,17 +338,43 @@ def zero_shot_logits(image_features: torch.Tensor, text_features: torch.Tensor, 
     return F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T / tau
 
 
+class DecisionBias:
+    """A model's calibrated decision offsets, in cosine units.
+
+    ``classes`` (one per class, or None) is added to every image's cosines. Each row ``r`` of ``rivals``
+    then raises class ``order[r]``'s cosine by ``rivals[r, k]``, where ``k`` is that image's strongest rival
+    of it (the best other class) as the cosines stand after the rows before: the class's threshold depends
+    on the class it competes with, and no other class moves. Rows apply in order, one per cycle that set
+    one, so a later cycle's row is calibrated on exactly the logits the earlier rows leave."""
+
+    def __init__(
+        self, classes: torch.Tensor | None, order: torch.Tensor | None = None, rivals: torch.Tensor | None = None
+    ):
+        self.classes, self.order, self.rivals = classes, order, rivals
+
+    def apply(self, sims: torch.Tensor) -> torch.Tensor:
+        if self.classes is not None:
+            sims = sims + self.classes.to(sims.dtype)
+        if self.order is None or self.rivals is None:
+            return sims
+        cols = torch.arange(sims.shape[1], device=sims.device)
+        for c, row in zip(self.order.tolist(), self.rivals.to(sims.dtype)):
+            rest = sims.detach().masked_fill(cols == c, float("-inf"))
+            sims = sims + (cols == c).to(sims.dtype) * row[rest.argmax(1)].unsqueeze(1)
+        return sims
+
+
 def class_logits(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     tau: float,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | DecisionBias | None = None,
     towers: Mapping[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Zero-shot logits of normalised features, ``(cos + bias) / tau`` (``bias``: the model's calibrated
-    class offsets, if any). Class ``c``'s cosine is read from ``towers[c]``, the features of its own image
-    tower, where given; every other class's from the shared ``image_features``, so its logit is exactly
-    what it is without towers."""
+    class offsets, if any, or all its decision offsets as a :class:`DecisionBias`). Class ``c``'s cosine
+    is read from ``towers[c]``, the features of its own image tower, where given; every other class's from
+    the shared ``image_features``, so its logit is exactly what it is without towers."""
     sims = image_features @ text_features.T
     if towers:
         idx = torch.tensor(list(towers), device=sims.device)
@@ -323,4 +382,6 @@ def class_logits(
         # copy of the shared tower gives the same bits
         cols = torch.stack([(f.to(sims.dtype) @ text_features.T)[:, c] for c, f in towers.items()], 1)
         sims = sims.index_copy(1, idx, cols)
+    if isinstance(bias, DecisionBias):
+        return bias.apply(sims) / tau
     return (sims if bias is None else sims + bias.to(sims.dtype)) / tau

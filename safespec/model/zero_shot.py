@@ -65,7 +65,7 @@ class ZeroShotClassifier:
             F.normalize(x.float(), dim=-1),
             F.normalize(text_features.float().to(x.device), dim=-1),
             self.tau,
-            self.model.class_bias,
+            self.model.decision_bias,
             {c: F.normalize(f.float(), dim=-1) for c, f in towers.items()},
         )  # as the shared features
 

@@ -350,14 +350,21 @@ class WiseFTSpec(_Strict):
 class CalibrateSpec(_Strict):
     """The target's decision offset, chosen on validation at every evaluation (docs/selection.md)."""
 
-    target_offset: bool = Field(
+    target_offset: bool | Literal["per-rival"] = Field(
         False,
-        description="Choose an offset of the target's logit on validation at every evaluation: the largest whose candidate stays admissible under optimize.select; checkpoints are then compared at their offsets.",
+        description="Choose an offset of the target's logit on validation at every evaluation: the largest whose candidate stays admissible under optimize.select; checkpoints are then compared at their offsets. 'per-rival': then grow it separately against each rival class (the class the target competes with on an image), so that one protected class close to the target does not hold the offset back against every other.",
     )
 
     @model_validator(mode="before")
     @classmethod
     def _moved(cls, v: Any) -> Any:
+        mode = v.get("target_offset", False) if isinstance(v, dict) else False
+        if not isinstance(mode, bool) and mode != "per-rival":
+            raise _rule(
+                ("target_offset",),
+                f"must be true, false or 'per-rival' (got {mode!r})"
+                + (_suggest(mode, ["per-rival"]) if isinstance(mode, str) else ""),
+            )
         if isinstance(v, dict) and "max_drop" in v:
             raise _rule(
                 ("max_drop",),

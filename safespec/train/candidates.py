@@ -24,6 +24,7 @@ class Candidates:
     best_step: int = 0
     best_score: float = -math.inf
     best_offset: float = 0.0
+    best_rival_offsets: list[float] | None = None  # per rival class, in place of best_offset (per-rival)
     best_smooth: float = -math.inf  # the tie-break: the kernel-smoothed target accuracy of the best
     best_state: dict[str, torch.Tensor] | None = None
     blocked: dict[str, Any] | None = field(default=None)  # the best candidate that selection refused, and why
@@ -35,7 +36,7 @@ class Candidates:
         *,
         eligible: bool,
         weights: Callable[[], dict[str, torch.Tensor]],
-        with_offset: Callable[[dict[str, torch.Tensor], float], dict[str, torch.Tensor]],
+        with_offset: Callable[[dict[str, torch.Tensor], float, list[float] | None], dict[str, torch.Tensor]],
     ) -> None:
         """Take the evaluation ``v`` of the model at ``step``: keep it when it is eligible and scores best
         (of equal scores, the higher smoothed target accuracy; ``weights()`` copies the model's weights
@@ -48,8 +49,10 @@ class Candidates:
             smooth = -math.inf
         if eligible and (v["score"], smooth) > (self.best_score, self.best_smooth):
             self.best_step, self.best_score, self.best_offset = step, v["score"], v["offset"]
+            self.best_rival_offsets = rivals = v.get("rival_offsets")
             self.best_smooth = smooth
-            self.best_state = with_offset(weights(), v["offset"]) if (step > 0 or v["offset"]) else None
+            moved = v["offset"] or (rivals is not None and any(rivals))
+            self.best_state = with_offset(weights(), v["offset"], rivals) if (step > 0 or moved) else None
 
     def state_dict(self) -> dict[str, Any]:
         """What resume needs (the weights travel separately: they are large and often absent)."""
@@ -57,12 +60,14 @@ class Candidates:
             "best_step": self.best_step,
             "best_score": self.best_score,
             "best_offset": self.best_offset,
+            "best_rival_offsets": json.dumps(self.best_rival_offsets),
             "best_smooth": self.best_smooth,
             "blocked": json.dumps(self.blocked),
         }
 
     def load_state_dict(self, st: dict[str, Any], best_state: dict[str, torch.Tensor] | None) -> None:
         self.best_step, self.best_score, self.best_offset = st["best_step"], st["best_score"], st["best_offset"]
+        self.best_rival_offsets = json.loads(st["best_rival_offsets"])
         self.best_smooth = st["best_smooth"]
         self.best_state = best_state
         self.blocked = json.loads(st.get("blocked", "null"))

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 #: Bumped whenever the saved state's layout changes: an older state is refused, not misread.
-STATE_VERSION = 4  # 2: the calibrated target offset is part of the state; 3: what blocked selection; 4: the tie-break
+STATE_VERSION = 5  # 2: the calibrated target offset is part of the state; 3: what blocked selection; 4: the tie-break;
+# 5: the per-rival offsets
 
 
 def fingerprint(t: Trainer) -> str:

@@ -148,7 +148,8 @@ class Trainer:
         # ('distill': the old model's class log-probabilities of every store image, N x C, instead)
         self.distill = self.metric in ("distill", "focal-distill")
         # the target's decision offset, chosen on validation at every evaluation (constrained methods only)
-        self.calibrate = self.o.calibrate.target_offset and self.formulation.constrained
+        self.calibrate = bool(self.o.calibrate.target_offset) and self.formulation.constrained
+        self.per_rival = self.calibrate and self.o.calibrate.per_rival  # the offset grown per rival class
         self.ref_store = self._reference(data.store, log_probs=self.distill)
         # (calibration reads the old model's validation logits too: cached with the reference, not re-run)
         self.ref_val = self._reference(data.validation, log_probs=True)
@@ -324,7 +325,7 @@ class Trainer:
         acc = new.per_class_accuracy(len(self.plan.classes))
         t = self.plan.objective.target_index
         assert new.log_probs is not None  # evaluated with log_probs=True
-        a: Assessment = self.selector.assess(new.log_probs, calibrate=self.calibrate)
+        a: Assessment = self.selector.assess(new.log_probs, calibrate=self.calibrate, rivals=self.per_rival)
         out = {
             "constraints": cons,
             "drops": drops,
@@ -334,6 +335,8 @@ class Trainer:
             "smooth": a.target_smooth,  # the tie-break of equal scores (at the same offset as the score)
             # logits were at temperature tau: the offset in cosine units is offset * tau
             "offset": a.offset * self.tau,
+            # per rival class (calibrate: per-rival; cosine units), in place of the offset above
+            "rival_offsets": None if a.rival_offsets is None else [x * self.tau for x in a.rival_offsets],
             "feasible": a.admissible,
             "assessment": a,
         }
@@ -419,14 +422,21 @@ class Trainer:
         nt = len(t_rows)
         yt = self.target_labels[_index(t_rows, dev)]
         loss = self.objective(
-            feats[:nt], {c: f[:nt] for c, f in towers.items()}, text, cap, yt, len(pos), pos_idx, self.model.class_bias
+            feats[:nt],
+            {c: f[:nt] for c, f in towers.items()},
+            text,
+            cap,
+            yt,
+            len(pos),
+            pos_idx,
+            self.model.decision_bias,
         )
         if constrained:
             assert p_rows is not None
             p_idx = _index(p_rows, dev)
             yp = self.store_labels[p_idx]
             logits, ce, margin = logits_losses(
-                feats[nt:], text, yp, self.tau, self.model.class_bias, {c: f[nt:] for c, f in towers.items()}
+                feats[nt:], text, yp, self.tau, self.model.decision_bias, {c: f[nt:] for c, f in towers.items()}
             )
             if not self.formulation.uses_reference:  # replay: plain CE on the store
                 m_new = ce
@@ -511,6 +521,8 @@ class Trainer:
         }
         if self.calibrate:
             entry.update(target_offset=v["offset"], target_calibrated=v["score"])
+        if v["rival_offsets"] is not None:
+            entry["target_rival_offsets"] = dict(zip(self.plan.classes, v["rival_offsets"]))
         entry["target_smooth"] = v["smooth"]
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
@@ -526,12 +538,27 @@ class Trainer:
         )
         self._write_trajectory()
 
-    def _with_offset(self, state: dict[str, torch.Tensor], offset: float) -> dict[str, torch.Tensor]:
-        """``state`` with ``offset`` (cosine units) added to the target's class bias."""
+    def _with_offset(
+        self, state: dict[str, torch.Tensor], offset: float, rivals: list[float] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``state`` with ``offset`` (cosine units) added to the target's class bias, or with ``rivals``
+        (per rival class, cosine units) appended as the target's row of per-rival offsets: the row is
+        calibrated on the logits every earlier row leaves, so it comes after them (DecisionBias)."""
+        t = self.plan.objective.target_index
+        if rivals is not None:
+            C = len(self.plan.classes)
+            order = state.get("rival_order", torch.zeros(0, dtype=torch.int64)).detach().cpu()
+            rows = state.get("rival_bias", torch.zeros(0, C)).detach().to("cpu", torch.float32)
+            row = torch.tensor(rivals, dtype=torch.float64).to(torch.float32)[None]
+            return {
+                **state,
+                "rival_order": torch.cat([order, torch.tensor([t], dtype=torch.int64)]),
+                "rival_bias": torch.cat([rows, row]),
+            }
         if not offset:
             return state
         bias = state.get("class_bias", torch.zeros(len(self.plan.classes))).detach().to("cpu", torch.float32).clone()
-        bias[self.plan.objective.target_index] += offset
+        bias[t] += offset
         return {**state, "class_bias": bias}
 
     def _write_trajectory(self) -> None:
@@ -544,7 +571,7 @@ class Trainer:
         c = self.candidates
         fell_back = c.best_state is None
         q = self.o.select.min_certify_probability
-        target = self.plan.objective.target_class
+        target, t_index = self.plan.objective.target_class, self.plan.objective.target_index
         if fell_back:
             reason = (
                 f"no checkpoint with a better target on validation was predicted to pass every held-out "
@@ -561,12 +588,20 @@ class Trainer:
             )
             reason = f"step {c.best_step}: best validation accuracy on {target!r} ({c.best_score:.3f}) {among}"
             if self.calibrate:
+                how = f"offset by {c.best_offset:+.4f} (cosine units)"
+                if c.best_rival_offsets is not None:
+                    lo, hi = min(c.best_rival_offsets), max(c.best_rival_offsets)
+                    how = f"offset per rival class by {lo:+.4f} to {hi:+.4f} (cosine units)"
                 reason = (
                     f"step {c.best_step}{' (the old model)' if c.best_step == 0 else ''}, with the "
-                    f"{target!r} logit offset by {c.best_offset:+.4f} (cosine units): best calibrated "
-                    f"validation accuracy on the target ({c.best_score:.3f}) {among}"
+                    f"{target!r} logit {how}: best calibrated validation accuracy on the target "
+                    f"({c.best_score:.3f}) {among}"
                 )
         validation: dict[str, Any] = {"target_offset": c.best_offset} if self.calibrate else {}
+        if c.best_rival_offsets is not None and not fell_back:
+            validation["target_rival_offsets"] = {
+                name: x for i, (name, x) in enumerate(zip(self.plan.classes, c.best_rival_offsets)) if i != t_index
+            }
         validation["min_certify_probability"] = q
         if c.blocked and self.formulation.constrained:
             validation["blocked"] = c.blocked
