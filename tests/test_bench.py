@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from rivals import rival_logits
 from world_spec import write_world_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is a top-level folder, not installed
@@ -417,27 +418,11 @@ def test_the_probe_frontier_counts_net_flips_and_a_probe_learns_a_feature_that_f
     assert pf.frontier(learned, cos, y, 2, levels=(0,))[0] == 1.0
 
 
-def _rivals(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Classes 0 and 1 protected, 2 the target. Half the target images have class 0 as their strongest
-    rival and sit 0.5 below it, half class 1 and sit 2.0 below; a tenth of class 1's images have the target
-    0.3 below their own logit, class 0's have it 5 below. One offset that rescues the first half of the
-    targets (> 0.5) flips that tenth of class 1; an offset against class 0 alone flips nobody."""
-    y = np.repeat(np.arange(3), n)
-    own = np.random.default_rng(0).normal(0.0, 0.2, len(y))  # margins that vary, as real ones do
-    z = np.full((len(y), 3), -5.0)
-    z[np.arange(len(y)), y] = own
-    t = np.flatnonzero(y == 2)
-    z[t[: n // 2], 0], z[t[n // 2 :], 1] = own[t[: n // 2]] + 0.5, own[t[n // 2 :]] + 2.0
-    c1 = np.flatnonzero(y == 1)[: n // 10]
-    z[c1, 2] = own[c1] - 0.3
-    return z, y
-
-
 def test_an_offset_per_rival_class_rescues_the_targets_one_offset_cannot(tmp_path, monkeypatch):
     from bench import selection_replay as sr
     from safespec.certify.selection import Capability, Selector, rival_offsets
 
-    z, y = _rivals(1000)
+    z, y = rival_logits(1000, 100)
     moved = rival_offsets(z, 2, np.array([0.6, 0.0, 0.0]))
     np.testing.assert_array_equal(moved[:, :2], z[:, :2])  # the other classes never move
     wins = moved.argmax(1) == 2
@@ -458,7 +443,7 @@ def test_an_offset_per_rival_class_rescues_the_targets_one_offset_cannot(tmp_pat
     assert "| the demo spec | one | +0.000, 0.0 | +0.000, 0.0 |" in table
     assert "| the demo spec | one per rival | +0.500, 0.0 | +0.500, 0.0 |" in table
     # the replay's per-rival rule is safespec's: class 0's offset past the targets' gap, class 1's below 0.3
-    zv, yv = _rivals(100)
+    zv, yv = rival_logits(100, 10)
     caps = [Capability(str(c), (c,), 0.03, 0.95, 400) for c in (0, 1)]
     sel = Selector(zv, yv, caps, 2, 0.8)
     k, off = sr.choose(sel, np.stack([zv, zv]), "per-rival")

@@ -4,10 +4,16 @@ admissible target offset."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from safespec.certify.selection import Capability, Selector, bandwidth, margins
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rivals import rival_logits  # noqa: E402
 
 T = 1  # the target class
 C = 4
@@ -202,26 +208,10 @@ def test_equal_target_accuracy_is_broken_by_the_smoothed_target_accuracy():
     assert (restored.best_step, restored.best_smooth) == (100, c.best_smooth)
 
 
-def _rivals(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Classes 0 and 1 protected, 2 the target. Half the target images have class 0 as their strongest
-    rival and sit 0.5 below it, half class 1 and sit 2.0 below; a fifth of class 1's images have the target
-    0.3 below their own logit, class 0's have it 5 below. A single offset that rescues the first half of
-    the targets flips that fifth of class 1; an offset against class 0 alone flips nobody."""
-    y = np.repeat(np.arange(3), n)
-    own = np.random.default_rng(0).normal(0.0, 0.2, len(y))  # margins that vary, as real ones do
-    z = np.full((len(y), 3), -5.0)
-    z[np.arange(len(y)), y] = own
-    t = np.flatnonzero(y == 2)
-    z[t[: n // 2], 0], z[t[n // 2 :], 1] = own[t[: n // 2]] + 0.5, own[t[n // 2 :]] + 2.0
-    c1 = np.flatnonzero(y == 1)[: n // 5]
-    z[c1, 2] = own[c1] - 0.3
-    return z, y
-
-
 def test_an_offset_per_rival_rescues_the_targets_a_single_offset_cannot():
     from safespec.certify.selection import rival_offsets
 
-    z, y = _rivals(100)
+    z, y = rival_logits(100, 20)
     caps = [Capability(str(c), (c,), 0.03, 0.95, 400) for c in (0, 1)]
     sel = Selector(z, y, caps, 2, 0.8)
     one = sel.assess(z, calibrate=True)
