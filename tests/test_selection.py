@@ -219,7 +219,10 @@ def test_an_offset_per_rival_rescues_the_targets_a_single_offset_cannot():
     per = sel.assess(z, calibrate=True, rivals=True)
     o = np.array(per.rival_offsets)
     assert o[0] > 0.5 and o[1] < 0.3 and per.admissible and per.target_accuracy == 0.5
-    assert per.probability == pytest.approx(sel.probability(rival_offsets(z, 2, o)))
+    start = one.offset if one.admissible else 0.0
+    floors = sel.rival_floors(z, start, o)
+    assert per.probability == pytest.approx(sel.probability(rival_offsets(z, 2, o), 0.0, floors))
+    assert per.probability <= sel.probability(rival_offsets(z, 2, o)) + 1e-12  # the tail only adds risk
     moved = rival_offsets(z, 2, o)
     np.testing.assert_array_equal(moved[:, :2], z[:, :2])  # no other class moves
     # without calibration there is nothing to grow
@@ -227,3 +230,42 @@ def test_an_offset_per_rival_rescues_the_targets_a_single_offset_cannot():
     z4, y4 = np.tile(z, (4, 1)), np.tile(y, 4)  # the same images four times: the same choice
     per4 = Selector(z4, y4, caps, 2, 0.8).assess(z4, calibrate=True, rivals=True)
     assert per4.target_accuracy == 0.5 and per4.admissible
+
+
+def test_the_exchangeable_tail_counts_gaps_passed_over_n_plus_one_and_interpolates_between():
+    from safespec.certify.selection import exchangeable_tail
+
+    g = np.array([-1.0, 1.0, 2.0, 4.0])  # one gap below the start: the kernel's business, not the tail's
+    assert exchangeable_tail(g, 0.0, 0.0, 9) == 0.0 and exchangeable_tail(g, 0.0, -3.0, 9) == 0.0
+    assert exchangeable_tail(g, 0.0, 0.5, 9) == pytest.approx(0.5 / 10)  # halfway to the first gap
+    assert exchangeable_tail(g, 0.0, 1.0, 9) == pytest.approx(1 / 10)  # past one of 9: 1 / (n + 1)
+    assert exchangeable_tail(g, 0.0, 3.0, 9) == pytest.approx(2.5 / 10)
+    assert exchangeable_tail(g, 0.0, 9.0, 9) == pytest.approx(3 / 10)  # past every gap: their count
+    # continuous in the offset: no one-image cliff where it passes a gap
+    for x in (1.0, 2.0, 4.0):
+        assert exchangeable_tail(g, 0.0, x - 1e-9, 9) == pytest.approx(exchangeable_tail(g, 0.0, x + 1e-9, 9))
+
+
+def test_a_rival_whose_validation_images_sit_far_off_is_not_grown_on_absence_of_evidence():
+    """Class 0's validation images all sit about 5 below the target, so the kernel sees no risk in raising
+    the target against class 0 past its competing target images (offset 1.5). By exchangeability one held-out
+    image in 61 still falls below the nearest of 60 validation gaps, and that share is as uncertain as it is
+    large: at 200 held-out images (one net flip certifiable) it is too much to grow on, at 400 it is not,
+    and more validation images make the growth surer."""
+    from safespec.certify.selection import rival_offsets
+
+    def grow(n: int, heldout: int):
+        z, y = rival_logits(n, 5)
+        caps = [Capability(str(c), (c,), 0.03, 0.95, heldout) for c in (0, 1)]
+        sel = Selector(z, y, caps, 2, 0.8)
+        return sel, z, sel.assess(z, calibrate=True, rivals=True)
+
+    sel, z, a = grow(60, 200)
+    far = np.array([1.5, 0.0, 0.0])
+    assert sel.probability(rival_offsets(z, 2, far)) > 0.99  # the kernel alone: free
+    assert sel.probability(rival_offsets(z, 2, far), 0.0, sel.rival_floors(z, 0.0, far)) < 0.8
+    assert a.rival_offsets[0] == 0.0 and a.target_accuracy == 0.0 and a.admissible
+    grown = [grow(n, 400)[2] for n in (60, 100)]
+    for a in grown:
+        assert a.rival_offsets[0] > 1.0 and a.target_accuracy == 0.5 and a.admissible
+    assert grown[0].probability < grown[1].probability < 1.0

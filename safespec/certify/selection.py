@@ -33,6 +33,10 @@ This rule weighs evidence in proportion to how much there is:
    ties often), the best kernel-smoothed target accuracy (the target's margins through the same kind of
    kernel) does, not the earliest checkpoint. The old model itself has no flips and is admissible
    whenever the held-out split could certify an unchanged model at all.
+4. **What validation cannot show.** Offsets grown per rival class (``target_offset: per-rival``) are
+   also judged by exchangeability alone: past the j-th smallest of a rival's n validation gaps lie about
+   j / (n + 1) of its held-out images, whatever the kernel says of the empty space before them
+   (``exchangeable_tail``, ``Selector.rival_floors``).
 
 Numpy and scipy only: selection is a pure function of the two models' validation logits.
 """
@@ -89,6 +93,25 @@ def rival_offsets(logits: np.ndarray, target: int, offsets: np.ndarray) -> np.nd
     rest[:, target] = -np.inf
     z[:, target] += np.asarray(offsets, dtype=np.float64)[rest.argmax(1)]
     return z
+
+
+def exchangeable_tail(gaps: np.ndarray, start: float, offset: float, n: int) -> float:
+    """The expected share of a class's held-out images whose gap (own logit minus the target's) lies in
+    ``[start, offset)``, from its ``n`` validation images' sorted ``gaps``. Held-out and validation images
+    are exchangeable, so a held-out image falls below the j-th smallest validation gap above ``start``
+    with probability j / (n + 1) (whatever the gaps' distribution, and also when ``offset`` was chosen
+    by looking at these gaps); between consecutive gaps the share is interpolated linearly, and it is 0 at
+    ``start`` itself. Past the last gap it stays at the count of gaps passed."""
+    if offset <= start or n <= 0:
+        return 0.0
+    above = np.asarray(gaps, dtype=np.float64)
+    above = above[above >= start]
+    pts = np.concatenate([[start], above])
+    j = int(np.searchsorted(pts, offset, side="right")) - 1  # pts[j] <= offset < pts[j + 1]
+    if j >= len(pts) - 1:
+        return len(above) / (n + 1)
+    lo, hi = pts[j], pts[j + 1]
+    return (j + ((offset - lo) / (hi - lo) if hi > lo else 0.0)) / (n + 1)
 
 
 def bandwidth(old_margins: np.ndarray) -> float:
@@ -175,13 +198,31 @@ class Capability:
     test: str = DEFAULT_TEST  # the certificate's test (certify.test): its margin of error is predicted
 
 
-def _predict(cap: Capability, t: np.ndarray, flips: tuple[int, int]) -> Evidence:
+#: What ``Selector.rival_floors`` reads of one candidate: each capability's smooth drop at the growth's start,
+#: and per class of it (class index, validation images, sorted gaps of the images the target would take).
+_Tails = tuple[list[float], list[list[tuple[int, int, np.ndarray]]]]
+
+
+@dataclass(frozen=True)
+class Floor:
+    """A smooth drop a capability is predicted at least at, and that estimate's variance
+    (``Selector.rival_floors``)."""
+
+    drop: float
+    var: float
+
+
+def _predict(cap: Capability, t: np.ndarray, flips: tuple[int, int], floor: Floor | None = None) -> Evidence:
     n, m, tol = len(t), max(int(cap.heldout_n), 0), cap.tolerance
     if n == 0 or m == 0:  # nothing to go by: selection cannot vouch for it, and says so
         return Evidence(cap.name, n, m, tol, 0.0, 0.0, flips, 1.0, 0.0, 0.0 if m == 0 else 0.5)
     d = float(t.mean())
     se = float(t.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     pb, pc = float(np.clip(t, 0, None).mean()), float(np.clip(-t, 0, None).mean())
+    if floor is not None:  # losses the kernel cannot see (Selector.rival_floors): counted as negative flips
+        se = math.sqrt(se * se + floor.var)  # a share estimated from n images is uncertain too
+        if floor.drop > d:
+            pb, d = pb + (floor.drop - d), floor.drop
     moe = _margin_of_error(cap, m, pb, pc)
     hsd = math.sqrt(max(pb + pc - d * d, 0.0) / m)
     sd = math.hypot(se, hsd)
@@ -236,17 +277,23 @@ class Selector:
         # equal target accuracy (a count over few images ties often)
         self.target_bandwidth = bandwidth(old_m[self.target_mask]) if self.target_mask.any() else 1.0
 
-    def evidence(self, logits: np.ndarray, offset: float = 0.0) -> list[Evidence]:
+    def evidence(
+        self, logits: np.ndarray, offset: float = 0.0, floors: Sequence[Floor | None] | None = None
+    ) -> list[Evidence]:
+        """Each capability's evidence at ``offset``; ``floors`` (one per capability) are smooth drops it is
+        predicted at least at (``rival_floors``)."""
         m = margins(logits, self.labels, self.target, offset)
         out = []
-        for cap, mk, s, old_t in zip(self.caps, self.masks, self.bandwidths, self.old_terms):
+        for i, (cap, mk, s, old_t) in enumerate(zip(self.caps, self.masks, self.bandwidths, self.old_terms)):
             t = norm.cdf(-m[mk] / s) - old_t
             pc = paired_from_correct(self.old_correct[mk], m[mk] > 0)
-            out.append(_predict(cap, t, (pc.negative_flips, pc.positive_flips)))
+            out.append(_predict(cap, t, (pc.negative_flips, pc.positive_flips), None if floors is None else floors[i]))
         return out
 
-    def probability(self, logits: np.ndarray, offset: float = 0.0) -> float:
-        return float(np.prod([e.probability for e in self.evidence(logits, offset)]))
+    def probability(
+        self, logits: np.ndarray, offset: float = 0.0, floors: Sequence[Floor | None] | None = None
+    ) -> float:
+        return float(np.prod([e.probability for e in self.evidence(logits, offset, floors)]))
 
     def target_accuracy(self, logits: np.ndarray, offset: float = 0.0) -> float:
         if not self.target_mask.any():
@@ -274,11 +321,13 @@ class Selector:
         offset = self._offset(logits) if calibrate else 0.0
         per_rival: tuple[float, ...] | None = None
         at, off = logits, offset
+        floors = None
         if calibrate and rivals and self.target_mask.any():
             start = offset if self.probability(logits, offset) >= self.q else 0.0
             o = self.grow_rival_offsets(logits, start)
             per_rival, at, off = tuple(float(x) for x in o), rival_offsets(logits, self.target, o), 0.0
-        ev = self.evidence(at, off)
+            floors = self.rival_floors(logits, start, o)
+        ev = self.evidence(at, off, floors)
         prob = float(np.prod([e.probability for e in ev]))
         return Assessment(
             offset,
@@ -297,10 +346,12 @@ class Selector:
         ``offset_points`` places a single offset); of the moves that keep the candidate admissible, the one
         that leaves the predicted chance that every capability certifies highest is taken, until none is
         left. Offsets only grow from ``start``, so the target never loses an image the single offset got
-        right, and a rival no target image competes with keeps ``start``."""
+        right, and a rival no target image competes with keeps ``start``. A move is judged with the
+        exchangeable tail of the rival's own images (``rival_floors``), not the kernel alone."""
         z = np.asarray(logits, dtype=np.float64)
         t = self.target
         o = np.full(z.shape[1], float(start))
+        tails = self._tails(z, start)
         rest = z.copy()
         rest[:, t] = -np.inf
         rival, gap = rest.argmax(1), rest.max(1) - z[:, t]  # a target image is right where o[rival] > gap
@@ -316,12 +367,60 @@ class Selector:
                 step = max((g[0] + after[0]) / 2 if len(after) else g[0] + 1.0, g[0] + OFFSET_RESOLUTION)
                 trial = o.copy()
                 trial[k] = step
-                p = self.probability(rival_offsets(z, t, trial), 0.0)
+                p = self.probability(rival_offsets(z, t, trial), 0.0, self.rival_floors(z, start, trial, tails))
                 if p >= self.q and (best is None or p > best[0]):
                     best = (p, k, step)
             if best is None:
                 return o
             o[best[1]] = best[2]
+
+    def _tails(self, z: np.ndarray, start: float) -> _Tails:
+        """What ``rival_floors`` needs of one candidate, computed once per growth: each capability's smooth
+        drop at ``start``, and for each of its classes the class's index, its validation image count and
+        the sorted gaps (own logit minus the target's) of its images that the target would take from it
+        (those whose strongest non-target class is their own)."""
+        t = self.target
+        rest = z.copy()
+        rest[:, t] = -np.inf
+        own = rest.argmax(1) == self.labels
+        gap = z[np.arange(len(z)), self.labels] - z[:, t]
+        drops = [e.drop for e in self.evidence(z, start)]
+        per: list[list[tuple[int, int, np.ndarray]]] = []
+        for cap in self.caps:
+            rows = []
+            for k in cap.class_indices:
+                mk = self.labels == k
+                rows.append((k, int(mk.sum()), np.sort(gap[mk & own])))
+            per.append(rows)
+        return drops, per
+
+    def rival_floors(
+        self,
+        logits: np.ndarray,
+        start: float,
+        offsets: np.ndarray,
+        tails: _Tails | None = None,
+    ) -> list[Floor | None]:
+        """The smooth drop each capability is predicted at least at, with per-rival ``offsets`` grown from
+        ``start``: its drop at ``start`` plus the exchangeable share of its images the growth takes
+        (``exchangeable_tail``), with that share's own sampling variance (about share / n: at the nearest
+        gap, one image in n + 1 is as uncertain as it is large). The kernel's Gaussian tail says next to
+        nothing about images further off than any validation image, so without this a rival whose
+        validation images happen to sit far from the target looks free however far its offset grows, and
+        of nine rivals the emptiest sample is the one grown (docs/selection.md). None where the growth
+        has not moved a capability's offsets."""
+        drops, per = tails if tails is not None else self._tails(np.asarray(logits, dtype=np.float64), start)
+        out: list[Floor | None] = []
+        for drop, rows in zip(drops, per):
+            n = sum(nk for _, nk, _ in rows)
+            share = var = 0.0
+            for k, nk, g in rows:
+                if nk:
+                    f = exchangeable_tail(g, start, float(offsets[k]), nk)
+                    share += nk / n * f
+                    var += (nk / n) ** 2 * f * (1.0 - f) / (nk + 2)
+            out.append(Floor(drop + share, var) if share > 0 else None)
+        return out
 
     def offset_points(self, logits: np.ndarray) -> np.ndarray:
         """One offset per interval between consecutive target gaps, ascending (target accuracy only
