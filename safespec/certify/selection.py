@@ -324,9 +324,10 @@ class Selector:
         floors = None
         if calibrate and rivals and self.target_mask.any():
             start = offset if self.probability(logits, offset) >= self.q else 0.0
-            o = self.grow_rival_offsets(logits, start)
+            tails = self._tails(logits, start)
+            o = self.grow_rival_offsets(logits, start, tails)
             per_rival, at, off = tuple(float(x) for x in o), rival_offsets(logits, self.target, o), 0.0
-            floors = self.rival_floors(logits, start, o)
+            floors = self.rival_floors(logits, start, o, tails)
         ev = self.evidence(at, off, floors)
         prob = float(np.prod([e.probability for e in ev]))
         return Assessment(
@@ -339,7 +340,7 @@ class Selector:
             per_rival,
         )
 
-    def grow_rival_offsets(self, logits: np.ndarray, start: float) -> np.ndarray:
+    def grow_rival_offsets(self, logits: np.ndarray, start: float, tails: _Tails | None = None) -> np.ndarray:
         """Target offsets per rival class (``rival_offsets``), grown from ``start`` against every rival one
         validation target image at a time. Each move raises the offset against one rival past the gap of
         the next target image that competes with it (to the midpoint before the gap after, as
@@ -347,11 +348,12 @@ class Selector:
         that leaves the predicted chance that every capability certifies highest is taken, until none is
         left. Offsets only grow from ``start``, so the target never loses an image the single offset got
         right, and a rival no target image competes with keeps ``start``. A move is judged with the
-        exchangeable tail of the rival's own images (``rival_floors``), not the kernel alone."""
+        exchangeable tail of the rival's own images (``rival_floors``; ``tails``: what ``_tails`` read of
+        this candidate at ``start``, if the caller has it), not the kernel alone."""
         z = np.asarray(logits, dtype=np.float64)
         t = self.target
         o = np.full(z.shape[1], float(start))
-        tails = self._tails(z, start)
+        tails = tails if tails is not None else self._tails(z, start)
         rest = z.copy()
         rest[:, t] = -np.inf
         rival, gap = rest.argmax(1), rest.max(1) - z[:, t]  # a target image is right where o[rival] > gap
