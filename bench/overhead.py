@@ -551,6 +551,33 @@ def _text_side(trainer, *, warmup: int, rounds: int, per_round: int) -> dict:
     )
 
 
+def _attention_floor(block, y, tree, rows):
+    """The prompt tree's attention with its mixing taken out: the same q/k/v and output projections, each
+    node reading only its own value. Not a model; the cost of the text side that no exact attention over
+    the same nodes can go below (the matrix products of every node through every block)."""
+    attn = block.attn
+    width = y.shape[-1]
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    k, v = F.linear(y, w[width:], b[width:]).chunk(2, -1)
+    q = F.linear(y if rows is None else y[rows], w[:width], b[:width])
+    return attn.out_proj(q + (k + v if rows is None else (k + v)[rows]))
+
+
+def _text_floor(trainer, **timing) -> dict | None:
+    """:func:`_text_side` with the tree's attention replaced by :func:`_attention_floor` (None where the
+    step encodes no tree)."""
+    from safespec.model import prompt_tree
+
+    if not hasattr(trainer._prompts(0, trainer.prompt_tokens.shape[0]), "nodes"):
+        return None
+    real = prompt_tree._attention
+    prompt_tree._attention = _attention_floor
+    try:
+        return _text_side(trainer, **timing)
+    finally:
+        prompt_tree._attention = real
+
+
 def scaling(
     counts=(5, 50, 365),
     *,
@@ -635,6 +662,12 @@ def _scaling(
         else None
     )
     lo, hi = str(counts[0]), str(counts[-1])
+    floor = None
+    if text_ms:
+        t = _text_floor(trainers[counts[-1]], warmup=2, rounds=max(2, rounds // 2), per_round=per_round)
+        if t is not None:
+            bound = step_ms[lo]["median_ms"] + t["median_ms"] - text_ms[lo]["median_ms"]
+            floor = {"text_ms": t, "step_ms": round(bound, 3), "ratio": round(bound / step_ms[lo]["median_ms"], 3)}
     return {
         "arch": arch,
         "protected_classes": list(counts),
@@ -647,6 +680,7 @@ def _scaling(
         if text_ms
         else None,
         "prompt_tokens": {str(n): _prompt_tokens(tr) for n, tr in trainers.items()} if text_ms else None,
+        "attention_floor": floor,
         **env,
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
@@ -843,6 +877,20 @@ def markdown(section: str, r: dict) -> str:
                     f"{v['text_share_of_step'][k] if text else ''} | "
                     f"{v['prompt_tokens'][k] if text and v.get('prompt_tokens') else ''} |"
                 )
+        f = v0.get("attention_floor")
+        if f:
+            hi = str(v0["protected_classes"][-1])
+            lo = str(v0["protected_classes"][0])
+            lines += [
+                "",
+                f"The floor with every tower trained: the {hi}-class prompt tree with its attention's mixing taken "
+                f"out (the same projections, each node reading its own value; not a model) costs "
+                f"{f['text_ms']['median_ms']} ms forward+backward against the tree's "
+                f"{v0['class_text_forward_backward_ms'][hi]['median_ms']}. A {hi}-class step with any exact "
+                f"attention over those nodes costs at least the {lo}-class step plus that text side less the "
+                f"{lo}-class one: {f['step_ms']} ms, **{f['ratio']}x** the {lo}-class step (the matrix products "
+                "of every prefix token through every block; the wider logits and the heads come on top).",
+            ]
         return "\n".join(lines)
     if section == "frozen":
         lines = [

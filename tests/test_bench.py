@@ -66,7 +66,11 @@ def test_step_overhead_and_verify_on_the_small_world(small_world, tmp_path):
     _check("verify", verify)
 
 
-def test_scaling_in_protected_classes_at_a_tiny_size():
+def test_scaling_in_protected_classes_at_a_tiny_size(monkeypatch):
+    from safespec.model import prompt_tree
+
+    monkeypatch.setattr(prompt_tree, "MIN_PROMPTS", 1)  # a tree at this size too, so its floor is timed
+    real = prompt_tree._attention
     res = overhead.scaling(
         (2, 5),
         arch="safespec-micro-vit",
@@ -81,6 +85,12 @@ def test_scaling_in_protected_classes_at_a_tiny_size():
     assert set(res["variants"]) == {"all_trained", "text_frozen"}
     assert all(set(v["step_ms"]) == {"2", "5"} for v in res["variants"].values())
     assert set(res["ratio"]) == set(res["ratio_text_frozen"]) == {"5_over_2"}
+    floor = res["variants"]["all_trained"]["attention_floor"]
+    assert (
+        floor["ratio"] > 0 and floor["text_ms"]["n"] > 0 and res["variants"]["text_frozen"]["attention_floor"] is None
+    )
+    assert prompt_tree._attention is real  # the floor's stand-in is taken out again
+    assert "The floor with every tower trained" in overhead.markdown("scaling", res)
     _check("scaling", res)
 
 

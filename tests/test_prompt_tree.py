@@ -91,11 +91,32 @@ def test_the_tree_gives_the_padded_prompts_features(headed):
         assert torch.allclose(m.encode_text(tree), shared, atol=ATOL, rtol=0)
 
 
-def test_the_tree_gives_the_padded_prompts_gradients(headed):
+def test_shallow_depths_are_shared_and_deep_ones_gathered(headed):
+    tokens, _ = _prompts(headed)
+    tree = PromptTree.build(tokens, shared_keys=8)
+    assert 0 < tree.shared.numel() <= 8 and tree.deep.shape[1] > 0
+    assert int(tree.tokens[tree.shared[0]]) == int(tokens[0, 0])  # <sot>: every prompt's first node
+    # each node attends to exactly its ancestors, split between the two parts without overlap
+    for i in range(tree.nodes):
+        d = int(tree.depth[i])
+        full = set(tree.ancestors[i, : d + 1].tolist())
+        shared = {int(tree.shared[s]) for s in (tree.shared_mask[i] == 0).nonzero().flatten()}
+        deep = {int(a) for a, m in zip(tree.deep[i], tree.deep_mask[i], strict=True) if m == 0}
+        assert shared | deep == full and not shared & deep
+    assert PromptTree.build(tokens, shared_keys=0).shared.numel() == 0
+    assert PromptTree.build(tokens, shared_keys=10_000).deep.shape[1] == 0
+
+
+@pytest.mark.parametrize("shared_keys", [0, 8, 10_000])
+def test_the_tree_gives_the_padded_prompts_gradients(headed, shared_keys):
+    """Every split of the attention (all gathered, the default's, all shared) is the padded encoding's."""
     tokens, ids = _prompts(headed)
     weights = torch.randn(tokens.shape[0], headed.model.embed_dim, generator=torch.Generator().manual_seed(5))
     grads = []
-    for inputs in (tokens, headed.model.prompt_tree(tokens)):
+    tree = PromptTree.build(tokens, shared_keys=shared_keys)
+    with torch.no_grad():
+        assert torch.allclose(headed.model.text_hidden(tree), headed.model.text_hidden(tokens), atol=ATOL, rtol=0)
+    for inputs in (tokens, tree):
         m = copy.deepcopy(headed.model)
         (m.encode_text(inputs, ids) * weights).sum().backward()
         grads.append({k: p.grad for k, p in m.named_parameters() if p.grad is not None})

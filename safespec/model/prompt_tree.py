@@ -14,6 +14,13 @@ reductions run in another order), with its cost following the number of distinct
 prompts x context length. The last block runs its queries, its MLP and the final norm only for the pooled
 nodes: nothing reads the others' outputs there.
 
+A node's attention over its ancestors comes in two parts. The shallow depths hold few distinct nodes ("<sot>
+a photo of a" is the same five nodes under every class of a template), so every node scores those shared keys
+with one matrix product and masks the ones that are not its ancestors; only the deep, class-specific depths
+gather each node's own keys. The gathered tensors are memory-bound elementwise work, the shared product is a
+small dense one, and the softmax runs over both parts together, so the result is the same attention
+(bench/RESULTS.md, "Scaling": what it saves, and the floor no attention can go below).
+
 It covers open_clip's own ``CLIP`` text tower with its causal mask and argmax (end-of-text) pooling, the
 tower every shipped and most pretrained configs use; :func:`supports` says when, and anything else is
 encoded the plain way.
@@ -34,6 +41,11 @@ import torch.nn.functional as F
 #: spec's numbers bit-for-bit those of earlier versions (the tree's agree only to float rounding).
 MIN_PROMPTS = 64
 
+#: At most this many distinct nodes are scored densely by every node (the shared part of the attention):
+#: the ancestors at the depths with the fewest distinct nodes, taken while they fit. Past a few dozen keys the
+#: dense product costs more than gathering each node's own.
+SHARED_KEYS = 64
+
 
 @dataclass(frozen=True)
 class PromptTree:
@@ -47,6 +59,10 @@ class PromptTree:
     mask: torch.Tensor  # (N, D) float: 0 where attended, -inf elsewhere
     keep: torch.Tensor  # (K,) long: the distinct pooled nodes, ascending (the last block runs only these)
     where: torch.Tensor  # (P,) long: prompt p's pooled node is keep[where[p]]
+    shared: torch.Tensor  # (S,) long: the nodes every node scores densely (the shallow depths' ancestors)
+    shared_mask: torch.Tensor  # (N, S) float: 0 where shared[s] is an ancestor of node i, -inf elsewhere
+    deep: torch.Tensor  # (N, E) long: each node's ancestors at the other depths, gathered (0 past it)
+    deep_mask: torch.Tensor  # (N, E) float: 0 where attended, -inf elsewhere
 
     @property
     def pooled(self) -> torch.Tensor:
@@ -62,9 +78,9 @@ class PromptTree:
         return int(self.tokens.shape[0])
 
     @classmethod
-    def build(cls, tokens: torch.Tensor) -> PromptTree:
+    def build(cls, tokens: torch.Tensor, shared_keys: int | None = None) -> PromptTree:
         """The tree of ``tokens`` (P, L), each row cut after its argmax token (open_clip's end-of-text
-        pooling)."""
+        pooling); at most ``shared_keys`` (default :data:`SHARED_KEYS`) nodes attended densely."""
         if tokens.dim() != 2 or tokens.shape[0] == 0:
             raise ValueError(f"prompt tokens must be a non-empty (prompts, length) matrix, got {tuple(tokens.shape)}")
         ends = tokens.argmax(dim=-1).tolist()
@@ -92,6 +108,15 @@ class PromptTree:
             mask[i, : len(p)] = 0.0
         keep = sorted(set(pooled))
         slot = {node: k for k, node in enumerate(keep)}
+        shared_cols = _shared_depths(ancestors, mask, SHARED_KEYS if shared_keys is None else shared_keys)
+        deep_cols = [j for j in range(d) if j not in shared_cols]
+        attended = mask == 0
+        shared = sorted({int(a) for j in shared_cols for a in ancestors[attended[:, j], j]})
+        shared_mask = torch.full((n, len(shared)), float("-inf"))
+        column = {node: s for s, node in enumerate(shared)}
+        for j in shared_cols:
+            live = attended[:, j].nonzero().flatten()
+            shared_mask[live, torch.tensor([column[int(a)] for a in ancestors[live, j]], dtype=torch.long)] = 0.0
         return cls(
             tokens=torch.tensor(node_token, dtype=torch.long),
             depth=torch.tensor([len(p) - 1 for p in node_path], dtype=torch.long),
@@ -99,10 +124,28 @@ class PromptTree:
             mask=mask,
             keep=torch.tensor(keep, dtype=torch.long),
             where=torch.tensor([slot[node] for node in pooled], dtype=torch.long),
+            shared=torch.tensor(shared, dtype=torch.long),
+            shared_mask=shared_mask,
+            deep=ancestors[:, deep_cols].contiguous(),
+            deep_mask=mask[:, deep_cols].contiguous(),
         )
 
     def to(self, device: torch.device | str) -> PromptTree:
         return PromptTree(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+def _shared_depths(ancestors: torch.Tensor, mask: torch.Tensor, budget: int) -> set[int]:
+    """The depths whose ancestors are scored densely: those with the fewest distinct nodes, while their
+    nodes together stay within ``budget``."""
+    counts = [(int(ancestors[mask[:, j] == 0, j].unique().numel()), j) for j in range(ancestors.shape[1])]
+    chosen: set[int] = set()
+    total = 0
+    for count, j in sorted(counts):
+        if total + count > budget:
+            break
+        chosen.add(j)
+        total += count
+    return chosen
 
 
 def supports(text_tower: Any) -> bool:
@@ -137,15 +180,30 @@ def _attention(block: nn.Module, y: torch.Tensor, tree: PromptTree, rows: torch.
     w, b = attn.in_proj_weight, attn.in_proj_bias
     k, v = F.linear(y, w[width:], None if b is None else b[width:]).chunk(2, -1)
     q = F.linear(y if rows is None else y[rows], w[:width], None if b is None else b[:width])
-    anc, mask = (tree.ancestors, tree.mask) if rows is None else (tree.ancestors[rows], tree.mask[rows])
-    n, d = anc.shape
-    flat = anc.reshape(-1)
-    # one query per node over at most D keys: elementwise products beat batched matmuls and SDPA of that
-    # shape (their kernels are built for long sequences), forward and backward
-    ka = k.index_select(0, flat).view(n, d, heads, dh)
-    va = v.index_select(0, flat).view(n, d, heads, dh)
-    scores = (q.view(n, 1, heads, dh) * ka).sum(-1) * dh**-0.5 + mask.to(q.dtype).view(n, d, 1)
-    o = (scores.softmax(dim=1).unsqueeze(-1) * va).sum(1)
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    n = q.shape[0]
+    q = q.view(n, heads, dh)
+    parts, values = [], []
+    if tree.shared.numel():  # the shallow depths: one dense product against the few shared keys
+        ks = k.index_select(0, tree.shared).view(-1, heads, dh)
+        parts.append(torch.einsum("nhd,shd->nhs", q, ks) * dh**-0.5 + pick(tree.shared_mask).to(q.dtype).unsqueeze(1))
+        values.append(v.index_select(0, tree.shared).view(-1, heads, dh))
+    deep = pick(tree.deep)
+    e = deep.shape[1]
+    if e:  # the deep depths: each node's own keys, gathered. One query over at most E keys: elementwise
+        # products beat batched matmuls and SDPA of that shape (their kernels are built for long sequences)
+        flat = deep.reshape(-1)
+        kd = k.index_select(0, flat).view(n, e, heads, dh)
+        vd = v.index_select(0, flat).view(n, e, heads, dh)
+        scores = (q.unsqueeze(1) * kd).sum(-1) * dh**-0.5 + pick(tree.deep_mask).to(q.dtype).unsqueeze(-1)
+        parts.append(scores.transpose(1, 2))
+    p = torch.cat(parts, -1).softmax(dim=-1)  # (n, heads, S + E): one softmax over every ancestor
+    outs = []
+    if tree.shared.numel():
+        outs.append(torch.einsum("nhs,shd->nhd", p[..., : values[0].shape[0]], values[0]))
+    if e:
+        outs.append((p[..., -e:].transpose(1, 2).unsqueeze(-1) * vd).sum(1))
+    o = outs[0] if len(outs) == 1 else outs[0] + outs[1]
     return attn.out_proj(o.reshape(n, width))
 
 
@@ -154,7 +212,9 @@ def tree_text_hidden(text_tower: Any, tree: PromptTree) -> torch.Tensor:
     ``HeadedCLIP.text_hidden`` computes from their padded tokens."""
     t = text_tower
     cast_dtype = t.transformer.get_cast_dtype()
-    x = t.token_embedding(tree.tokens).to(cast_dtype) + t.positional_embedding.to(cast_dtype)[tree.depth]
+    x = t.token_embedding(tree.tokens).to(cast_dtype) + t.positional_embedding.to(cast_dtype).index_select(
+        0, tree.depth
+    )
     blocks = list(t.transformer.resblocks)
     keep, where = tree.keep, tree.where  # built on the host: a step reads nothing back from the device
     for i, block in enumerate(blocks):
