@@ -35,6 +35,8 @@ from safespec.model import (
     zero_shot_logits,
 )
 
+from safespec.model import heads as heads_module
+
 open_clip = import_open_clip()
 
 ARCH = "safespec-micro-vit"
@@ -159,6 +161,26 @@ def test_grouped_routing_equals_the_naive_per_sample_routing(ids, shuffled, inpl
         assert torch.equal(
             grouped_low_rank(h.float(), A.float(), torch.zeros_like(B).float(), head_ids, base=base), base
         )
+
+
+def test_grouping_plans_are_kept_by_value_not_by_tensor():
+    """The grouping of a sequence of head ids is planned once and reused; a tensor changed in place is a
+    sequence of its own."""
+    g = torch.Generator().manual_seed(1)
+    h, W = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(8, 5, generator=g, dtype=torch.float64)
+    A, B = (
+        torch.randn(3, 8, 2, generator=g, dtype=torch.float64),
+        torch.randn(3, 2, 5, generator=g, dtype=torch.float64),
+    )
+    ids = torch.tensor([1] * 4 + [0, 2])
+    grouped_low_rank(h, A, B, ids, base=h @ W)
+    hits = heads_module._plan.cache_info().hits
+    torch.testing.assert_close(
+        grouped_low_rank(h, A, B, ids.clone(), base=h @ W), naive_routed_projection(h, W, A, B, ids)
+    )
+    assert heads_module._plan.cache_info().hits == hits + 1
+    ids[0], ids[5] = 2, 1  # the same tensor, other values: another grouping (now shuffled)
+    torch.testing.assert_close(grouped_low_rank(h, A, B, ids, base=h @ W), naive_routed_projection(h, W, A, B, ids))
 
 
 def test_grouped_routing_rejects_bad_head_ids():

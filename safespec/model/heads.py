@@ -4,6 +4,8 @@ grouped kernel that applies each row's own head without materialising one projec
 from __future__ import annotations
 
 import contextlib
+import functools
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ class _SortedGroups(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, A, B, base, order, ids_sorted, segments, inplace):
-        if order is None and inplace:
+        if inplace:
             ctx.mark_dirty(base)
         out, hs, u = _grouped_forward(h, A, B, base, order, ids_sorted, segments, inplace)
         ctx.save_for_backward(hs, u, A, B, order, ids_sorted)
@@ -73,22 +75,31 @@ class _SortedGroups(torch.autograd.Function):
 
 def _grouped_forward(h, A, B, base, order, ids_sorted, segments, inplace):
     """The forward of :class:`_SortedGroups`; also run alone when no gradient is wanted (evaluation), which
-    spares the autograd bookkeeping. Returns the output and what the backward needs (sorted h, h @ A)."""
+    spares the autograd bookkeeping. Returns the output and what the backward needs (sorted h, h @ A).
+
+    Rows in head order are added into ``base`` where they lie. Sorted rows go to a buffer that each segment
+    writes once (no zero-fill), scattered into ``base`` in place when it is the caller's temporary."""
     hs = h if order is None else h.index_select(0, order)
     u = hs.new_empty(hs.shape[0], A.shape[2])
-    if order is None:
-        ys = base if inplace else base.clone()
-    else:
-        ys = hs.new_zeros(hs.shape[0], B.shape[2])
+    ys = (base if inplace else base.clone()) if order is None else hs.new_empty(hs.shape[0], B.shape[2])
     for s, e, k in segments:
         if k >= 0:
             torch.mm(hs[s:e], A[k], out=u[s:e])
-            ys[s:e].addmm_(u[s:e], B[k])
+            if order is None:
+                ys[s:e].addmm_(u[s:e], B[k])
+            else:
+                torch.mm(u[s:e], B[k], out=ys[s:e])
         else:
             ks = ids_sorted[s:e]
             u[s:e] = torch.bmm(hs[s:e].unsqueeze(1), A.index_select(0, ks)).squeeze(1)
-            ys[s:e] += torch.bmm(u[s:e].unsqueeze(1), B.index_select(0, ks)).squeeze(1)
-    return (ys if order is None else base.index_add(0, order, ys)), hs, u
+            low = torch.bmm(u[s:e].unsqueeze(1), B.index_select(0, ks)).squeeze(1)
+            if order is None:
+                ys[s:e] += low
+            else:
+                ys[s:e] = low
+    if order is None:
+        return ys, hs, u
+    return (base.index_add_(0, order, ys) if inplace else base.index_add(0, order, ys)), hs, u
 
 
 def _segments(heads: list[int], counts: list[int]) -> list[tuple[int, int, int]]:
@@ -111,6 +122,36 @@ def _segments(heads: list[int], counts: list[int]) -> list[tuple[int, int, int]]
     if run is not None:
         out.append((run, start, -1))
     return out
+
+
+class _Plan(NamedTuple):
+    """How one sequence of head ids is grouped: the sort (None when already in head order), the sorted ids,
+    each distinct head with its row count, and the segments :class:`_SortedGroups` runs."""
+
+    order: torch.Tensor | None
+    ids_sorted: torch.Tensor
+    heads: list[int]
+    counts: list[int]
+    segments: list[tuple[int, int, int]]
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(ids_bytes: bytes) -> _Plan:
+    """The grouping of head ids given as int64 bytes, planned in numpy (a few small torch ops cost as much
+    as the low-rank matmuls themselves) and kept by value: a trainer routes the same few sequences (the
+    class prompts, captions then negatives) every step, and the plan was most of a call's host time."""
+    ids = np.frombuffer(ids_bytes, dtype=np.int64)
+    order_np = None if (np.diff(ids) >= 0).all() else np.argsort(ids, kind="stable")
+    ids_np = ids if order_np is None else ids[order_np]
+    starts = np.flatnonzero(np.r_[True, ids_np[1:] != ids_np[:-1]])
+    heads, counts = ids_np[starts].tolist(), np.diff(np.r_[starts, ids.shape[0]]).tolist()
+    return _Plan(
+        order=None if order_np is None else torch.from_numpy(order_np),
+        ids_sorted=torch.from_numpy(ids_np.copy()),
+        heads=heads,
+        counts=counts,
+        segments=_segments(heads, counts),
+    )
 
 
 def grouped_low_rank(
@@ -140,17 +181,13 @@ def grouped_low_rank(
         base = h.new_zeros(n, B.shape[-1])
     if n == 0:
         return base
-    # planned in numpy: a few small torch ops here cost as much as the low-rank matmuls themselves
-    ids = head_ids.detach().to("cpu", torch.long).numpy()
-    order_np = None if (np.diff(ids) >= 0).all() else np.argsort(ids, kind="stable")
-    ids_np = ids if order_np is None else ids[order_np]
-    starts = np.flatnonzero(np.r_[True, ids_np[1:] != ids_np[:-1]])
-    u_l, c_l = ids_np[starts].tolist(), np.diff(np.r_[starts, n]).tolist()
+    plan = _plan(head_ids.detach().to("cpu", torch.long).numpy().tobytes())
+    u_l, c_l = plan.heads, plan.counts
     if u_l[0] < 0 or u_l[-1] >= A.shape[0]:
         raise ValueError(f"head ids must lie in [0, {A.shape[0]}), got {u_l[0]}..{u_l[-1]}")
     dev = h.device
-    order = None if order_np is None else torch.from_numpy(order_np).to(dev, non_blocking=True)
-    ids_sorted = torch.from_numpy(ids_np)
+    order = None if plan.order is None else plan.order.to(dev, non_blocking=True)
+    ids_sorted = plan.ids_sorted
     g = len(u_l)
     if g == 1:
         return base + (h @ A[u_l[0]]) @ B[u_l[0]]
@@ -169,7 +206,7 @@ def grouped_low_rank(
         base.to(h.dtype),
         order,
         ids_sorted.to(dev, non_blocking=True),
-        _segments(u_l, c_l),
+        plan.segments,
         inplace and base.dtype == h.dtype,
     )
     with torch.autocast(dev.type, enabled=False) if torch.is_autocast_enabled(dev.type) else contextlib.nullcontext():
