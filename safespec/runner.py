@@ -37,6 +37,7 @@ from .evaluate import (
     image_features,
     images_key,
     prediction_key,
+    same_visual,
     visual_digest,
 )
 from .model import LoadedModel, build_class_tokens, load_model, preprocess_config, save_checkpoint, weights_digest
@@ -161,21 +162,18 @@ def certify_candidate(
     tau = plan.optimizer.constraint_tau
 
     # a new model that kept the old image tower (model.freeze: [image]) is evaluated from the old
-    # tower's held-out image features: one image pass serves both models, and later runs none
-    vis = visual_digest(old.model)
-    shared = visual_digest(new_model) == vis
-    features: list = []  # filled on first need: nothing is computed when both predictions are cached
+    # tower's held-out image features: one image pass serves both models, and later runs none. Both are
+    # decided on first need: nothing is compared or hashed when both predictions are cached
+    features: list = []
 
     def evaluate_(model):
-        if shared and not features:
+        if not features:
+            shared = same_visual(old.model, new_model)
+            key = feature_key(visual_digest(old.model), held.digest, "fp32") if shared else None
             features.append(
-                cache.features(
-                    feature_key(vis, held.digest, "fp32"), lambda: image_features(old.model, held.bank, device=device)
-                )
+                cache.features(key, lambda: image_features(old.model, held.bank, device=device)) if key else None
             )
-        return evaluate(
-            model, tokens, held.bank, held.labels, tau, device=device, features=features[0] if shared else None
-        )
+        return evaluate(model, tokens, held.bank, held.labels, tau, device=device, features=features[0])
 
     def preds(model, digest):
         key = prediction_key(

@@ -309,3 +309,53 @@ def test_a_target_tower_run_moves_only_the_target_and_verify_reproduces_it(small
         (c["name"], c["negative_flips"], c["positive_flips"]) for c in result["capabilities"]
     ]
     assert checked["target"]["new_accuracy"] == result["target"]["new_accuracy"]
+
+
+def test_a_candidate_that_kept_the_image_tower_is_verified_from_its_cached_features(small_world, tmp_path, monkeypatch):
+    """A candidate whose image tower is v1's bit for bit (model.freeze: [image]) is evaluated from v1's
+    held-out image features, one image pass for both; one whose image tower moved is encoded itself. The
+    same certificate either way."""
+    import copy
+
+    import torch
+
+    import safespec.runner as runner_mod
+    from safespec.api import load_inputs, verify_candidate
+    from safespec.evaluate import same_visual, visual_digest
+    from safespec.model import load_model, save_checkpoint
+
+    spec = write_world_spec(tmp_path, small_world)
+    plan = load_inputs(spec, log=lambda s: None).plan
+    old = load_model(plan.model, plan.classes)
+    text_moved, image_moved = copy.deepcopy(old.model), copy.deepcopy(old.model)
+    with torch.no_grad():
+        next(p for k, p in text_moved.named_parameters() if k.startswith("clip.transformer.")).add_(1e-3)
+        next(p for k, p in image_moved.named_parameters() if k.startswith("clip.visual.")).add_(1e-3)
+    assert same_visual(old.model, text_moved) and visual_digest(old.model) == visual_digest(text_moved)
+    assert not same_visual(old.model, image_moved) and visual_digest(old.model) != visual_digest(image_moved)
+
+    passes = []
+    real = runner_mod.image_features
+    monkeypatch.setattr(runner_mod, "image_features", lambda *a, **k: passes.append(1) or real(*a, **k))
+    results = {}
+    for name, model in (("text", text_moved), ("image", image_moved)):
+        path = tmp_path / f"{name}.safetensors"
+        save_checkpoint(model, path, {"test": name})
+        passes.clear()
+        results[name] = verify_candidate(
+            spec, path, out=tmp_path / name, cache_dir=tmp_path / f"cache-{name}", command="test", log=lambda s: None
+        )
+        results[name + "-passes"] = len(passes)
+    assert results["text-passes"] == 1 and results["image-passes"] == 0
+    # the features path gives the predictions an encoding of every image gives
+    monkeypatch.setattr(runner_mod, "same_visual", lambda a, b: False)
+    plain = verify_candidate(
+        spec,
+        tmp_path / "text.safetensors",
+        out=tmp_path / "plain",
+        cache_dir=tmp_path / "c3",
+        command="test",
+        log=lambda s: None,
+    )
+    assert plain["capabilities"] == results["text"]["capabilities"]
+    assert plain["per_class"] == results["text"]["per_class"]

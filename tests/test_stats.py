@@ -472,3 +472,17 @@ def test_exact_needed_n_takes_the_asymptotic_size_when_thousands_are_needed():
     assert big > stats.EXACT_NEEDED_N_MAX and big == stats.needed_n(16 / 400, 6 / 400, 0.03, 0.95, test="score")
     small = stats.needed_n(6 / 400, 0.0, 0.03, 0.95)
     assert small <= stats.EXACT_NEEDED_N_MAX and small != stats.needed_n(6 / 400, 0.0, 0.03, 0.95, test="score")
+
+
+def test_the_bounds_scalar_score_statistic_is_the_vectorised_one_bit_for_bit():
+    """Tango's bound finds its root with a plain-float copy of the statistic; it must be the same function."""
+    from safespec.certify.score import _score_scalar
+
+    for n in (1, 7, 50, 200, 2000):
+        for b in sorted({0, 1, 5, n // 3, n}):
+            for c in sorted({0, 1, 3, n - b}):
+                if b + c > n:
+                    continue
+                for d in [*np.linspace(-0.999, 0.999, 21), 0.0, 0.03, (b - c) / n]:
+                    want = stats.score_statistic(b, c, n, d)
+                    assert _score_scalar(float(b), float(c), float(n), float(d)) == want, (b, c, n, d)
