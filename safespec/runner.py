@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .certify import certify, certify_budgets, confusion_matrix, paired_from_correct
+from .certify import certify, certify_budgets, confusion_matrix, paired_from_correct, stats
 from .data import ImageBank, ViewBank, check_disjoint, decode_workers, read_manifest
 from .distributed import context as dist_context
 from .environment import versions
@@ -427,6 +427,36 @@ def _cycle_result(
     return result
 
 
+def heldout_evidence(plan: Plan, labels: np.ndarray) -> list[str]:
+    """What the held-out split lets a release lose, said before anything is trained: for each group of
+    capabilities with the same size, tolerance and confidence, the most negative flips (none gained) that
+    still certify, or a warning where not even an unchanged model can be certified. A spec writer reads
+    here that 200 images at 3 points allow one flip per capability (docs/selection.md)."""
+    groups: dict[tuple[int, float, float], list[str]] = {}
+    for c in plan.constraints:
+        n = int(np.isin(labels, c.class_indices).sum())
+        groups.setdefault((n, c.tolerance, c.confidence), []).append(c.name)
+    test = plan.certify.test
+    out = []
+    for (n, tol, conf), names in sorted(groups.items()):
+        who = ", ".join(repr(x) for x in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        at = f"tolerance {tol * 100:g} pp, confidence {conf * 100:g}%, {test} test"
+        allowed = stats.flip_allowance(n, tol, conf, test)
+        if allowed < 0:
+            need = stats.min_informative_n(tol, conf, test)
+            out.append(
+                f"warning: {n} held-out images each for {who}: too few to certify even an unchanged model "
+                f"({at}; {need} or more needed)"
+            )
+        else:
+            flips = f"{allowed} negative flip{'' if allowed == 1 else 's'}"
+            out.append(
+                f"held-out evidence: {n} images each for {who}: each certifies with at most {flips} "
+                f"and none gained ({at})"
+            )
+    return out
+
+
 # ----------------------------------------------------------------------------------- commands
 def run_cycle(
     spec_path: Path | str,
@@ -442,6 +472,8 @@ def run_cycle(
     """``safespec run``: the whole cycle. Returns the result dict (its ``verdict`` decides the exit code)."""
     inp = load_inputs(Path(spec_path), log=log)
     plan = inp.plan
+    for line in heldout_evidence(plan, inp.manifests["heldout"].labels):
+        log(line)
     rd = RunDir(out or plan.report_dir)
     command = command or " ".join(["safespec", *sys.argv[1:]])
     rd.start(command)

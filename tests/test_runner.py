@@ -359,3 +359,28 @@ def test_a_candidate_that_kept_the_image_tower_is_verified_from_its_cached_featu
     )
     assert plain["capabilities"] == results["text"]["capabilities"]
     assert plain["per_class"] == results["text"]["per_class"]
+
+
+def test_a_run_says_up_front_what_its_held_out_split_lets_a_release_lose(small_world, tmp_path):
+    import numpy as np
+
+    from safespec.api import load_inputs
+    from safespec.certify import stats
+    from safespec.runner import heldout_evidence
+
+    plan = load_inputs(write_world_spec(tmp_path, small_world), log=lambda s: None).plan
+    protected = list(plan.constraints)
+    labels = np.repeat(np.arange(len(plan.classes)), 400)
+    lines = heldout_evidence(plan, labels)
+    tol, conf = protected[0].tolerance, protected[0].confidence
+    allowed = stats.flip_allowance(400, tol, conf, plan.certify.test)
+    assert len(lines) == 1 and lines[0].startswith("held-out evidence: 400 images each for ")
+    assert f"at most {allowed} negative flip" in lines[0]
+    # one capability with too few images: a warning of its own, naming it and what it would need
+    few = protected[0].class_indices[0]
+    labels = np.concatenate([labels[labels != few], np.full(5, few)])
+    lines = heldout_evidence(plan, labels)
+    warn = [line for line in lines if line.startswith("warning: ")]
+    need = stats.min_informative_n(tol, conf, plan.certify.test)
+    assert len(warn) == 1 and f"5 held-out images each for {protected[0].name!r}" in warn[0]
+    assert f"{need} or more needed" in warn[0] and len(lines) == 2

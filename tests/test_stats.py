@@ -486,3 +486,24 @@ def test_the_bounds_scalar_score_statistic_is_the_vectorised_one_bit_for_bit():
                 for d in [*np.linspace(-0.999, 0.999, 21), 0.0, 0.03, (b - c) / n]:
                     want = stats.score_statistic(b, c, n, d)
                     assert _score_scalar(float(b), float(c), float(n), float(d)) == want, (b, c, n, d)
+
+
+@pytest.mark.parametrize("test", ["exact", "score"])
+def test_the_flip_allowance_is_the_most_negative_flips_that_still_certify(test):
+    """What a held-out split lets a capability lose (none gained), as the certificate itself decides it."""
+    for n in (10, 99, 100, 200, 400, 1000):
+        for tol in (0.03, 0.05):
+            a = stats.flip_allowance(n, tol, 0.95, test)
+            if n < stats.min_informative_n(tol, 0.95, test):
+                assert a == -1
+                continue
+            assert a >= 0 and stats.certifies(a, 0, n, tol, 0.95, test)
+            assert not stats.certifies(a + 1, 0, n, tol, 0.95, test)
+            if test == "exact":
+                assert a == stats.exact_region(n, tol, 0.95, c_max=0)[0]
+    assert stats.flip_allowance(200, 0.03, 0.95) == 1 and stats.flip_allowance(400, 0.03, 0.95) == 6
+    assert stats.flip_allowance(0, 0.03, 0.95) == -1
+    for bad in ({"n": -1}, {"n": 2.5}, {"tolerance": 1.5}, {"confidence": 1.0}):
+        args = {"n": 200, "tolerance": 0.03, "confidence": 0.95} | bad
+        with pytest.raises(ValueError):
+            stats.flip_allowance(args["n"], args["tolerance"], args["confidence"], test)

@@ -235,6 +235,38 @@ def _min_informative_n(tolerance: float, confidence: float, test: str) -> int:
     return hi
 
 
+def flip_allowance(n: int, tolerance: float, confidence: float, test: Test = DEFAULT_TEST) -> int:
+    """The most negative flips a capability of ``n`` held-out images can show, with none gained, and still be
+    certified (-1: not even an unchanged model is). What a spec's held-out split lets a release lose, before
+    anything is trained: at 200 images, a 3-point tolerance and 95%, one image per capability."""
+    _check_confidence(confidence, one_sided=True)
+    _check_test(test)
+    if isinstance(tolerance, (bool, np.bool_)) or not 0.0 <= tolerance <= 1.0:
+        raise ValueError(f"tolerance must lie in [0, 1], got {tolerance!r}")
+    if isinstance(n, (bool, np.bool_)) or int(n) != n or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    return _flip_allowance(int(n), float(tolerance), float(confidence), test)
+
+
+@lru_cache(maxsize=1024)
+def _flip_allowance(n: int, tolerance: float, confidence: float, test: str) -> int:
+    if test == "score":
+        z = z_value(confidence)
+        ok = lambda b: _upper(b, 0, n, z) <= tolerance  # noqa: E731
+    else:
+        ok = lambda b: _exact_certifies(b, 0, n, tolerance, confidence)  # noqa: E731
+    if n == 0 or not ok(0):
+        return -1
+    lo, hi = 0, n + 1  # certified at lo; hi is past the last b a table of n can have
+    while hi - lo > 1:  # the tables that certify are a lower set in b
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def is_inconclusive(n: int, tolerance: float, confidence: float, test: Test = DEFAULT_TEST) -> bool:
     """True when ``n`` is below :func:`min_informative_n` for ``test`` (or zero)."""
     return n <= 0 or n < min_informative_n(tolerance, confidence, test)
@@ -244,7 +276,7 @@ def clear_caches() -> None:
     """Forget every cached p-value, bound walk, score grid, rejection region and sample size (for timing a
     cold start; results never depend on what was cached)."""
     exact.clear_caches()
-    for f in (_exact_needed_n, _min_informative_n):
+    for f in (_exact_needed_n, _min_informative_n, _flip_allowance):
         f.cache_clear()
 
 
