@@ -29,10 +29,10 @@ class _SortedGroups(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, A, B, base, order, ids_sorted, segments, inplace):
+    def forward(ctx, h, A, B, base, order, ids_sorted, segments, inplace, inverse):
         if inplace:
             ctx.mark_dirty(base)
-        out, hs, u = _grouped_forward(h, A, B, base, order, ids_sorted, segments, inplace)
+        out, hs, u = _grouped_forward(h, A, B, base, order, ids_sorted, segments, inplace, inverse)
         ctx.save_for_backward(hs, u, A, B, order, ids_sorted)
         ctx.segments = segments
         return out
@@ -70,15 +70,16 @@ class _SortedGroups(torch.autograd.Function):
             grad_h = grad_hs
         else:
             grad_h = torch.empty_like(grad_hs).index_copy_(0, order, grad_hs)
-        return grad_h, grad_a, grad_b, g if ctx.needs_input_grad[3] else None, None, None, None, None
+        return grad_h, grad_a, grad_b, g if ctx.needs_input_grad[3] else None, None, None, None, None, None
 
 
-def _grouped_forward(h, A, B, base, order, ids_sorted, segments, inplace):
+def _grouped_forward(h, A, B, base, order, ids_sorted, segments, inplace, inverse):
     """The forward of :class:`_SortedGroups`; also run alone when no gradient is wanted (evaluation), which
     spares the autograd bookkeeping. Returns the output and what the backward needs (sorted h, h @ A).
 
     Rows in head order are added into ``base`` where they lie. Sorted rows go to a buffer that each segment
-    writes once (no zero-fill), scattered into ``base`` in place when it is the caller's temporary."""
+    writes once (no zero-fill), then are added to ``base`` gathered back into the caller's order (in place
+    when ``base`` is the caller's temporary): a gather parallelises where a scattering ``index_add`` does not."""
     hs = h if order is None else h.index_select(0, order)
     u = hs.new_empty(hs.shape[0], A.shape[2])
     ys = (base if inplace else base.clone()) if order is None else hs.new_empty(hs.shape[0], B.shape[2])
@@ -99,7 +100,8 @@ def _grouped_forward(h, A, B, base, order, ids_sorted, segments, inplace):
                 ys[s:e] = low
     if order is None:
         return ys, hs, u
-    return (base.index_add_(0, order, ys) if inplace else base.index_add(0, order, ys)), hs, u
+    back = ys.index_select(0, inverse)  # each row's correction, back in the caller's order
+    return (base.add_(back) if inplace else base + back), hs, u
 
 
 def _segments(heads: list[int], counts: list[int]) -> list[tuple[int, int, int]]:
@@ -129,6 +131,7 @@ class _Plan(NamedTuple):
     each distinct head with its row count, and the segments :class:`_SortedGroups` runs."""
 
     order: torch.Tensor | None
+    inverse: torch.Tensor | None  # the permutation that undoes ``order``
     ids_sorted: torch.Tensor
     heads: list[int]
     counts: list[int]
@@ -145,8 +148,13 @@ def _plan(ids_bytes: bytes) -> _Plan:
     ids_np = ids if order_np is None else ids[order_np]
     starts = np.flatnonzero(np.r_[True, ids_np[1:] != ids_np[:-1]])
     heads, counts = ids_np[starts].tolist(), np.diff(np.r_[starts, ids.shape[0]]).tolist()
+    inverse = None
+    if order_np is not None:
+        inverse = np.empty_like(order_np)
+        inverse[order_np] = np.arange(order_np.shape[0])
     return _Plan(
         order=None if order_np is None else torch.from_numpy(order_np),
+        inverse=None if inverse is None else torch.from_numpy(inverse),
         ids_sorted=torch.from_numpy(ids_np.copy()),
         heads=heads,
         counts=counts,
@@ -208,6 +216,7 @@ def grouped_low_rank(
         ids_sorted.to(dev, non_blocking=True),
         plan.segments,
         inplace and base.dtype == h.dtype,
+        None if plan.inverse is None else plan.inverse.to(dev, non_blocking=True),
     )
     with torch.autocast(dev.type, enabled=False) if torch.is_autocast_enabled(dev.type) else contextlib.nullcontext():
         if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
