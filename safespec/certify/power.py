@@ -255,16 +255,9 @@ def _flip_allowance(n: int, tolerance: float, confidence: float, test: str) -> i
         ok = lambda b: _upper(b, 0, n, z) <= tolerance  # noqa: E731
     else:
         ok = lambda b: _exact_certifies(b, 0, n, tolerance, confidence)  # noqa: E731
-    if n == 0 or not ok(0):
+    if n == 0:
         return -1
-    lo, hi = 0, n + 1  # certified at lo; hi is past the last b a table of n can have
-    while hi - lo > 1:  # the tables that certify are a lower set in b
-        mid = (lo + hi) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return exact._last_true(ok, 0, n)  # the tables that certify are a lower set in b
 
 
 def is_inconclusive(n: int, tolerance: float, confidence: float, test: Test = DEFAULT_TEST) -> bool:
