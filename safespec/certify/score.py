@@ -60,11 +60,7 @@ def _score_scalar(b: float, c: float, n: float, delta: float) -> float:
     B = -(b + c) + (2.0 * n - b + c) * delta
     C = -c * delta * (1.0 - delta)
     disc = math.sqrt(max(B * B - 4.0 * A * C, 0.0))
-    if B <= 0:
-        root = (-B + disc) / (2.0 * A)
-    else:
-        den = -B - disc
-        root = 2.0 * C / den if den != 0 else math.nan
+    root = (-B + disc) / (2.0 * A) if B <= 0 else 2.0 * C / (-B - disc)  # -B - disc < 0 when B > 0
     if not math.isfinite(root):
         root = 0.0
     p = max(root, max(-delta, 0.0))

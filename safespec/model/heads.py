@@ -195,6 +195,7 @@ def grouped_low_rank(
         raise ValueError(f"head ids must lie in [0, {A.shape[0]}), got {u_l[0]}..{u_l[-1]}")
     dev = h.device
     order = None if plan.order is None else plan.order.to(dev, non_blocking=True)
+    inverse = None if plan.inverse is None else plan.inverse.to(dev, non_blocking=True)
     ids_sorted = plan.ids_sorted
     g = len(u_l)
     if g == 1:
@@ -205,7 +206,7 @@ def grouped_low_rank(
         Au, Bu = A.index_select(0, uniq), B.index_select(0, uniq)
         hs = h if order is None else h.index_select(0, order)
         ys = torch.bmm(torch.bmm(hs.view(g, m, -1), Au), Bu).reshape(n, -1)
-        return base + ys.to(base.dtype) if order is None else base.index_add(0, order, ys.to(base.dtype))
+        return base + (ys if inverse is None else ys.index_select(0, inverse)).to(base.dtype)
     # the hand-written backward runs in h's dtype: keep autocast (which would recast each matmul) out
     args = (
         h,
@@ -216,7 +217,7 @@ def grouped_low_rank(
         ids_sorted.to(dev, non_blocking=True),
         plan.segments,
         inplace and base.dtype == h.dtype,
-        None if plan.inverse is None else plan.inverse.to(dev, non_blocking=True),
+        inverse,
     )
     with torch.autocast(dev.type, enabled=False) if torch.is_autocast_enabled(dev.type) else contextlib.nullcontext():
         if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
